@@ -1,0 +1,384 @@
+"""Typed recipes: one config model per stage, loaded from YAML, overridden from the command line.
+
+A recipe is one YAML file with a section per stage (see `jobs/recipes/demo.yaml`):
+
+    name: demo
+    workdir: runs/demo
+    target: {model: embedded:smollm2-135m-instruct}
+    draft: {params: 10M}
+    prepare: {...}   pretrain: {...}   generate: {...}   distill: {...}   evaluate: {...}   serve: {...}
+
+Unknown keys and wrong types are errors that name the key and the file. Overrides use dotted paths,
+`--set pretrain.optim.lr=3e-4`, and their values are parsed as YAML scalars/lists.
+
+Token counts accept suffixes: `5B`, `2.5B`, `300M`, `64k` (see `parse_count`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from fastdraft.errors import RecipeError
+
+_SUFFIXES = {"k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+
+
+def parse_count(value: Any) -> Any:
+    """'5B' -> 5_000_000_000, '50M' -> 50_000_000, 1e6 -> 1_000_000; other values pass through."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKMBGT]?)\s*", value)
+        if not m:
+            raise ValueError(f"expected a count such as 5B, 300M, 64k or 1000, got {value!r}")
+        return int(round(float(m.group(1)) * _SUFFIXES.get(m.group(2), 1)))
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Count = Annotated[int, BeforeValidator(parse_count)]
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+class TargetConfig(Strict):
+    model: str = "embedded:smollm2-135m-instruct"
+    """A local Hugging Face directory, or `embedded:smollm2-135m-instruct` (works offline)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    """Never set unless you trust the model's repository: it runs code from it."""
+
+
+class DraftConfig(Strict):
+    params: Count | None = 10_000_000
+    """Parameter budget for `make-draft` (embeddings and head included)."""
+    layers: int | None = Field(default=None, ge=1)
+    hidden: int | None = Field(default=None, ge=16)
+    init: str | None = None
+    """An existing draft directory to start from instead of building one."""
+
+
+# --------------------------------------------------------------------------------------------
+# prepare: corpora -> packed shards
+# --------------------------------------------------------------------------------------------
+SourceKind = Literal["hf", "parquet", "jsonl", "files", "stdlib_code", "stdlib_prose", "text_files"]
+
+
+class SourceConfig(Strict):
+    name: str
+    kind: SourceKind
+    """hf: a datasets name or local dataset dir; parquet/jsonl: files or globs; files: a directory of
+    source files filtered by `extensions`; stdlib_code / stdlib_prose: the offline Python corpora;
+    text_files: a directory of plain-text documents (one document per file)."""
+    path: str | None = None
+    hf_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    extensions: list[str] = Field(default_factory=lambda: [".py"])
+    tokens: Count | None = None
+    """Stop reading this source once this many tokens have been written (its budget)."""
+    weight: float | None = Field(default=None, gt=0)
+    """Mixing weight; with a corpus-level `tokens` budget, this source gets weight/sum of it."""
+
+    @model_validator(mode="after")
+    def _needs_path(self):
+        if self.kind not in ("stdlib_code", "stdlib_prose") and not self.path:
+            raise ValueError(f"source '{self.name}' of kind '{self.kind}' needs a 'path'")
+        return self
+
+
+class CorpusConfig(Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    tokens: Count | None = None
+    """Total token budget of this corpus, split between sources by `weight`."""
+
+
+class PrepareConfig(Strict):
+    seq_len: int = Field(default=512, ge=8)
+    validation_fraction: float = Field(default=0.01, ge=0, lt=1)
+    """Share of *documents* held out (by a hash of the document, so no document is in both)."""
+    docs_per_batch: int = Field(default=512, ge=1)
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=2, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    corpora: dict[str, CorpusConfig] = Field(default_factory=dict)
+    """Named corpora, e.g. `pt` (FineWeb) and `cp` (code + text); each becomes `data/<name>/`."""
+
+
+# --------------------------------------------------------------------------------------------
+# One training loop for pretrain and distill
+# --------------------------------------------------------------------------------------------
+class OptimConfig(Strict):
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=100, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, ge=0)
+
+
+class ComputeConfig(Strict):
+    device: Literal["cpu", "cuda", "hpu"] = "cpu"
+    num_workers: int = Field(default=1, ge=0)
+    """0 runs the loop in the driver process (Ray Train local mode)."""
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    """Keep below the node's CPUs: workers that hold every CPU starve the Ray Data reads."""
+    gpus_per_worker: float = Field(default=0, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    max_failures: int = Field(default=2, ge=-1)
+
+
+class TrainStageConfig(Strict):
+    name: str
+    """Stage label recorded in the draft's history, e.g. PT, CP."""
+    corpus: str
+    """Which `prepare.corpora` entry to train on."""
+    tokens: Count = Field(gt=0)
+    """Token budget of this stage: the run ends after exactly this many training tokens."""
+    optim: OptimConfig | None = None
+    """Overrides `pretrain.optim` for this stage."""
+
+
+class PretrainConfig(Strict):
+    stages: list[TrainStageConfig] = Field(min_length=1)
+    micro_batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    optim: OptimConfig = OptimConfig()
+    compute: ComputeConfig = ComputeConfig()
+    eval_every: int = Field(default=200, ge=1)
+    """Steps between validation-loss evaluations."""
+    eval_batches: int = Field(default=8, ge=1)
+    ckpt_every: int = Field(default=200, ge=1)
+    seed: int = 0
+    crash_at_step: int | None = None
+    """Testing aid: raise once at this step (first attempt only) to exercise resume."""
+
+
+# --------------------------------------------------------------------------------------------
+# generate: prompts -> target responses
+# --------------------------------------------------------------------------------------------
+PromptFormat = Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "plain", "code"]
+
+
+class PromptSourceConfig(Strict):
+    name: str
+    kind: Literal["jsonl", "parquet", "hf", "stdlib_code", "magpie"]
+    path: str | None = None
+    format: PromptFormat = "auto"
+    text_field: str = "prompt"
+    limit: Count | None = None
+    """At most this many prompts from this source."""
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(default=0.0, ge=0)
+    """0 means greedy."""
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    max_new_tokens: int = Field(default=256, ge=1)
+    n: int = Field(default=1, ge=1)
+    """Samples per prompt at this setting."""
+
+
+class GenerateConfig(Strict):
+    engine: Literal["transformers", "vllm"] = "transformers"
+    prompts: list[PromptSourceConfig] = Field(min_length=1)
+    sampling: list[SamplingConfig] = Field(default_factory=lambda: [SamplingConfig()])
+    max_prompt_tokens: int = Field(default=512, ge=1)
+    overlong: Literal["truncate", "skip"] = "skip"
+    batch_size: int = Field(default=16, ge=1)
+    min_actors: int = Field(default=1, ge=1)
+    max_actors: int = Field(default=1, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    gpus_per_actor: float = Field(default=0, ge=0)
+    store_topk: int = Field(default=0, ge=0)
+    """Store the target's top-k log-probs per response token (for token-level KD); 0 = off."""
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# distill: sequence-level KD (+ optional token-level KD)
+# --------------------------------------------------------------------------------------------
+class DistillConfig(Strict):
+    init: str | None = None
+    """Draft to start from; default: the last pretrain stage's output."""
+    loss: Literal["ce", "kl", "tvd", "ce+kl", "ce+tvd"] = "ce"
+    epochs: int = Field(default=1, ge=1)
+    tokens: Count | None = None
+    """Token budget; overrides epochs when set."""
+    seq_len: int = Field(default=512, ge=8)
+    packing: bool = True
+    micro_batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    optim: OptimConfig = OptimConfig(lr=3e-4, warmup_steps=20)
+    compute: ComputeConfig = ComputeConfig()
+    eval_every: int = Field(default=50, ge=1)
+    eval_prompts: int = Field(default=16, ge=1)
+    """Held-out prompts used to select the checkpoint by acceptance."""
+    ckpt_every: int = Field(default=50, ge=1)
+    seed: int = 0
+    crash_at_step: int | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate / serve
+# --------------------------------------------------------------------------------------------
+class EvalTaskConfig(Strict):
+    name: str
+    kind: Literal["humaneval", "stdlib_prose", "instructions", "jsonl", "hf"]
+    path: str | None = None
+    text_field: str = "prompt"
+    prompts: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+
+
+class EvaluateConfig(Strict):
+    tasks: list[EvalTaskConfig] = Field(min_length=1)
+    gamma: int = Field(default=3, ge=1)
+    gammas: list[int] = Field(default_factory=lambda: [1, 2, 3, 5, 8])
+    """Gamma sweep for the acceptance/speedup-vs-gamma plots."""
+    temperature: float = Field(default=0.6, ge=0)
+    greedy: bool = True
+    """Also report greedy decoding (temperature 0)."""
+    drafts: list[str] = Field(default_factory=list)
+    """Draft directories to compare (e.g. PT, CP, FT); default: the pipeline's drafts."""
+    wall_clock: bool = True
+    seed: int = 0
+
+
+class ServeConfig(Strict):
+    draft: str | None = None
+    """Draft directory; default: the pipeline's final draft."""
+    model_name: str = "fastdraft"
+    gamma: int = Field(default=3, ge=0)
+    max_gamma: int = Field(default=8, ge=1)
+    speculative: bool = True
+    max_tokens_cap: int = Field(default=512, ge=1)
+    max_n: int = Field(default=4, ge=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    num_replicas: int | Literal["auto"] = 1
+    api_key_env: str | None = None
+    """Name of an environment variable holding a bearer token; unset: no auth (logged at start)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class Recipe(Strict):
+    name: str
+    workdir: str = "runs/${name}"
+    """Where every artifact of this recipe goes; `${name}` expands to the recipe name."""
+    target: TargetConfig = TargetConfig()
+    draft: DraftConfig = DraftConfig()
+    prepare: PrepareConfig | None = None
+    pretrain: PretrainConfig | None = None
+    generate: GenerateConfig | None = None
+    distill: DistillConfig | None = None
+    evaluate: EvaluateConfig | None = None
+    serve: ServeConfig | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.workdir.replace("${name}", self.name))
+
+    def section(self, stage: str):
+        """The config of one stage, or a RecipeError naming the missing section."""
+        value = getattr(self, stage)
+        if value is None:
+            raise RecipeError(f"recipe '{self.name}' has no '{stage}' section")
+        return value
+
+    def section_hash(self, *stages: str) -> str:
+        """Stable hash of some sections (plus the target), used to tell whether outputs are stale."""
+        payload = {s: _dump(getattr(self, s)) for s in ("target", *stages)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dump(value: Any) -> Any:
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def apply_overrides(data: dict, overrides: list[str], source: str = "--set") -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict (values parsed as YAML)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"{source}: override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit():
+                node = node[int(part)]
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, (dict, list)):
+                raise RecipeError(f"{source}: cannot set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        value = yaml.safe_load(raw) if raw.strip() else None
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def recipe_from_dict(data: dict, source: str = "<dict>") -> Recipe:
+    """Validate a recipe dict; errors name the key path and the source file."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+        msg = first["msg"]
+        if first["type"] == "extra_forbidden":
+            msg = "unknown key (not part of this section's config)"
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise RecipeError(f"{source}: {loc}: {msg}{more}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a YAML recipe, apply `--set` overrides, validate.
+
+    Args:
+        path: the recipe file.
+        overrides: `key.sub=value` strings applied after loading.
+    Raises:
+        RecipeError: missing file, malformed YAML, unknown key or wrong type (naming key and file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    if isinstance(data, dict):
+        data.setdefault("name", path.stem)
+    return recipe_from_dict(apply_overrides(data, overrides or [], f"{path} --set"), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> dict:
+    """The resolved recipe as plain data, saved next to every artifact."""
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,22 @@
+"""Connecting to Ray the same way locally and under `ray job submit`."""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster this process was submitted to (RAY_ADDRESS), or start a local one.
+
+    Under `ray job submit` Ray sets RAY_ADDRESS, so plain `ray.init()` joins that cluster; run locally it
+    starts one. Jobs call this once; library functions assume Ray is up when they need it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    kwargs = {"log_to_driver": True, "include_dashboard": False} if not os.environ.get("RAY_ADDRESS") else {}
+    if num_cpus is not None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
