@@ -244,6 +244,14 @@ class EvalTaskConfig(Strict):
     text_field: str = "prompt"
     prompts: int = Field(default=16, ge=1)
     max_new_tokens: int = Field(default=64, ge=1)
+    template: str | None = None
+    """jsonl/hf: a format string over the record's fields, e.g. "Summarize:\n\n{article}"; default `{<text_field>}`."""
+    chat: bool | None = None
+    """Render prompts with the target's chat template; default: yes for instructions (and `messages` records), no otherwise."""
+    split: str = "test"
+    hf_config: str | None = None
+    max_prompt_tokens: int = Field(default=512, ge=8)
+    """Longer prompt texts are cut to this many tokens (before templating) so articles fit."""
 
 
 class EvaluateConfig(Strict):

@@ -1,0 +1,171 @@
+"""Acceptance and tau of a draft on a task, for a whole gamma sweep, greedy and sampled.
+
+Two measurements, reported side by side:
+
+* **offline (teacher-forced)**: the target writes each continuation once with its own `generate`; each
+  draft then reads prompt + continuation in one forward pass. Under greedy decoding this is *exact*: a
+  draft proposes its argmax given the accepted prefix, and the accepted prefix is always the target's
+  own greedy output, so "draft token i is accepted" is "draft argmax at position i == target token i".
+  Replaying the block process on that 0/1 vector gives the engine's D, A, F, N for every gamma at once.
+  Under sampling, the chance that the draft token at position i is accepted by exact rejection sampling
+  is beta_i = sum_x min(p_i(x), q_i(x)) (Leviathan et al. 2023) with both distributions warped
+  identically (temperature, top-k, top-p); replaying blocks with those probabilities gives the
+  *expected* counters. One target pass and one draft pass per prompt cover the whole sweep.
+* **engine**: fastdraft's `SpeculativeEngine` runs the pair and its exact counters are summed (this
+  is also what wall-clock speedup is measured on, see `pipeline.py`).
+
+Block process (both): a block starting at continuation position p drafts k = min(gamma, L - p - 1)
+tokens (never more than can still be emitted), accepts the longest accepted prefix j of them, and
+emits j + 1 tokens (the accepted ones plus the target's correction or bonus token), in one target pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastdraft.evaluation.tasks import EvalTask
+from fastdraft.progress import Progress
+from fastdraft.speculative.types import SamplingParams, SpecStats
+
+
+def simulate_blocks(accept_prob: Sequence[float], gamma: int) -> SpecStats:
+    """Expected counters of speculative decoding over a continuation of L = len(accept_prob) tokens.
+
+    Args:
+        accept_prob: for each continuation position i, the probability that a draft token proposed there
+            (after an accepted prefix) is accepted: 0/1 for greedy (exact counters), beta_i when sampling.
+        gamma: draft tokens per block.
+    """
+    n = len(accept_prob)
+    stats = SpecStats(per_position_drafted=[0] * gamma, per_position_accepted=[0] * gamma)
+    start = [0.0] * (n + 1)  # probability that a block starts at position p
+    start[0] = 1.0 if n else 0.0
+    for p in range(n):
+        w = start[p]
+        if w == 0.0:
+            continue
+        k = min(gamma, n - p - 1)
+        stats.target_passes += w
+        stats.drafted += w * k
+        survive = 1.0  # probability that the first j drafts were all accepted
+        for j in range(k):
+            stats.per_position_drafted[j] += w
+            reject = survive * (1.0 - accept_prob[p + j])
+            start[p + j + 1] += w * reject
+            stats.emitted += w * reject * (j + 1)
+            survive *= accept_prob[p + j]
+            stats.per_position_accepted[j] += w * survive
+            stats.accepted += w * survive
+        start[p + k + 1] += w * survive
+        stats.emitted += w * survive * (k + 1)
+    return _exact_ints(stats)
+
+
+def _exact_ints(stats: SpecStats) -> SpecStats:
+    """Whole-number expectations (always the case for greedy) become ints, so greedy counters read exactly."""
+    def fix(v):
+        return int(round(v)) if abs(v - round(v)) < 1e-9 else v
+
+    for name in ("drafted", "accepted", "target_passes", "emitted"):
+        setattr(stats, name, fix(getattr(stats, name)))
+    stats.per_position_drafted = [fix(v) for v in stats.per_position_drafted]
+    stats.per_position_accepted = [fix(v) for v in stats.per_position_accepted]
+    return stats
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Next-token distributions after temperature, top-k and top-p (in transformers' order), rows of `logits`."""
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def acceptance_probs(target_logits: torch.Tensor, draft_logits: torch.Tensor, params: SamplingParams,
+                     continuation: Sequence[int] | None = None) -> list[float]:
+    """Per-position acceptance: 1/0 (draft argmax == target token) when greedy, else sum_x min(p, q)."""
+    if params.greedy:
+        if continuation is None:
+            continuation = target_logits.argmax(-1).tolist()
+        return [float(d == t) for d, t in zip(draft_logits.argmax(-1).tolist(), continuation)]
+    p, q = warp_probs(target_logits, params), warp_probs(draft_logits, params)
+    return torch.minimum(p, q).sum(-1).clamp(max=1.0).tolist()
+
+
+@dataclass
+class Continuation:
+    prompt_ids: list[int]
+    ids: list[int]
+    """The target's own output (prompt excluded), ending with a stop token or at max_new_tokens."""
+    target_logits: torch.Tensor
+    """Teacher-forced target logits predicting each continuation token, [len(ids), vocab]."""
+
+
+def _continuation_logits(model: torch.nn.Module, prompt: list[int], cont: list[int]) -> torch.Tensor:
+    ids = torch.tensor([prompt + cont], device=model.device)
+    with torch.inference_mode():
+        logits = model(input_ids=ids).logits[0]
+    return logits[len(prompt) - 1: len(prompt) + len(cont) - 1].float().cpu()
+
+
+def target_continuations(target: torch.nn.Module, task: EvalTask, params: SamplingParams, seed: int = 0,
+                         progress: Progress | None = None) -> list[Continuation]:
+    """The target's own generation for each prompt (seeded per prompt), plus its teacher-forced logits."""
+    out = []
+    for i, prompt in enumerate(task.prompts):
+        torch.manual_seed(seed + i)
+        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
+            if not params.greedy else dict(do_sample=False)
+        eos = list(params.stop_token_ids) or target.generation_config.eos_token_id
+        with torch.inference_mode():
+            gen = target.generate(torch.tensor([prompt.ids], device=target.device), max_new_tokens=task.max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=_pad_id(target), **kwargs)
+        cont = gen[0, len(prompt.ids):].tolist()
+        out.append(Continuation(prompt.ids, cont, _continuation_logits(target, prompt.ids, cont)))
+        if progress:
+            progress.update(len(cont), prompts=1)
+    return out
+
+
+def _pad_id(model: torch.nn.Module) -> int | None:
+    cfg = model.generation_config
+    eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
+    return cfg.pad_token_id if cfg.pad_token_id is not None else eos
+
+
+def offline_sweep(draft: torch.nn.Module, continuations: list[Continuation], params: SamplingParams,
+                  gammas: Sequence[int]) -> dict[int, SpecStats]:
+    """Counters (exact for greedy, expected for sampling) of one draft over a task, for each gamma."""
+    totals = {g: SpecStats() for g in gammas}
+    for c in continuations:
+        if not c.ids:
+            continue
+        beta = acceptance_probs(c.target_logits, _continuation_logits(draft, c.prompt_ids, c.ids), params, c.ids)
+        for g in gammas:
+            totals[g] += simulate_blocks(beta, g)
+    return totals
+
+
+def engine_counters(generate: Callable[..., list], task: EvalTask, params: SamplingParams, gamma: int,
+                    batch_size: int = 1) -> tuple[SpecStats, list[list[int]]]:
+    """Run a task through a `SpeculativeEngine.generate`-like callable; sum its exact counters.
+
+    Returns the aggregated SpecStats and each prompt's generated ids (for the greedy-losslessness check).
+    """
+    total, outputs = SpecStats(), []
+    prompts = [p.ids for p in task.prompts]
+    for start in range(0, len(prompts), batch_size):
+        results = generate(prompts[start:start + batch_size], params, gamma=gamma)
+        for r in results:
+            total += r.stats
+            outputs.append(list(r.token_ids))
+    return total, outputs

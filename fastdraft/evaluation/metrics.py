@@ -1,0 +1,147 @@
+"""The one definition of each speculative-decoding metric (DESIGN.md, "Metrics"), used everywhere.
+
+For one generation (or a sum over many): D drafted tokens, A of them accepted, F target forward
+passes, N tokens emitted (accepted + the one correction/bonus token per pass).
+
+    acceptance rate        AR   = A / D
+    block efficiency       tau  = N / F                    (tokens per target pass; always state gamma)
+    memory-bound speedup   MBSU = tau / (1 + gamma * c)    c = draft_params / target_params
+                                                           (byte variant: c = draft bytes / target bytes)
+    wall-clock speedup          = time(target alone) / time(speculative)
+
+A ratio whose denominator is zero (no token drafted, no target pass, no time) is undefined and is
+returned as `None` (shown as "n/a"), never as 0: a run that drafted nothing says nothing about the
+draft, and reporting AR 0 would blame it.
+
+Aggregates are ratios of sums (sum A / sum D over all sequences), not means of per-sequence ratios,
+so long generations weigh in proportion to their tokens, as in the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from fastdraft.speculative.types import SpecStats
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def acceptance_rate(accepted: int, drafted: int) -> float | None:
+    """AR = A / D; None when nothing was drafted."""
+    if accepted < 0 or drafted < 0 or accepted > drafted:
+        raise ValueError(f"need 0 <= accepted <= drafted, got accepted={accepted}, drafted={drafted}")
+    return _ratio(accepted, drafted)
+
+
+def tau(emitted: int, target_passes: int) -> float | None:
+    """tau = N / F (tokens emitted per target pass, bonus token included); None without passes."""
+    if emitted < 0 or target_passes < 0:
+        raise ValueError(f"need non-negative counts, got emitted={emitted}, target_passes={target_passes}")
+    return _ratio(emitted, target_passes)
+
+
+def mbsu(tau_value: float | None, gamma: float, cost_ratio: float) -> float | None:
+    """MBSU = tau / (1 + gamma * c): the speedup if each forward pass costs its weights' memory traffic.
+
+    Args:
+        tau_value: block efficiency at this gamma (None propagates).
+        gamma: draft tokens per step (the static gamma, or the mean D / F for a dynamic gamma).
+        cost_ratio: c, draft size over target size (parameters, or bytes for quantized weights).
+    """
+    if gamma < 0 or cost_ratio < 0:
+        raise ValueError(f"need gamma >= 0 and c >= 0, got gamma={gamma}, c={cost_ratio}")
+    return None if tau_value is None else tau_value / (1.0 + gamma * cost_ratio)
+
+
+def wall_clock_speedup(target_seconds: float, speculative_seconds: float) -> float | None:
+    """time(target alone) / time(speculative), same prompts, max tokens and decoding settings."""
+    return _ratio(target_seconds, speculative_seconds)
+
+
+def expected_tau_iid(alpha: float, gamma: int) -> float:
+    """Expected tau when every draft token is accepted independently with probability alpha.
+
+    Leviathan et al. (2023): E[tokens per pass] = (1 - alpha^(gamma+1)) / (1 - alpha); gamma + 1 at alpha 1.
+    Used as a reference next to the measured tau (per-position acceptance is not really i.i.d.).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return float(gamma + 1) if alpha == 1.0 else (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def per_position_acceptance(stats: SpecStats) -> list[float | None]:
+    """Acceptance at each position of a block: accepted / drafted at position i (i = 0 is the first draft token)."""
+    return [_ratio(a, d) for a, d in zip(stats.per_position_accepted, stats.per_position_drafted)]
+
+
+def model_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of a model's weights, each tied tensor counted once."""
+    seen: set[int] = set()
+    params = nbytes = 0
+    for tensor in model.parameters():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        params += tensor.numel()
+        nbytes += tensor.numel() * tensor.element_size()
+    return params, nbytes
+
+
+@dataclass(frozen=True)
+class CostRatio:
+    """c of the MBSU formula for one draft/target pair, in parameters and in bytes."""
+
+    params: float
+    bytes: float
+
+    @classmethod
+    def of(cls, draft: torch.nn.Module, target: torch.nn.Module) -> "CostRatio":
+        dp, db = model_size(draft)
+        tp, tb = model_size(target)
+        return cls(params=dp / tp, bytes=db / tb)
+
+
+def sum_stats(stats: Iterable[SpecStats]) -> SpecStats:
+    """Aggregate counters of many generations (ratios of sums, see module docstring)."""
+    total = SpecStats()
+    for s in stats:
+        total += s
+    return total
+
+
+def summarize(stats: SpecStats, gamma: float, cost: CostRatio | None = None) -> dict:
+    """The metrics of aggregated counters as plain data: D, A, F, N, AR, tau, MBSU (both variants), per-position AR.
+
+    For a dynamic gamma pass the mean drafted tokens per pass (`mean_gamma(stats)`) as `gamma`.
+    """
+    t = tau(stats.emitted, stats.target_passes)
+    out = {
+        "gamma": gamma,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "target_passes": stats.target_passes,
+        "emitted": stats.emitted,
+        "acceptance_rate": acceptance_rate(stats.accepted, stats.drafted),
+        "tau": t,
+        "per_position_acceptance": per_position_acceptance(stats),
+    }
+    if cost is not None:
+        out["mbsu"] = mbsu(t, gamma, cost.params)
+        out["mbsu_bytes"] = mbsu(t, gamma, cost.bytes)
+    return out
+
+
+def mean_gamma(stats: SpecStats) -> float | None:
+    """Mean draft tokens per target pass, D / F: the effective gamma of a dynamic-gamma run."""
+    return _ratio(stats.drafted, stats.target_passes)
+
+
+def format_metric(value: float | None, digits: int = 3) -> str:
+    """A metric for tables: 'n/a' when undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
