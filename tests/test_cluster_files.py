@@ -245,6 +245,11 @@ def test_launcher_has_cpu_head_gpu_and_gaudi_node_types_with_real_hardware():
             assert value <= hardware.get(key, 0), f"{name}: declares {value} {key}, the instance has {hardware.get(key, 0)}"
         if name != config["head_node_type"]:
             assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"], name
+    workers = [t for n, t in types.items() if n != config["head_node_type"]]
+    capacity = {key: sum(t["resources"].get(key, 0) * t["max_workers"] for t in workers) for key in ("GPU", "HPU")}
+    compute = load_recipe(REPO / "jobs/recipes/phi3-mini.yaml").pretrain.compute
+    assert compute.num_workers * compute.gpus_per_worker <= capacity["GPU"]
+    assert compute.num_workers <= capacity["HPU"]  # the same stage with --set pretrain.compute.device=hpu
 
 
 def test_launcher_images_and_installs_share_one_ray_and_python():
