@@ -14,9 +14,10 @@ Two measurements, reported side by side:
 * **engine**: fastdraft's `SpeculativeEngine` runs the pair and its exact counters are summed (this
   is also what wall-clock speedup is measured on, see `pipeline.py`).
 
-Block process (both): a block starting at continuation position p drafts k = min(gamma, L - p - 1)
-tokens (never more than can still be emitted), accepts the longest accepted prefix j of them, and
-emits j + 1 tokens (the accepted ones plus the target's correction or bonus token), in one target pass.
+Block process (both, as `SpeculativeEngine` counts): a block starting at continuation position p drafts
+k = min(gamma, max_new_tokens - p - 1) tokens (never more than could still be emitted), accepts the
+longest accepted prefix j of them, and emits j + 1 tokens (the accepted ones plus the target's correction
+or bonus token, cut at a stop token or the budget), in one target pass.
 """
 
 from __future__ import annotations
@@ -31,15 +32,19 @@ from fastdraft.progress import Progress
 from fastdraft.speculative.types import SamplingParams, SpecStats
 
 
-def simulate_blocks(accept_prob: Sequence[float], gamma: int) -> SpecStats:
+def simulate_blocks(accept_prob: Sequence[float], gamma: int, max_new_tokens: int | None = None) -> SpecStats:
     """Expected counters of speculative decoding over a continuation of L = len(accept_prob) tokens.
 
     Args:
         accept_prob: for each continuation position i, the probability that a draft token proposed there
             (after an accepted prefix) is accepted: 0/1 for greedy (exact counters), beta_i when sampling.
         gamma: draft tokens per block.
+        max_new_tokens: the generation's token budget. A continuation that ended on a stop token before it
+            is drafted past like the engine does (k = min(gamma, budget left - 1)); drafts past the stop
+            token count as rejected and tokens past it are not emitted. Default: L (no stop token).
     """
     n = len(accept_prob)
+    budget = n if max_new_tokens is None else max(n, max_new_tokens)
     stats = SpecStats(per_position_drafted=[0] * gamma, per_position_accepted=[0] * gamma)
     start = [0.0] * (n + 1)  # probability that a block starts at position p
     start[0] = 1.0 if n else 0.0
@@ -47,20 +52,20 @@ def simulate_blocks(accept_prob: Sequence[float], gamma: int) -> SpecStats:
         w = start[p]
         if w == 0.0:
             continue
-        k = min(gamma, n - p - 1)
+        k = min(gamma, budget - p - 1)
         stats.target_passes += w
         stats.drafted += w * k
         survive = 1.0  # probability that the first j drafts were all accepted
         for j in range(k):
             stats.per_position_drafted[j] += w
-            reject = survive * (1.0 - accept_prob[p + j])
-            start[p + j + 1] += w * reject
-            stats.emitted += w * reject * (j + 1)
-            survive *= accept_prob[p + j]
+            reject = survive * (1.0 - (accept_prob[p + j] if p + j < n else 0.0))
+            start[min(p + j + 1, n)] += w * reject
+            stats.emitted += w * reject * min(j + 1, n - p)
+            survive -= reject
             stats.per_position_accepted[j] += w * survive
             stats.accepted += w * survive
-        start[p + k + 1] += w * survive
-        stats.emitted += w * survive * (k + 1)
+        start[min(p + k + 1, n)] += w * survive
+        stats.emitted += w * survive * min(k + 1, n - p)
     return _exact_ints(stats)
 
 
@@ -143,7 +148,7 @@ def _pad_id(model: torch.nn.Module) -> int | None:
 
 
 def offline_sweep(draft: torch.nn.Module, continuations: list[Continuation], params: SamplingParams,
-                  gammas: Sequence[int]) -> dict[int, SpecStats]:
+                  gammas: Sequence[int], max_new_tokens: int | None = None) -> dict[int, SpecStats]:
     """Counters (exact for greedy, expected for sampling) of one draft over a task, for each gamma."""
     totals = {g: SpecStats() for g in gammas}
     for c in continuations:
@@ -151,7 +156,7 @@ def offline_sweep(draft: torch.nn.Module, continuations: list[Continuation], par
             continue
         beta = acceptance_probs(c.target_logits, _continuation_logits(draft, c.prompt_ids, c.ids), params, c.ids)
         for g in gammas:
-            totals[g] += simulate_blocks(beta, g)
+            totals[g] += simulate_blocks(beta, g, max_new_tokens)
     return totals
 
 
