@@ -182,6 +182,11 @@ class PromptSourceConfig(Strict):
     text_field: str = "prompt"
     limit: Count | None = None
     """At most this many prompts from this source."""
+    split: str = "train"
+    """kind hf: the split to read."""
+    template: Literal["auto", "chat", "raw"] = "auto"
+    """auto: the target's chat template when it has one, except `code` prompts, which the target continues
+    as they are (raw); chat / raw force one or the other."""
 
 
 class SamplingConfig(Strict):
@@ -208,6 +213,11 @@ class GenerateConfig(Strict):
     store_topk: int = Field(default=0, ge=0)
     """Store the target's top-k log-probs per response token (for token-level KD); 0 = off."""
     seed: int = 0
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to the engine as they are, e.g. vLLM's `LLM(gpu_memory_utilization=0.9, tensor_parallel_size=2)`."""
+    runtime_env: dict[str, Any] | None = None
+    """Ray runtime_env of the generation actors, e.g. `{pip: [vllm==0.33.0]}` or `{image_uri: ...}`: vLLM cannot
+    share the CPU stack's environment."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,265 @@
+"""Generation engines behind one interface: the target answers a batch of tokenized prompts.
+
+    backend = make_backend("transformers", target_dir, dtype="float32", device="cpu")
+    outs = backend.generate([(prompt_ids, SamplingParams(temperature=0.6, max_new_tokens=128, seed=7))])
+    outs[0].token_ids, outs[0].finish_reason        # ends with the stop token when finish_reason == "stop"
+
+- `TransformersBackend`: batched `model.generate` with left padding and a KV cache, any device (runs here).
+  Sampling draws each row from its own `torch.Generator` seeded by `SamplingParams.seed` (see
+  `PerRowSampler`), so a row's sample depends on its key, not on which rows share its batch.
+- `VLLMBackend`: vLLM's offline `LLM.generate` for GPU clusters. vLLM pins torch/transformers versions
+  that cannot share this project's CPU stack, so it is imported lazily and lives in its own environment
+  (a cluster image, or `generate.runtime_env` for the Ray Data actors); a clear `MissingDependencyError`
+  says so when it is absent.
+
+Both return `Generated` rows with identical conventions: prompt excluded, stop token included on
+"stop", and optionally the target's top-k log-probabilities per response token (for token-level KD).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fastdraft.errors import FastdraftError, require
+from fastdraft.speculative.types import SamplingParams
+
+Request = tuple[list[int], SamplingParams]
+"""One generation request: the prompt's token ids and its decoding settings (seed included)."""
+
+
+@dataclass
+class Generated:
+    """One response: new token ids (the stop token included when finish_reason is "stop")."""
+
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    topk_ids: list[list[int]] | None = None
+    topk_logprobs: list[list[float]] | None = None
+
+
+class GenerationBackend(Protocol):
+    """What the Ray Data actors and the benchmark call; every engine implements exactly this."""
+
+    name: str
+    stop_ids: tuple[int, ...]
+
+    def generate(self, requests: Sequence[Request]) -> list[Generated]: ...
+
+
+def make_backend(
+    engine: str,
+    model_dir: str | Path,
+    dtype: str = "float32",
+    device: str = "cpu",
+    store_topk: int = 0,
+    trust_remote_code: bool = False,
+    engine_kwargs: dict[str, Any] | None = None,
+) -> GenerationBackend:
+    """Build the engine named in the recipe (`generate.engine`)."""
+    if engine == "transformers":
+        return TransformersBackend(model_dir, dtype, device, store_topk, trust_remote_code)
+    if engine == "vllm":
+        return VLLMBackend(model_dir, dtype, store_topk, trust_remote_code, engine_kwargs or {})
+    raise FastdraftError(f"generate.engine: unknown engine {engine!r}; expected 'transformers' or 'vllm'")
+
+
+def stop_token_ids(generation_config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """EOS ids from the model's generation config plus the tokenizer's EOS (chat models often differ)."""
+    ids: list[int] = []
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(ids))
+
+
+def cut_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], str]:
+    """Keep tokens up to and including the first stop token; without one the response hit its length."""
+    for i, t in enumerate(token_ids):
+        if t in stop_ids:
+            return list(token_ids[: i + 1]), "stop"
+    return list(token_ids), "length"
+
+
+# --------------------------------------------------------------------------------------------
+# transformers
+# --------------------------------------------------------------------------------------------
+def filter_logits(scores: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering, as in transformers' and vLLM's samplers."""
+    scores = scores.float() / temperature
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first token is always kept)
+        drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+class PerRowSampler:
+    """A logits processor that samples each row with its own seeded generator.
+
+    `generate`'s own sampling draws the whole batch from one global RNG, so a row's tokens would depend on
+    its batch mates. This processor draws the token itself and returns scores that are -inf everywhere
+    else, so `generate`'s greedy step picks exactly the drawn token.
+    """
+
+    def __init__(self, params: SamplingParams, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.params = params
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        p = self.params
+        probs = torch.softmax(filter_logits(scores, p.temperature, p.top_k, p.top_p), dim=-1)
+        picked = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(1, picked, 0.0)
+
+
+class TransformersBackend:
+    """Batched `model.generate` (left padding, KV cache) on any torch device."""
+
+    name = "transformers"
+
+    def __init__(
+        self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu", store_topk: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        from fastdraft.checkpoint import load_model
+        from fastdraft.tokenizer import load_tokenizer
+
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, dtype=dtype, device=self.device, trust_remote_code=trust_remote_code)
+        self.tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+        self.stop_ids = stop_token_ids(self.model.generation_config, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.stop_ids[0]
+        self.store_topk = store_topk
+
+    def generate(self, requests: Sequence[Request]) -> list[Generated]:
+        """Generate every request; rows with the same settings (seed aside) share one batched call."""
+        out: list[Generated | None] = [None] * len(requests)
+
+        def setting(i: int) -> SamplingParams:
+            return replace(requests[i][1], seed=None)
+
+        order = sorted(range(len(requests)), key=lambda i: repr(setting(i)))
+        for _, group in itertools.groupby(order, key=lambda i: repr(setting(i))):
+            idx = list(group)
+            for i, res in zip(idx, self._generate_batch([requests[i][0] for i in idx], [requests[i][1] for i in idx])):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generated]:
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        p = params[0]
+        stop_ids = tuple(dict.fromkeys([*self.stop_ids, *p.stop_token_ids]))
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):  # left padding: every row's last prompt token is at the same column
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids):] = 1
+        processors = LogitsProcessorList()
+        if not p.greedy:
+            seeds = [q.seed if q.seed is not None else 0 for q in params]
+            processors.append(PerRowSampler(p, seeds, self.device))
+        config = GenerationConfig(
+            max_new_tokens=p.max_new_tokens, do_sample=False, eos_token_id=list(stop_ids), pad_token_id=self.pad_id,
+            return_dict_in_generate=True, output_logits=self.store_topk > 0,
+        )
+        result = self.model.generate(
+            input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), generation_config=config,
+            logits_processor=processors,
+        )
+        new = result.sequences[:, width:].tolist()
+        outs = []
+        for row, ids in enumerate(new):
+            token_ids, reason = cut_at_stop(ids, stop_ids)
+            gen = Generated(token_ids, reason)
+            if self.store_topk:
+                gen.topk_ids, gen.topk_logprobs = self._topk(result.logits, row, len(token_ids))
+            outs.append(gen)
+        return outs
+
+    def _topk(self, logits: tuple[torch.Tensor, ...], row: int, n: int) -> tuple[list[list[int]], list[list[float]]]:
+        """The target's own (temperature 1) top-k log-probs at each of the row's n response positions."""
+        if n == 0:
+            return [], []
+        steps = torch.stack([logits[t][row] for t in range(n)]).float()
+        top = torch.log_softmax(steps, dim=-1).topk(self.store_topk, dim=-1)
+        return top.indices.tolist(), top.values.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# vLLM
+# --------------------------------------------------------------------------------------------
+class VLLMBackend:
+    """vLLM's offline engine (`vllm.LLM`) fed token ids directly; for GPU actors.
+
+    `engine_kwargs` go to `vllm.LLM(...)` as they are (e.g. `gpu_memory_utilization`,
+    `tensor_parallel_size`, `max_model_len`).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self, model_dir: str | Path, dtype: str = "bfloat16", store_topk: int = 0, trust_remote_code: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+    ):
+        from fastdraft.assets import resolve_model_path
+        from fastdraft.tokenizer import load_tokenizer
+
+        self.vllm = require("vllm", "gpu", "generate.engine 'vllm' (the vLLM generation engine)")
+        path = str(resolve_model_path(str(model_dir)))
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        self.llm = self.vllm.LLM(model=path, tokenizer=path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 **(engine_kwargs or {}))
+        from transformers import GenerationConfig
+
+        try:
+            gen_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS is the stop token
+            gen_config = None
+        self.stop_ids = stop_token_ids(gen_config, self.tokenizer)
+        self.store_topk = store_topk
+
+    def sampling_params(self, p: SamplingParams) -> Any:
+        """fastdraft's settings as vLLM's `SamplingParams` (greedy = temperature 0; top_k -1 = off)."""
+        return self.vllm.SamplingParams(
+            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else -1,
+            max_tokens=p.max_new_tokens, seed=p.seed, stop_token_ids=list(dict.fromkeys([*self.stop_ids, *p.stop_token_ids])),
+            logprobs=self.store_topk or None, detokenize=False,
+        )
+
+    def generate(self, requests: Sequence[Request]) -> list[Generated]:
+        prompts = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
+        results = self.llm.generate(prompts, [self.sampling_params(p) for _, p in requests], use_tqdm=False)
+        return [self._convert(r.outputs[0], p) for r, (_, p) in zip(results, requests)]
+
+    def _convert(self, completion: Any, p: SamplingParams) -> Generated:
+        token_ids = list(completion.token_ids)
+        reason = "stop" if completion.finish_reason == "stop" else "length"
+        stops = [*self.stop_ids, *p.stop_token_ids]
+        if reason == "stop" and (not token_ids or token_ids[-1] not in stops):
+            token_ids.append(stops[0])  # the alignment contract: a stopped response ends with its stop token
+        gen = Generated(token_ids, reason)
+        if self.store_topk and completion.logprobs is not None:
+            gen.topk_ids, gen.topk_logprobs = [], []
+            for position in completion.logprobs[: len(token_ids)]:
+                best = sorted(position.items(), key=lambda kv: kv[1].logprob, reverse=True)[: self.store_topk]
+                gen.topk_ids.append([int(t) for t, _ in best])
+                gen.topk_logprobs.append([float(lp.logprob) for _, lp in best])
+        return gen

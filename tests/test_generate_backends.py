@@ -1,0 +1,111 @@
+"""Generation engines behind one interface, on the tiny target (real transformers `generate`).
+
+- transformers: batched, left-padded greedy output equals transformers' own per-prompt greedy `generate`;
+  sampling is reproducible per seed whatever the batch; top-k log-probs are the target's own.
+- vLLM: a fake stands in for the `vllm` package (tests named `..._fake_vllm`), and without vLLM the
+  error says what to install and where.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdraft.errors import MissingDependencyError
+from fastdraft.generation.backends import TransformersBackend, cut_at_stop, filter_logits, make_backend
+from fastdraft.speculative.types import SamplingParams
+
+FAKE_VLLM_DIR = Path(__file__).parent / "fake_vllm"
+TEXTS = ["def parse(line):", "The quick brown fox", "import os\nimport sys\n\nclass Loader:", "Hello", "a = [1, 2, 3]\nfor"]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_target_dir):
+    return TransformersBackend(tiny_target_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(backend):
+    return [backend.tokenizer(t)["input_ids"] for t in TEXTS]
+
+
+def reference_greedy(model, ids, max_new_tokens, stop_ids):
+    """transformers' own greedy generate on one unpadded prompt, cut at the first stop token."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop_ids))
+    return cut_at_stop(out[0, len(ids):].tolist(), stop_ids)
+
+
+def test_batched_greedy_equals_per_prompt_generate(backend, prompts):
+    assert len({len(p) for p in prompts}) > 1  # different lengths: left padding is exercised
+    outs = backend.generate([(p, SamplingParams(max_new_tokens=24)) for p in prompts])
+    for ids, out in zip(prompts, outs):
+        assert (out.token_ids, out.finish_reason) == reference_greedy(backend.model, ids, 24, backend.stop_ids)
+
+
+def test_sampling_is_reproducible_per_seed_whatever_the_batch(backend, prompts):
+    def params(seed):
+        return SamplingParams(temperature=0.9, top_p=0.95, top_k=40, max_new_tokens=16, seed=seed)
+
+    full = backend.generate([(p, params(i)) for i, p in enumerate(prompts)])
+    alone = backend.generate([(prompts[3], params(3))])
+    mixed = backend.generate([(prompts[1], params(1)), (prompts[0], SamplingParams(max_new_tokens=5)), (prompts[3], params(3))])
+    assert alone[0].token_ids == full[3].token_ids == mixed[2].token_ids
+    assert mixed[0].token_ids == full[1].token_ids
+    other_seed = backend.generate([(prompts[3], params(99))])
+    assert other_seed[0].token_ids != full[3].token_ids
+
+
+def test_top_k_1_sampling_is_greedy(backend, prompts):
+    greedy = backend.generate([(p, SamplingParams(max_new_tokens=12)) for p in prompts])
+    sampled = backend.generate([(p, SamplingParams(temperature=1.3, top_k=1, max_new_tokens=12, seed=5)) for p in prompts])
+    assert [g.token_ids for g in greedy] == [s.token_ids for s in sampled]
+
+
+def test_filter_logits_keeps_the_top_p_nucleus_and_top_k():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.5 + 0.3
+    kept = torch.isfinite(filter_logits(logits, 1.0, 3, 1.0))
+    assert kept.tolist() == [[True, True, True, False]]
+
+
+def test_store_topk_gives_the_targets_own_log_probs(tiny_target_dir, prompts):
+    b = TransformersBackend(tiny_target_dir, store_topk=4)
+    out = b.generate([(prompts[0], SamplingParams(max_new_tokens=6))])[0]
+    assert len(out.topk_ids) == len(out.token_ids) == len(out.topk_logprobs)
+    assert [ids[0] for ids in out.topk_ids] == out.token_ids  # greedy: the chosen token is the top-1
+    with torch.inference_mode():
+        logits = b.model(torch.tensor([prompts[0] + out.token_ids[:1]])).logits[0, -1]
+    expected = torch.log_softmax(logits, -1).topk(4)
+    assert out.topk_ids[1] == expected.indices.tolist()
+    assert out.topk_logprobs[1] == pytest.approx(expected.values.tolist(), abs=1e-4)
+
+
+def test_without_vllm_the_error_says_what_to_install(tiny_target_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importing it now fails, as on this CPU stack
+    with pytest.raises(MissingDependencyError, match=r"vllm.*fastdraft\[gpu\]"):
+        make_backend("vllm", tiny_target_dir)
+
+
+def test_vllm_backend_gives_the_same_rows_fake_vllm(tiny_target_dir, backend, prompts, monkeypatch, tmp_path):
+    """A fake `vllm` (tests/fake_vllm, answering through transformers) stands in for the real one."""
+    monkeypatch.syspath_prepend(str(FAKE_VLLM_DIR))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "calls.jsonl"))
+    vb = make_backend("vllm", tiny_target_dir, dtype="float32", store_topk=3, engine_kwargs={"gpu_memory_utilization": 0.5})
+    assert vb.vllm.IS_FAKE and vb.stop_ids == backend.stop_ids
+    outs = vb.generate([(p, SamplingParams(max_new_tokens=10)) for p in prompts])
+    for ids, out in zip(prompts, outs):
+        assert (out.token_ids, out.finish_reason) == reference_greedy(backend.model, ids, 10, backend.stop_ids)
+        assert [t[0] for t in out.topk_ids] == out.token_ids and len(out.topk_logprobs[0]) == 3
+    vb.generate([(prompts[0], SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=4, seed=11))])
+    import json
+
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert calls[0]["event"] == "init" and calls[0]["kwargs"] == {"gpu_memory_utilization": 0.5}
+    sent = calls[-1]["params"][0]
+    assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["max_tokens"], sent["seed"]) == (0.7, 0.9, -1, 4, 11)
+    assert sent["stop_token_ids"] == list(backend.stop_ids) and sent["logprobs"] == 3 and sent["detokenize"] is False
