@@ -73,7 +73,7 @@ def test_evaluate_cli_writes_the_report_and_engine_counters_match_the_offline_sw
 
     # a second run resumes: every part is reused, nothing is recomputed
     summary = run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], run_dir)))
-    assert capsys.readouterr().out.count("done before, reusing") == 2 * 2 + 2  # sweeps (tasks x decodings) + engine runs
+    assert capsys.readouterr().out.count("done before, reusing") == 2 * 2  # one part per task x decoding
     assert set(summary["headline"]) >= {"FT/code/sampled", "PT/chat/greedy"}
 
 

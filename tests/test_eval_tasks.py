@@ -97,3 +97,11 @@ def test_bad_input_gets_specific_errors(tok, tmp_path):
         load_task(task("jsonl", 1, path=str(nofield)), tok)
     with pytest.raises(FastdraftError, match="needs a 'path'"):
         load_task(task("jsonl", 1), tok)
+
+
+def test_prose_with_a_template_is_an_offline_summarization_task(tok):
+    cfg = task("stdlib_prose", 2, name="summarize", chat=True, max_prompt_tokens=200,
+               template="Summarize the text below in two sentences.\n\n{prompt}")
+    t = load_task(cfg, tok)
+    assert t.chat and all("<|im_start|>user\nSummarize the text below" in p.text for p in t.prompts)
+    assert max(len(p.ids) for p in t.prompts) > 100  # whole documents (up to 200 tokens), not 64-token openings

@@ -23,7 +23,7 @@ or bonus token, cut at a stop token or the budget), in one target pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -115,6 +115,11 @@ class Continuation:
     """Teacher-forced target logits predicting each continuation token, [len(ids), vocab]."""
 
 
+def continuation(target: torch.nn.Module, prompt: list[int], ids: list[int]) -> Continuation:
+    """A continuation the target wrote, with the target's teacher-forced logits over it."""
+    return Continuation(prompt, ids, _continuation_logits(target, prompt, ids))
+
+
 def _continuation_logits(model: torch.nn.Module, prompt: list[int], cont: list[int]) -> torch.Tensor:
     ids = torch.tensor([prompt + cont], device=model.device)
     with torch.inference_mode():
@@ -122,20 +127,38 @@ def _continuation_logits(model: torch.nn.Module, prompt: list[int], cont: list[i
     return logits[len(prompt) - 1: len(prompt) + len(cont) - 1].float().cpu()
 
 
+Generate = Callable[[list[int], SamplingParams], list[int]]
+"""prompt ids, params -> the target's new ids (e.g. `SpeculativeEngine.generate` with no draft)."""
+
+
+def hf_generate(target: torch.nn.Module) -> Generate:
+    """The target's own transformers `generate` (greedy, or multinomial sampling with the same warping)."""
+    def generate(prompt: list[int], params: SamplingParams) -> list[int]:
+        kwargs = dict(do_sample=False) if params.greedy else \
+            dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        eos = list(params.stop_token_ids) or target.generation_config.eos_token_id
+        with torch.inference_mode():
+            out = target.generate(torch.tensor([prompt], device=target.device), max_new_tokens=params.max_new_tokens,
+                                  eos_token_id=eos, pad_token_id=_pad_id(target), **kwargs)
+        return out[0, len(prompt):].tolist()
+
+    return generate
+
+
 def target_continuations(target: torch.nn.Module, task: EvalTask, params: SamplingParams, seed: int = 0,
-                         progress: Progress | None = None) -> list[Continuation]:
-    """The target's own generation for each prompt (seeded per prompt), plus its teacher-forced logits."""
+                         progress: Progress | None = None, generate: Generate | None = None) -> list[Continuation]:
+    """The target's own output for each prompt (seeded per prompt), plus its teacher-forced logits.
+
+    `generate` defaults to transformers' `generate`; the pipeline passes fastdraft's engine with no draft,
+    which is lossless and several times faster on CPU.
+    """
+    generate = generate or hf_generate(target)
     out = []
     for i, prompt in enumerate(task.prompts):
         torch.manual_seed(seed + i)
-        kwargs = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
-            if not params.greedy else dict(do_sample=False)
-        eos = list(params.stop_token_ids) or target.generation_config.eos_token_id
-        with torch.inference_mode():
-            gen = target.generate(torch.tensor([prompt.ids], device=target.device), max_new_tokens=task.max_new_tokens,
-                                  eos_token_id=eos, pad_token_id=_pad_id(target), **kwargs)
-        cont = gen[0, len(prompt.ids):].tolist()
-        out.append(Continuation(prompt.ids, cont, _continuation_logits(target, prompt.ids, cont)))
+        p = replace(params, max_new_tokens=task.max_new_tokens, seed=seed + i)
+        cont = generate(prompt.ids, p)
+        out.append(continuation(target, prompt.ids, cont))
         if progress:
             progress.update(len(cont), prompts=1)
     return out

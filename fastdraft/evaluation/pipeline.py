@@ -5,14 +5,13 @@
 
 1. Drafts: `evaluate.drafts`, or the run's `drafts/PT`, `drafts/CP`, `drafts/FT` that exist; each must
    speak the target's exact tokenizer (refused otherwise, naming both sides).
-2. Gamma sweep (Ray tasks in parallel, one per task x decoding): the target writes each continuation
-   once, every draft reads it teacher-forced; exact greedy / expected sampled counters for every gamma
-   (`acceptance.py`).
-3. Engine runs (Ray tasks one at a time, so timings do not share cores): fastdraft's `SpeculativeEngine`
-   at the headline gamma, batch 1, interleaved prompt by prompt with the target alone through the same
-   engine (gamma 0), same prompts, max tokens and decoding settings. Exact counters, wall-clock speedup,
-   and under greedy decoding a check that the outputs are identical.
-4. `RunLayout.eval`: report.json, report.md, report.html and PNG plots (`report.py`); a table on stdout.
+2. One Ray task per task x decoding (`measure_job`). For each prompt, the target alone (fastdraft's
+   engine with no draft) writes the continuation, timed; then each draft's pair at the headline gamma,
+   timed right after on the same cores, batch 1, same max tokens and decoding settings: exact counters,
+   wall-clock speedup, and under greedy decoding a check that the output is identical. Then the gamma
+   sweep: every draft reads the continuations teacher-forced, giving exact greedy / expected sampled
+   counters for every gamma at once (`acceptance.py`). With timings the parts run one at a time.
+3. `RunLayout.eval`: report.json, report.md, report.html and PNG plots (`report.py`); a table on stdout.
 
 Finished parts are cached under `eval/parts/` keyed by the recipe's evaluate section and the models'
 files, so an interrupted evaluation resumes where it stopped.
@@ -104,61 +103,75 @@ def stop_tokens(target_dir: Path) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 # Work units (run as Ray tasks)
 # --------------------------------------------------------------------------------------------
-def sweep_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
-              gammas: list[int], dtype: str) -> dict:
-    """Gamma sweep of every draft on one task and decoding: {label: {gamma: SpecStats dict}}."""
+def _engine_available() -> bool:
+    return importlib.util.find_spec("fastdraft.speculative.engine") is not None
+
+
+class _Timed:
+    """One engine's runs over a task: summed counters, seconds and tokens."""
+
+    def __init__(self):
+        from fastdraft.speculative.types import SpecStats
+
+        self.stats, self.seconds, self.tokens, self.identical = SpecStats(), 0.0, 0, True
+
+    def run(self, engine, prompt: list[int], params: SamplingParams):
+        start = time.perf_counter()
+        [result] = engine.generate([prompt], params)
+        self.seconds += time.perf_counter() - start
+        self.tokens += len(result.token_ids)
+        self.stats += result.stats
+        return result
+
+
+def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
+                gammas: list[int], gamma: int, dtype: str, wall_clock: bool) -> dict:
+    """Everything about one task and decoding, for every draft.
+
+    For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
+    then each draft's pair generates at `gamma` (timed, right after: same cores, same load). Then the
+    offline sweep reads the continuations teacher-forced for every gamma. Without the engine installed,
+    transformers' `generate` writes the continuations and there are no engine results.
+
+    Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}}.
+    """
     from fastdraft.checkpoint import load_model
-    from fastdraft.evaluation.acceptance import offline_sweep, target_continuations
+    from fastdraft.evaluation.acceptance import continuation, hf_generate, offline_sweep
 
     target = load_model(target_dir, dtype=dtype)
-    progress = Progress(f"evaluate {task.name} {decoding}: target", total=len(task.prompts) * task.max_new_tokens)
-    conts = target_continuations(target, task, params, seed=params.seed or 0, progress=progress)
+    models = {label: load_model(path, dtype=dtype) for label, path in drafts.items()}
+    alone, pairs = None, {}
+    if _engine_available():
+        from fastdraft.speculative.engine import SpeculativeEngine
+
+        alone = SpeculativeEngine(target, None, gamma=0)
+        pairs = {label: SpeculativeEngine(target, m, gamma=gamma) for label, m in models.items()}
+        for engine in (alone, *pairs.values()):  # first calls pay one-off costs (allocations, kernel choice)
+            engine.generate([task.prompts[0].ids], replace(params, max_new_tokens=4))
+    generate = hf_generate(target)
+    timed_alone, timed = _Timed(), {label: _Timed() for label in pairs}
+    conts = []
+    progress = Progress(f"evaluate {task.name} {decoding}", unit="prompt", total=len(task.prompts))
+    for i, prompt in enumerate(task.prompts):
+        p = replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i)
+        ids = timed_alone.run(alone, prompt.ids, p).token_ids if alone else generate(prompt.ids, p)
+        for label, engine in pairs.items():
+            out = timed[label].run(engine, prompt.ids, p)
+            timed[label].identical &= out.token_ids == ids
+        conts.append(continuation(target, prompt.ids, ids))
+        progress.update(1, tokens=len(ids))
     progress.done()
-    out = {}
-    for label, path in drafts.items():
-        sweep = offline_sweep(load_model(path, dtype=dtype), conts, params, gammas, task.max_new_tokens)
-        out[label] = {g: s.to_dict() for g, s in sweep.items()}
-        print(f"[evaluate {task.name} {decoding}] {label}: AR@{gammas[-1]} {sweep[gammas[-1]].acceptance_rate:.3f}", flush=True)
-    return out
-
-
-def engine_job(target_dir: str, draft_dir: str, label: str, tasks: list[EvalTask], params: dict[str, SamplingParams],
-               gamma: int, dtype: str, wall_clock: bool) -> dict:
-    """Engine runs of one draft on every task and decoding at `gamma`: counters, timings, greedy identity."""
-    from fastdraft.speculative.engine import SpeculativeEngine
-    from fastdraft.speculative.types import SpecStats
-
-    engine = SpeculativeEngine.from_dirs(target_dir, draft_dir, dtype=dtype, gamma=gamma)
-    warm = tasks[0].prompts[0].ids
-    for g in (0, gamma):  # first calls pay one-off costs (allocations, kernel selection)
-        engine.generate([warm], SamplingParams(max_new_tokens=4), gamma=g)
-    out = {}
-    for task in tasks:
-        for decoding, base in params.items():
-            progress = Progress(f"evaluate {label} {task.name} {decoding}", unit="prompt", total=len(task.prompts))
-            stats, t_alone, t_spec, tokens_alone, tokens_spec, identical = SpecStats(), 0.0, 0.0, 0, 0, True
-            for i, prompt in enumerate(task.prompts):
-                p = replace(base, max_new_tokens=task.max_new_tokens, seed=(base.seed or 0) + i)
-                if wall_clock:  # the target alone through the same engine, right before: same cores, same load
-                    start = time.perf_counter()
-                    [alone] = engine.generate([prompt.ids], p, gamma=0)
-                    t_alone += time.perf_counter() - start
-                    tokens_alone += len(alone.token_ids)
-                start = time.perf_counter()
-                [spec] = engine.generate([prompt.ids], p, gamma=gamma)
-                t_spec += time.perf_counter() - start
-                tokens_spec += len(spec.token_ids)
-                stats += spec.stats
-                if wall_clock and p.greedy and alone.token_ids != spec.token_ids:
-                    identical = False
-                progress.update(1)
-            progress.done()
-            out[f"{task.name}/{decoding}"] = {
-                "stats": stats.to_dict(), "speculative_s": t_spec, "speculative_tokens": tokens_spec,
-                "target_s": t_alone if wall_clock else None, "target_tokens": tokens_alone if wall_clock else None,
-                "greedy_identical": identical if (wall_clock and base.greedy) else None,
-            }
-    return out
+    result = {"sweep": {}, "engine": {}}
+    for label, model in models.items():
+        sweep = offline_sweep(model, conts, params, gammas, task.max_new_tokens)
+        result["sweep"][label] = {g: s.to_dict() for g, s in sweep.items()}
+    for label, t in timed.items():
+        result["engine"][label] = {
+            "stats": t.stats.to_dict(), "speculative_s": t.seconds, "speculative_tokens": t.tokens,
+            "target_s": timed_alone.seconds if wall_clock else None, "target_tokens": timed_alone.tokens,
+            "greedy_identical": t.identical if params.greedy else None,
+        }
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,21 +181,45 @@ def _files_key(*dirs: str | Path) -> list:
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for d in dirs for p in sorted(Path(d).glob("*.safetensors"))]
 
 
-def _cached(parts: Path, name: str, key: dict, compute) -> dict:
-    """Return a part's result from `parts/name.json` if its key matches, else compute and store it."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_part(parts: Path, name: str, key: dict) -> dict | None:
+    """A finished part's result from `parts/name.json` if it was made with the same key, else None."""
     path = parts / f"{name}.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("key") == digest:
+        if saved.get("key") == _digest(key):
             print(f"[evaluate] {name}: done before, reusing {path}", flush=True)
             return saved["result"]
-    result = compute()
+    return None
+
+
+def save_part(parts: Path, name: str, key: dict, result: dict) -> dict:
     parts.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps({"key": digest, "result": result}))
-    tmp.replace(path)
+    tmp = parts / f"{name}.partial"
+    tmp.write_text(json.dumps({"key": _digest(key), "result": result}))
+    tmp.replace(parts / f"{name}.json")  # a crash never leaves half a part behind
     return result
+
+
+def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_clock: bool) -> dict[tuple, dict]:
+    """Run `measure_job` for every (task, decoding) not finished before, as Ray tasks.
+
+    Wall-clock timings must not share the cores with other measurements, so with timings the parts run
+    one at a time; without, all at once (Ray spreads them over the cluster's CPUs).
+    """
+    import ray
+
+    measure = ray.remote(num_cpus=1)(measure_job)
+    results = {k: load_part(parts, name, key) for k, (name, key, _) in jobs.items()}
+    todo = [k for k, r in results.items() if r is None]
+    refs = {} if wall_clock else {k: measure.remote(*jobs[k][2]) for k in todo}
+    for k in todo:
+        name, key, args = jobs[k]
+        results[k] = save_part(parts, name, key, ray.get(refs[k] if k in refs else measure.remote(*args)))
+    return results
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,8 +230,6 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
 
     Returns a summary: the report's path and the headline numbers per draft and task.
     """
-    import ray
-
     from fastdraft.assets import resolve_model_path
     from fastdraft.checkpoint import load_model
     from fastdraft.evaluation import report as report_mod
@@ -214,36 +249,23 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
     params = decodings(cfg, stops)
     gammas = sorted(set(cfg.gammas) | {cfg.gamma})
     dtype = recipe.target.dtype
-    parts = layout.eval / "parts"
-    base_key = {"evaluate": recipe.section_hash("evaluate"), "target": _files_key(target_dir)}
 
     ensure_ray()
-    sweep_remote = ray.remote(num_cpus=1)(sweep_job)
-    pending = {}
-    for task in tasks:
-        for decoding, p in params.items():
-            name = f"sweep-{task.name}-{decoding}"
-            key = {**base_key, "drafts": {k: _files_key(v) for k, v in drafts.items()}, "part": name}
-            pending[(task.name, decoding)] = (name, key, sweep_remote.remote(
-                str(target_dir), {k: str(v) for k, v in drafts.items()}, task, decoding,
-                replace(p, max_new_tokens=task.max_new_tokens), gammas, dtype))
-    sweeps = {}
-    for k, (name, key, ref) in pending.items():
-        result = _cached(parts, name, key, lambda ref=ref: ray.get(ref))
-        sweeps[k] = {label: {int(g): s for g, s in per.items()} for label, per in result.items()}  # JSON keys are str
-
-    engine_remote = ray.remote(num_cpus=1)(engine_job)
-    engine_runs = {}
-    if importlib.util.find_spec("fastdraft.speculative.engine") is None:
+    if not _engine_available():
         print("[evaluate] fastdraft.speculative.engine is not installed: offline measurements only, no wall clock", flush=True)
-        drafts_to_run = {}
-    else:
-        drafts_to_run = drafts
-    for label, path in drafts_to_run.items():  # one at a time: wall-clock timings must not share the cores
-        name = f"engine-{label.replace(':', '_')}"
-        key = {**base_key, "draft": _files_key(path), "part": name, "wall_clock": cfg.wall_clock}
-        engine_runs[label] = _cached(parts, name, key, lambda path=path, label=label: ray.get(engine_remote.remote(
-            str(target_dir), str(path), label, tasks, params, cfg.gamma, dtype, cfg.wall_clock)))
+    draft_dirs = {k: str(v) for k, v in drafts.items()}
+    key = {"evaluate": recipe.section_hash("evaluate"), "target": _files_key(target_dir),
+           "drafts": {k: _files_key(v) for k, v in drafts.items()}, "engine": _engine_available()}
+    jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
+                          (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock))
+            for t in tasks for d, p in params.items()}
+    results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock)
+    sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str
+              for k, r in results.items()}
+    engine_runs: dict[str, dict] = {}
+    for (task_name, decoding), r in results.items():
+        for label, run in r["engine"].items():
+            engine_runs.setdefault(label, {})[f"{task_name}/{decoding}"] = run
 
     target = load_model(target_dir, dtype=dtype)
     t_params, t_bytes = model_size(target)

@@ -9,7 +9,10 @@
 | `hf`           | the same from a `datasets` dataset    | `load_from_disk(path)` or `load_dataset(path, hf_config, split)` on a cluster | |
 
 `stdlib_prose` overlaps the demo's pre-training corpus (the draft may have seen those documents);
-it measures in-domain text completion. On a cluster, point a `jsonl`/`hf` task at TinyStories,
+it measures in-domain text completion. With a `template` and `chat: true` it becomes an offline
+summarization task: `{name: summarize, kind: stdlib_prose, chat: true, max_prompt_tokens: 384,
+template: "Summarize the text below in two sentences.\n\n{prompt}"}`.
+On a cluster, point a `jsonl`/`hf` task at TinyStories,
 CNN/DailyMail (with `template: "Summarize the article below.\\n\\n{article}"`) and Dolly.
 
 Prompts are chosen deterministically from `seed` and the requested count, so every draft is measured
@@ -184,7 +187,10 @@ def render_prompt(cfg: EvalTaskConfig, rid: str, record: dict, tokenizer: PreTra
         if messages and messages[-1].get("role") == "assistant":
             messages = messages[:-1]  # the target writes the answer
     else:
-        limit = PROSE_PROMPT_TOKENS if cfg.kind == "stdlib_prose" else cfg.max_prompt_tokens
+        # stdlib_prose without a template is text completion from a document's opening; with one
+        # (e.g. "Summarize ...\n\n{prompt}") the whole document, up to max_prompt_tokens, is the input.
+        completion = cfg.kind == "stdlib_prose" and cfg.template is None
+        limit = PROSE_PROMPT_TOKENS if completion else cfg.max_prompt_tokens
         text = render_text(cfg, rid, record, tokenizer, limit)
         if not chat:
             return EvalPrompt(rid, text, _encode(text, tokenizer, chat=False))
