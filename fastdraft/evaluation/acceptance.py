@@ -137,6 +137,8 @@ def hf_generate(target: torch.nn.Module) -> Generate:
         kwargs = dict(do_sample=False) if params.greedy else \
             dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         eos = list(params.stop_token_ids) or target.generation_config.eos_token_id
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
         with torch.inference_mode():
             out = target.generate(torch.tensor([prompt], device=target.device), max_new_tokens=params.max_new_tokens,
                                   eos_token_id=eos, pad_token_id=_pad_id(target), **kwargs)
@@ -155,7 +157,6 @@ def target_continuations(target: torch.nn.Module, task: EvalTask, params: Sampli
     generate = generate or hf_generate(target)
     out = []
     for i, prompt in enumerate(task.prompts):
-        torch.manual_seed(seed + i)
         p = replace(params, max_new_tokens=task.max_new_tokens, seed=seed + i)
         cont = generate(prompt.ids, p)
         out.append(continuation(target, prompt.ids, cont))

@@ -151,7 +151,8 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     generate = hf_generate(target)
     timed_alone, timed = _Timed(), {label: _Timed() for label in pairs}
     conts = []
-    progress = Progress(f"evaluate {task.name} {decoding}", unit="prompt", total=len(task.prompts))
+    # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
+    progress = Progress(f"evaluate {task.name} {decoding}", unit="tok", total=len(task.prompts) * task.max_new_tokens)
     for i, prompt in enumerate(task.prompts):
         p = replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i)
         ids = timed_alone.run(alone, prompt.ids, p).token_ids if alone else generate(prompt.ids, p)
@@ -159,7 +160,7 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
             out = timed[label].run(engine, prompt.ids, p)
             timed[label].identical &= out.token_ids == ids
         conts.append(continuation(target, prompt.ids, ids))
-        progress.update(1, tokens=len(ids))
+        progress.update(len(ids), prompts=1)
     progress.done()
     result = {"sweep": {}, "engine": {}}
     for label, model in models.items():
