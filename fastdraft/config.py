@@ -275,6 +275,9 @@ class EvaluateConfig(Strict):
     drafts: list[str] = Field(default_factory=list)
     """Draft directories to compare (e.g. PT, CP, FT); default: the pipeline's drafts."""
     wall_clock: bool = True
+    dynamic_gamma: bool = False
+    """Also run the engine with dynamic gamma (backs off when acceptance collapses), reported as its own rows
+    (method `engine-dynamic`, gamma = mean drafted tokens per pass). Costs one more prepared target per draft."""
     seed: int = 0
 
 

@@ -34,7 +34,7 @@ def recipe_dict(target_dir, run_dir, **evaluate) -> dict:
     return {"name": "evaltest", "workdir": str(run_dir), "target": {"model": str(target_dir)},
             "evaluate": {"tasks": [{"name": "code", "kind": "humaneval", "prompts": 3, "max_new_tokens": 20},
                                    {"name": "chat", "kind": "instructions", "prompts": 3, "max_new_tokens": 20}],
-                         "gamma": 3, "gammas": [1, 3, 5], "temperature": 0.6, **evaluate}}
+                         "gamma": 3, "gammas": [1, 3, 5], "temperature": 0.6, "dynamic_gamma": True, **evaluate}}
 
 
 @pytest.mark.timeout(300)
@@ -65,6 +65,12 @@ def test_evaluate_cli_writes_the_report_and_engine_counters_match_the_offline_sw
                      all(o[k] == r[k] for k in ("draft", "task", "decoding"))]
             assert [off[k] for k in ("drafted", "accepted", "target_passes", "emitted")] == \
                    [r[k] for k in ("drafted", "accepted", "target_passes", "emitted")]
+
+    dynamic = [r for r in rows if r["method"] == "engine-dynamic"]
+    assert len(dynamic) == len(engine)  # reported as their own rows, beside static gamma
+    for r in dynamic:
+        assert r["gamma"] == pytest.approx(r["drafted"] / r["target_passes"])  # the mean gamma it chose
+        assert r["greedy_identical"] in (True, None) and r["wall_clock_speedup"] > 0
 
     def ar(draft, task, decoding="greedy"):
         return next(r["acceptance_rate"] for r in engine if (r["draft"], r["task"], r["decoding"]) == (draft, task, decoding))

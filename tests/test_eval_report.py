@@ -31,8 +31,8 @@ def report(tmp_path):
     # gamma 1: 4 passes, 3 drafted, 2 accepted, 6 emitted; gamma 3: 2 passes, 5 drafted, 4 accepted, 6 emitted
     per_gamma = {1: stats(3, 2, 4, 6, [3], [2]), 3: stats(5, 4, 2, 6, [2, 2, 1], [2, 1, 1])}
     sweeps = {(t.name, d): {label: per_gamma for label in drafts} for t in tasks for d in params}
-    engine_runs = {"FT": {"code/greedy": {"stats": per_gamma[3], "speculative_s": 0.5, "speculative_tokens": 6,
-                                          "target_s": 1.0, "target_tokens": 6, "greedy_identical": True}}}
+    engine_runs = {"engine": {"FT": {"code/greedy": {"stats": per_gamma[3], "speculative_s": 0.5, "speculative_tokens": 6,
+                                                     "target_s": 1.0, "target_tokens": 6, "greedy_identical": True}}}}
     return rep.build_report(recipe=recipe, target_dir=tmp_path / "target", target_size=(1000, 4000), drafts=drafts,
                             costs=costs, tasks=tasks, params=params, gammas=GAMMAS, sweeps=sweeps, engine_runs=engine_runs)
 
@@ -66,7 +66,7 @@ def test_write_report_writes_json_markdown_html_and_plots(report, tmp_path):
     paths = rep.write_report(report, out)
     assert json.loads(paths["json"].read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     md = paths["md"].read_text()
-    assert "| FT | code | code | greedy | 3 | 0.800 | 3.000 | 2.308 | 2.609 | 2.000 |" in md
+    assert "| FT | code | code | greedy | engine | 3 | 0.800 | 3.000 | 2.308 | 2.609 | 2.000 | 12.0 | yes |" in md
     assert "AR γ=1" in md and "![acceptance_vs_gamma](acceptance_vs_gamma.png)" in md
     page = paths["html"].read_text()
     assert page.startswith("<!doctype html>") and '<img src="speedup_vs_gamma.png"' in page

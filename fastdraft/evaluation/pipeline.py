@@ -125,7 +125,7 @@ class _Timed:
 
 
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
-                gammas: list[int], gamma: int, dtype: str, wall_clock: bool) -> dict:
+                gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
@@ -133,7 +133,8 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     offline sweep reads the continuations teacher-forced for every gamma. Without the engine installed,
     transformers' `generate` writes the continuations and there are no engine results.
 
-    Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}}.
+    Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}} (+ "engine-dynamic" when
+    `dynamic_gamma`: the same pairs with the engine choosing gamma each round, timed in the same loop).
     """
     from fastdraft.checkpoint import load_model
     from fastdraft.evaluation.acceptance import continuation, hf_generate, offline_sweep
@@ -146,22 +147,25 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
 
         # Each engine holds its own prepared copy of the target's weights (~4 bytes/param in fp32), so the
         # target alone runs through the first pair's engine at gamma 0: the same code path, no extra copy.
-        pairs = {label: SpeculativeEngine(target, m, gamma=gamma) for label, m in models.items()}
+        pairs = {("engine", label): SpeculativeEngine(target, m, gamma=gamma) for label, m in models.items()}
+        if dynamic_gamma:
+            pairs.update({("engine-dynamic", label): SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=True)
+                          for label, m in models.items()})
         alone = next(iter(pairs.values()))
         for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice)
             for g in (0, gamma):
                 engine.generate([task.prompts[0].ids], replace(params, max_new_tokens=4), gamma=g)
     generate = hf_generate(target)
-    timed_alone, timed = _Timed(), {label: _Timed() for label in pairs}
+    timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
     conts = []
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
     progress = Progress(f"evaluate {task.name} {decoding}", unit="tok", total=len(task.prompts) * task.max_new_tokens)
     for i, prompt in enumerate(task.prompts):
         p = replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i)
         ids = timed_alone.run(alone, prompt.ids, p, gamma=0).token_ids if alone else generate(prompt.ids, p)
-        for label, engine in pairs.items():
-            out = timed[label].run(engine, prompt.ids, p)
-            timed[label].identical &= out.token_ids == ids
+        for k, engine in pairs.items():
+            out = timed[k].run(engine, prompt.ids, p)
+            timed[k].identical &= out.token_ids == ids
         conts.append(continuation(target, prompt.ids, ids))
         progress.update(len(ids), prompts=1)
     progress.done()
@@ -169,8 +173,8 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     for label, model in models.items():
         sweep = offline_sweep(model, conts, params, gammas, task.max_new_tokens)
         result["sweep"][label] = {g: s.to_dict() for g, s in sweep.items()}
-    for label, t in timed.items():
-        result["engine"][label] = {
+    for (method, label), t in timed.items():
+        result.setdefault(method, {})[label] = {
             "stats": t.stats.to_dict(), "speculative_s": t.seconds, "speculative_tokens": t.tokens,
             "target_s": timed_alone.seconds if wall_clock else None, "target_tokens": timed_alone.tokens,
             "greedy_identical": t.identical if params.greedy else None,
@@ -261,15 +265,17 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
     key = {"evaluate": recipe.section_hash("evaluate"), "target": _files_key(target_dir),
            "drafts": {k: _files_key(v) for k, v in drafts.items()}, "engine": _engine_available()}
     jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
-                          (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock))
+                          (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
+                           cfg.dynamic_gamma))
             for t in tasks for d, p in params.items()}
     results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock)
     sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str
               for k, r in results.items()}
-    engine_runs: dict[str, dict] = {}
+    engine_runs: dict[str, dict] = {}  # method -> draft -> "task/decoding" -> run
     for (task_name, decoding), r in results.items():
-        for label, run in r["engine"].items():
-            engine_runs.setdefault(label, {})[f"{task_name}/{decoding}"] = run
+        for method in ("engine", "engine-dynamic"):
+            for label, run in r.get(method, {}).items():
+                engine_runs.setdefault(method, {}).setdefault(label, {})[f"{task_name}/{decoding}"] = run
 
     target = load_model(target_dir, dtype=dtype)
     t_params, t_bytes = model_size(target)

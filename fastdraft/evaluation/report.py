@@ -13,11 +13,13 @@ report.json:
     row = {"draft", "task", "domain", "decoding", "temperature", "gamma", "method",
            "drafted", "accepted", "target_passes", "emitted",            # D, A, F, N
            "acceptance_rate", "tau", "mbsu", "mbsu_bytes", "per_position_acceptance",
-           # method "engine" only (the engine run at the headline gamma):
+           # methods "engine" / "engine-dynamic" only (engine runs at the headline / a dynamic gamma):
            "wall_clock_speedup", "target_s", "speculative_s", "target_tokens_per_s",
            "speculative_tokens_per_s", "greedy_identical", "draft_s", "verify_s", "overhead_s"}
     method: "offline" = teacher-forced gamma sweep (exact for greedy, expected for sampling);
-            "engine"  = fastdraft's SpeculativeEngine, exact counters and wall clock.
+            "engine"  = fastdraft's SpeculativeEngine, exact counters and wall clock;
+            "engine-dynamic" = the same with the engine's dynamic gamma (`evaluate.dynamic_gamma`),
+                               gamma = mean drafted tokens per pass (D / F), MBSU computed with it.
 
 Plots: acceptance_vs_gamma.png, speedup_vs_gamma.png (MBSU lines, wall-clock points),
 per_position.png, drafts.png (acceptance per task for each draft: PT vs CP vs FT, before/after alignment).
@@ -31,12 +33,13 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from fastdraft.evaluation.metrics import CostRatio, format_metric, summarize, wall_clock_speedup
+from fastdraft.evaluation.metrics import CostRatio, format_metric, mean_gamma, summarize, wall_clock_speedup
 from fastdraft.speculative.types import SpecStats
 
 SCHEMA = "fastdraft.eval/1"
 PLOTS = ("acceptance_vs_gamma.png", "speedup_vs_gamma.png", "per_position.png", "drafts.png")
 _COUNTERS = {f.name for f in fields(SpecStats)}
+ENGINE_METHODS = ("engine", "engine-dynamic")
 
 
 def stats_from_dict(data: dict) -> SpecStats:
@@ -77,10 +80,14 @@ def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, param
                 for gamma in gammas:
                     stats = stats_from_dict(sweeps[(task.name, decoding)][label][gamma])
                     rows.append(_row(label, task, decoding, p.temperature, gamma, "offline", stats, costs[label]))
-                run = engine_runs.get(label, {}).get(f"{task.name}/{decoding}")
-                if run is not None:
+                for method in ENGINE_METHODS:
+                    run = engine_runs.get(method, {}).get(label, {}).get(f"{task.name}/{decoding}")
+                    if run is None:
+                        continue
                     stats = stats_from_dict(run["stats"])
-                    rows.append({**_row(label, task, decoding, p.temperature, cfg.gamma, "engine", stats, costs[label]),
+                    # a dynamic gamma is reported as what it was on average: D / F drafted tokens per pass
+                    gamma = cfg.gamma if method == "engine" else (mean_gamma(stats) or 0.0)
+                    rows.append({**_row(label, task, decoding, p.temperature, gamma, method, stats, costs[label]),
                                  **_engine_fields(run, stats)})
     draft_info = {}
     for label, path in drafts.items():
@@ -110,7 +117,7 @@ def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, param
 def headline_rows(report: dict) -> list[dict]:
     """One row per draft x task x decoding at the headline gamma: the engine's if it ran, else the offline one."""
     gamma = report["settings"]["gamma"]
-    engine = [r for r in report["rows"] if r["method"] == "engine"]
+    engine = [r for r in report["rows"] if r["method"] in ENGINE_METHODS]
     if engine:
         return engine
     return [r for r in report["rows"] if r["method"] == "offline" and r["gamma"] == gamma]
@@ -119,7 +126,8 @@ def headline_rows(report: dict) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------
-_COLUMNS = [("draft", "draft"), ("task", "task"), ("domain", "domain"), ("decoding", "decoding"), ("gamma", "γ"),
+_COLUMNS = [("draft", "draft"), ("task", "task"), ("domain", "domain"), ("decoding", "decoding"), ("method", "method"),
+            ("gamma", "γ"),
             ("acceptance_rate", "AR"), ("tau", "tau"), ("mbsu", "MBSU"), ("mbsu_bytes", "MBSU (bytes)"),
             ("wall_clock_speedup", "wall-clock speedup"), ("speculative_tokens_per_s", "tok/s"),
             ("greedy_identical", "greedy identical")]
@@ -129,7 +137,7 @@ def _cell(value) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "yes", False: "NO", None: "n/a"}[value]
     if isinstance(value, float):
-        return format_metric(value, 1 if value >= 100 else 3)
+        return format_metric(value, 1 if value >= 10 else 3)
     return str(value)
 
 
@@ -236,11 +244,12 @@ def _line_plot(report: dict, key: str, ylabel: str, title: str, path: Path, engi
                 rows = [r for r in _offline(report, draft, task, decoding) if r[key] is not None]
                 ax.plot([r["gamma"] for r in rows], [r[key] for r in rows], style, marker="o", color=colors[i % len(colors)],
                         label=f"{draft} {decoding}")
-                if engine_key:
-                    pts = [r for r in report["rows"] if r["method"] == "engine" and r["draft"] == draft and r["task"] == task
+                for method, marker in (("engine", "*"), ("engine-dynamic", "D")) if engine_key else ():
+                    pts = [r for r in report["rows"] if r["method"] == method and r["draft"] == draft and r["task"] == task
                            and r["decoding"] == decoding and r.get(engine_key) is not None]
-                    ax.plot([r["gamma"] for r in pts], [r[engine_key] for r in pts], "*", markersize=13,
-                            color=colors[i % len(colors)], label=f"{draft} {decoding} wall clock" if pts else None)
+                    if pts:
+                        ax.plot([r["gamma"] for r in pts], [r[engine_key] for r in pts], marker, markersize=11,
+                                color=colors[i % len(colors)], label=f"{draft} {decoding} wall clock ({method})")
         ax.set_title(f"{task} ({report['tasks'][task]['domain']})")
         ax.set_xlabel("γ (draft tokens per step)")
         ax.set_ylabel(ylabel)
@@ -302,7 +311,7 @@ def _drafts_plot(report: dict, path: Path) -> None:
 def write_plots(report: dict, out_dir: Path) -> list[Path]:
     _line_plot(report, "acceptance_rate", "acceptance rate (A/D)", "acceptance vs γ (solid: sampled, dashed: greedy)",
                out_dir / PLOTS[0])
-    _line_plot(report, "mbsu", "speedup", "speedup vs γ: MBSU (lines), wall clock (stars)", out_dir / PLOTS[1],
+    _line_plot(report, "mbsu", "speedup", "speedup vs γ: MBSU (lines), wall clock (★ static, ◆ dynamic γ)", out_dir / PLOTS[1],
                engine_key="wall_clock_speedup")
     _per_position_plot(report, out_dir / PLOTS[2])
     _drafts_plot(report, out_dir / PLOTS[3])
