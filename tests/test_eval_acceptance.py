@@ -109,3 +109,23 @@ def test_warping_matches_transformers_logits_processors(temperature, top_k, top_
         ref = TopPLogitsWarper(top_p)(None, ref)
     ours = warp_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
     torch.testing.assert_close(ours, torch.softmax(ref, -1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_sampled_offline_expectation_predicts_the_engines_measured_acceptance(models):
+    engine_mod = pytest.importorskip("fastdraft.speculative.engine", reason="the speculative engine (issue 7, part 1) has not landed")
+    from fastdraft.evaluation.acceptance import continuation
+
+    target, draft = models
+    engine = engine_mod.SpeculativeEngine(target, draft, gamma=3)
+    g = torch.Generator().manual_seed(0)
+    conts, measured = [], SpecStats()
+    for i in range(30):
+        prompt = torch.randint(3, 500, (8,), generator=g).tolist()
+        params = SamplingParams(temperature=0.6, max_new_tokens=32, stop_token_ids=(NEVER,), seed=i)
+        conts.append(continuation(target, prompt, engine.generate([prompt], params, gamma=0)[0].token_ids))
+        measured += engine.generate([prompt], params)[0].stats
+    expected = offline_sweep(draft, conts, params, [3], 32)[3]
+    # ~900 drafted tokens: the engine's sampled AR has a standard error of about 0.01
+    assert expected.acceptance_rate == pytest.approx(measured.acceptance_rate, abs=0.06)
+    assert expected.tau == pytest.approx(measured.tau, rel=0.05)
