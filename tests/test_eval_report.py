@@ -79,3 +79,10 @@ def test_write_report_writes_json_markdown_html_and_plots(report, tmp_path):
 def test_undefined_metrics_show_as_na(report):
     header, body = rep.table([{**report["rows"][0], "acceptance_rate": None}])
     assert body[0][header.index("AR")] == "n/a"
+
+
+def test_sweep_table_has_one_row_per_draft_and_task_and_a_column_per_gamma(report):
+    header, body = rep.sweep_table(report, "sampled")
+    assert header == ["draft", "task", "AR γ=1", "AR γ=3", "tau γ=1", "tau γ=3"]
+    assert body[0] == ["PT", "code", "0.667", "0.800", "1.500", "3.000"]  # 2/3, 4/5, 6/4, 6/2
+    assert len(body) == 4

@@ -147,24 +147,26 @@ def table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header, body = table(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    return _markdown(*table(rows))
 
 
-def sweep_table(report: dict, decoding: str) -> str:
-    """Acceptance by gamma (columns) for each draft x task (rows), offline method."""
+def sweep_table(report: dict, decoding: str) -> tuple[list[str], list[list[str]]]:
+    """Acceptance and tau by gamma (columns) for each draft x task (rows), offline method."""
     gammas = report["settings"]["gammas"]
-    lines = ["| draft | task | " + " | ".join(f"AR γ={g}" for g in gammas) + " | " + " | ".join(f"tau γ={g}" for g in gammas) + " |",
-             "|" + "---|" * (2 + 2 * len(gammas))]
+    header = ["draft", "task"] + [f"AR γ={g}" for g in gammas] + [f"tau γ={g}" for g in gammas]
+    body = []
     for draft in report["drafts"]:
         for task in report["tasks"]:
             by_gamma = {r["gamma"]: r for r in report["rows"] if r["method"] == "offline" and r["draft"] == draft
                         and r["task"] == task and r["decoding"] == decoding}
-            ar = [format_metric(by_gamma[g]["acceptance_rate"]) for g in gammas]
-            tau = [format_metric(by_gamma[g]["tau"]) for g in gammas]
-            lines.append(f"| {draft} | {task} | " + " | ".join(ar) + " | " + " | ".join(tau) + " |")
-    return "\n".join(lines)
+            body.append([draft, task] + [format_metric(by_gamma[g]["acceptance_rate"]) for g in gammas]
+                        + [format_metric(by_gamma[g]["tau"]) for g in gammas])
+    return header, body
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 def render_markdown(report: dict) -> str:
@@ -181,7 +183,7 @@ def render_markdown(report: dict) -> str:
     out += ["", f"## Headline (γ = {s['gamma']})", "", markdown_table(headline_rows(report)), ""]
     for decoding in s["decodings"]:
         out += [f"## Gamma sweep, {decoding} (teacher-forced: exact for greedy, expected for sampling)", "",
-                sweep_table(report, decoding), ""]
+                _markdown(*sweep_table(report, decoding)), ""]
     out += ["## Tasks", "", "| task | kind | domain | prompts | max new tokens | chat |", "|---|---|---|---|---|---|"]
     out += [f"| {n} | {t['kind']} | {t['domain']} | {t['prompts']} | {t['max_new_tokens']} | {t['chat']} |"
             for n, t in report["tasks"].items()]
@@ -199,6 +201,8 @@ def render_html(report: dict) -> str:
     drafts = html_table(["draft", "stages", "parameters", "c (params)", "c (bytes)"],
                         [[k, " → ".join(d["stages"]) or "n/a", f"{d['params'] / 1e6:.2f}M", f"{d['c_params']:.4f}",
                           f"{d['c_bytes']:.4f}"] for k, d in report["drafts"].items()])
+    sweeps = "".join(f"<h2>Gamma sweep, {html.escape(d)} (teacher-forced: exact for greedy, expected for sampling)</h2>"
+                     + html_table(*sweep_table(report, d)) for d in s["decodings"])
     imgs = "".join(f'<figure><img src="{p}" alt="{p[:-4]}"><figcaption>{p[:-4].replace("_", " ")}</figcaption></figure>'
                    for p in PLOTS)
     return f"""<!doctype html>
@@ -210,6 +214,7 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} th{{background:#
 AR = A/D, tau = N/F, MBSU = tau/(1 + γc); wall-clock speedup = time(target alone) / time(speculative).</p>
 <h2>Drafts</h2>{drafts}
 <h2>Headline (γ = {s['gamma']})</h2>{html_table(*table(headline_rows(report)))}
+{sweeps}
 <h2>Plots</h2>{imgs}
 <p><small>{html.escape(report['created'])}, report.json schema {SCHEMA}</small></p></body></html>
 """
