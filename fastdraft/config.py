@@ -278,6 +278,8 @@ class EvaluateConfig(Strict):
     dynamic_gamma: bool = False
     """Also run the engine with dynamic gamma (backs off when acceptance collapses), reported as its own rows
     (method `engine-dynamic`, gamma = mean drafted tokens per pass). Costs one more prepared target per draft."""
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the measurements run; `cuda` asks Ray for one GPU per measurement task."""
     seed: int = 0
 
 

@@ -125,7 +125,8 @@ class _Timed:
 
 
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
-                gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False) -> dict:
+                gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
+                device: str = "cpu") -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
@@ -139,8 +140,8 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     from fastdraft.checkpoint import load_model
     from fastdraft.evaluation.acceptance import continuation, hf_generate, offline_sweep
 
-    target = load_model(target_dir, dtype=dtype)
-    models = {label: load_model(path, dtype=dtype) for label, path in drafts.items()}
+    target = load_model(target_dir, dtype=dtype, device=device)
+    models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
     alone, pairs = None, {}
     if _engine_available():
         from fastdraft.speculative.engine import SpeculativeEngine
@@ -212,7 +213,8 @@ def save_part(parts: Path, name: str, key: dict, result: dict) -> dict:
     return result
 
 
-def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_clock: bool) -> dict[tuple, dict]:
+def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_clock: bool,
+                device: str = "cpu") -> dict[tuple, dict]:
     """Run `measure_job` for every (task, decoding) not finished before, as Ray tasks.
 
     Wall-clock timings must not share the cores with other measurements, so with timings the parts run
@@ -220,7 +222,7 @@ def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_cl
     """
     import ray
 
-    measure = ray.remote(num_cpus=1)(measure_job)
+    measure = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(measure_job)
     results = {k: load_part(parts, name, key) for k, (name, key, _) in jobs.items()}
     todo = [k for k, r in results.items() if r is None]
     refs = {} if wall_clock else {k: measure.remote(*jobs[k][2]) for k in todo}
@@ -266,9 +268,9 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
            "drafts": {k: _files_key(v) for k, v in drafts.items()}, "engine": _engine_available()}
     jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
                           (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
-                           cfg.dynamic_gamma))
+                           cfg.dynamic_gamma, cfg.device))
             for t in tasks for d, p in params.items()}
-    results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock)
+    results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock, cfg.device)
     sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str
               for k, r in results.items()}
     engine_runs: dict[str, dict] = {}  # method -> draft -> "task/decoding" -> run
