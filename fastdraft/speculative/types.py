@@ -43,6 +43,7 @@ class SpecStats:
     verify_s: float = 0.0
     overhead_s: float = 0.0
     prefill_s: float = 0.0
+    truncated: int = 0        # verified tokens dropped after a stop token / max_new_tokens: N + truncated == A + F
 
     @property
     def acceptance_rate(self) -> float:
@@ -61,6 +62,7 @@ class SpecStats:
         self.accepted += other.accepted
         self.target_passes += other.target_passes
         self.emitted += other.emitted
+        self.truncated += other.truncated
         for mine, theirs in ((self.per_position_drafted, other.per_position_drafted),
                              (self.per_position_accepted, other.per_position_accepted)):
             mine.extend([0] * (len(theirs) - len(mine)))
@@ -75,7 +77,7 @@ class SpecStats:
     def to_dict(self) -> dict:
         return {
             "drafted": self.drafted, "accepted": self.accepted, "target_passes": self.target_passes,
-            "emitted": self.emitted, "acceptance_rate": self.acceptance_rate, "tau": self.tau,
+            "emitted": self.emitted, "truncated": self.truncated, "acceptance_rate": self.acceptance_rate, "tau": self.tau,
             "per_position_drafted": list(self.per_position_drafted),
             "per_position_accepted": list(self.per_position_accepted),
             "draft_s": self.draft_s, "verify_s": self.verify_s, "overhead_s": self.overhead_s, "prefill_s": self.prefill_s,

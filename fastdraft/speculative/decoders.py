@@ -1,0 +1,251 @@
+"""Forward passes the engine drives: a lean decoder over a model's own weights, or transformers itself.
+
+`LeanDecoder` runs Llama-family models (llama, mistral, qwen2, qwen3, phi3) with the same weights and
+the same arithmetic as transformers, minus the per-module Python overhead: fused QKV and gate/up
+projections, a rope table computed once by the model's own rotary module, a preallocated KV cache with
+one length per sequence (`StaticKVCache`), so a batch whose rows accepted different numbers of tokens
+runs in one pass. Its logits are checked against transformers' in the tests (max abs difference).
+
+`HFDecoder` is the fallback for anything else: the model's own forward with a `DynamicCache`, cropped
+on rejection; it runs one sequence at a time.
+
+Both expose: `new_cache(batch, capacity)`, `forward(cache, ids [B, T], offsets, logits_at)`, where
+`offsets[b]` is the number of valid cached tokens of row b (earlier entries past it are discarded),
+and `logits_at` is None (fill the cache only), "all" ([B, T, V]) or one position per row ([B, V]).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache, PreTrainedModel
+
+from fastdraft.errors import FastdraftError
+from fastdraft.speculative.kvcache import StaticKVCache
+
+LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
+
+LogitsAt = str | list[int] | None
+
+
+class Decoder(Protocol):
+    ragged: bool
+    vocab_size: int
+    num_params: int
+
+    def new_cache(self, batch: int, capacity: int): ...
+
+    def forward(self, cache, ids: torch.Tensor, offsets: list[int], logits_at: LogitsAt) -> torch.Tensor | None: ...
+
+
+def count_params(model: PreTrainedModel) -> int:
+    """Parameters (tied embeddings counted once), the `c` of MBSU = tau / (1 + gamma * c)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def lean_unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why `LeanDecoder` cannot run `model` exactly like transformers, or None when it can."""
+    cfg = model.config
+    if cfg.model_type not in LEAN_FAMILIES:
+        return f"model type {cfg.model_type!r} (lean families: {', '.join(LEAN_FAMILIES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act!r}"
+    rope = (getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in STATIC_ROPE:
+        return f"rope type {rope_type!r} depends on the sequence length"
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return "sliding-window attention"
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embeddings"
+    return None
+
+
+class _Layer:
+    """One decoder layer's weights, in the layout the lean forward wants."""
+
+    def __init__(self, layer: torch.nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        if hasattr(attn, "qkv_proj"):  # phi3 already fuses them
+            self.wqkv, self.bqkv = attn.qkv_proj.weight, attn.qkv_proj.bias
+        else:
+            self.wqkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).contiguous()
+            self.bqkv = (torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+                         if attn.q_proj.bias is not None else None)
+        self.wo, self.bo = attn.o_proj.weight, attn.o_proj.bias
+        if hasattr(mlp, "gate_up_proj"):
+            self.wgu = mlp.gate_up_proj.weight
+        else:
+            self.wgu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).contiguous()
+        self.wd = mlp.down_proj.weight
+        self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.q_norm = attn.q_norm.weight if hasattr(attn, "q_norm") else None  # qwen3
+        self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
+
+
+def onednn_available(weight: torch.Tensor) -> bool:
+    """oneDNN's pre-packed fp32 linear: CPU float32 weights, a PyTorch built with mkldnn."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # Weights reordered once into oneDNN's blocked layout: a pass over a few tokens (verification)
+    # then costs about one weight read, where the default kernels re-read them per row block.
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' arithmetic exactly: normalize in float32, scale in the model dtype.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LeanDecoder:
+    """A Llama-family forward over an HF model's weights, with a per-sequence-length static KV cache."""
+
+    ragged = True
+
+    def __init__(self, model: PreTrainedModel, kernels: str = "auto"):
+        reason = lean_unsupported_reason(model)
+        if reason:
+            raise FastdraftError(f"the lean decoder cannot run this model: {reason}; use backend='hf'")
+        cfg, base = model.config, model.model
+        weight = base.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.vocab_size = model.lm_head.weight.shape[0]
+        self.num_params = count_params(model)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.scale = base.layers[0].self_attn.scaling
+        self.eps = base.norm.variance_epsilon
+        with torch.no_grad():
+            self.layers = [_Layer(layer) for layer in base.layers]
+        self.embed, self.norm, self.head = weight, base.norm.weight, model.lm_head.weight
+        self.rotary = base.rotary_emb
+        if kernels not in ("auto", "onednn", "torch"):
+            raise FastdraftError(f"unknown kernels {kernels!r} (expected 'auto', 'onednn' or 'torch')")
+        if kernels == "onednn" and not onednn_available(weight):
+            raise FastdraftError("oneDNN kernels need float32 weights on CPU and a PyTorch built with mkldnn")
+        self.kernels = "onednn" if kernels != "torch" and onednn_available(weight) else "torch"
+        self.linear = F.linear
+        if self.kernels == "onednn":
+            self.linear = _onednn_linear
+            for layer in self.layers:
+                layer.wqkv, layer.wo, layer.wgu, layer.wd = (_pack(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
+            self.head = _pack(self.head)
+        self.cos = self.sin = torch.empty(0, self.head_dim, dtype=self.dtype, device=self.device)
+
+    def new_cache(self, batch: int, capacity: int) -> StaticKVCache:
+        self._ensure_rope(capacity)
+        return StaticKVCache(len(self.layers), batch, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+
+    def _ensure_rope(self, length: int) -> None:
+        """cos/sin for positions [0, length), from the model's own rotary module (same numbers as transformers)."""
+        if self.cos.shape[0] >= length:
+            return
+        n = 1 << max(8, (length - 1).bit_length())
+        probe = torch.empty(1, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            cos, sin = self.rotary(probe, torch.arange(n, device=self.device)[None])
+        self.cos, self.sin = cos[0], sin[0]
+
+    def _mask(self, offsets: list[int], t: int, kv_len: int, pos: torch.Tensor) -> torch.Tensor | None:
+        """Key j is visible to query i of row b iff j <= offsets[b] + i (causal, past this row's own cache)."""
+        first = offsets[0]
+        uniform = all(o == first for o in offsets)
+        if uniform and t == 1:
+            return None  # a single query sees every valid key
+        keys = torch.arange(kv_len, device=self.device)
+        if uniform:
+            return keys[None, :] <= pos[0][:, None]
+        return (keys[None, None, :] <= pos[:, :, None])[:, None]
+
+    def forward(self, cache: StaticKVCache, ids: torch.Tensor, offsets: list[int], logits_at: LogitsAt) -> torch.Tensor | None:
+        b, t = ids.shape
+        kv_len = max(offsets) + t
+        if kv_len > cache.capacity:
+            raise FastdraftError(f"KV cache overflow: {kv_len} positions > capacity {cache.capacity}")
+        self._ensure_rope(kv_len)
+        pos = torch.tensor(offsets, device=self.device)[:, None] + torch.arange(t, device=self.device)
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [B, 1, T, head_dim]
+        mask = self._mask(offsets, t, kv_len, pos)
+        hd, nq, nkv = self.head_dim, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        linear = self.linear
+        x = F.embedding(ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, self.eps)
+            q, k, v = linear(h, layer.wqkv, layer.bqkv).split((nq, nkv, nkv), dim=-1)
+            q, k, v = q.view(b, t, -1, hd), k.view(b, t, -1, hd), v.view(b, t, -1, hd)
+            if layer.q_norm is not None:
+                q, k = _rms_norm(q, layer.q_norm, self.eps), _rms_norm(k, layer.k_norm, self.eps)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            cache.write(i, k, v.transpose(1, 2), offsets, pos)
+            keys, values = cache.view(i, kv_len)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=self.kv_heads != self.heads)
+            x = x + linear(a.transpose(1, 2).reshape(b, t, nq), layer.wo, layer.bo)
+            h = _rms_norm(x, layer.ln2, self.eps)
+            gate, up = linear(h, layer.wgu, None).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, layer.wd, None)
+        if logits_at is None:
+            return None
+        if logits_at != "all":
+            x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
+        return linear(_rms_norm(x, self.norm, self.eps), self.head, None)
+
+
+class HFDecoder:
+    """transformers' own forward with a `DynamicCache` cropped on rejection; one sequence at a time."""
+
+    ragged = False
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
+        self.num_params = count_params(model)
+        self.device = next(model.parameters()).device
+
+    def new_cache(self, batch: int, capacity: int) -> DynamicCache:
+        if batch != 1:
+            raise FastdraftError("the transformers decoder runs one sequence at a time")
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, cache: DynamicCache, ids: torch.Tensor, offsets: list[int], logits_at: LogitsAt) -> torch.Tensor | None:
+        extra = cache.get_seq_length() - offsets[0]
+        if extra > 0:
+            cache.crop(-extra)  # roll back: forget the rejected tokens' keys and values (transformers 5: n < 0)
+        keep = 0 if logits_at == "all" else 1
+        if isinstance(logits_at, list):
+            keep = ids.shape[1] - logits_at[0]
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+        if logits_at is None:
+            return None
+        return out.logits if logits_at == "all" else out.logits[:, 0]
+
+
+def make_decoder(model: PreTrainedModel, backend: str = "auto", kernels: str = "auto") -> Decoder:
+    """`backend`: "lean" (fast, Llama family), "hf" (any causal LM), "auto" (lean where it applies).
+
+    `kernels` (lean only): "onednn" (pre-packed fp32 CPU linears), "torch" (F.linear), "auto" (oneDNN where it applies).
+    """
+    if backend not in ("auto", "lean", "hf"):
+        raise FastdraftError(f"unknown decoder backend {backend!r} (expected 'auto', 'lean' or 'hf')")
+    if backend == "hf" or (backend == "auto" and lean_unsupported_reason(model)):
+        return HFDecoder(model)
+    return LeanDecoder(model, kernels)

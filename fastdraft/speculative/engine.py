@@ -1,0 +1,305 @@
+"""fastdraft's speculative decoding engine: a draft proposes, the target verifies, output is lossless.
+
+Each round, the draft proposes gamma tokens autoregressively (its own KV cache), the target scores
+the last committed token plus all gamma proposals in ONE forward pass (its own KV cache), and the
+proposals are accepted greedily (argmax match) or by exact rejection sampling (`sampling.py`). Both
+caches are rolled back by length only, never recomputed. gamma = 0, or no draft, is the target alone
+through the very same loop, so "speedup" compares like with like.
+
+    from fastdraft.speculative.engine import SpeculativeEngine
+    from fastdraft.speculative.types import SamplingParams
+    engine = SpeculativeEngine.from_dirs("embedded:smollm2-135m-instruct", "runs/demo/drafts/FT", gamma=3)
+    [result] = engine.generate([prompt_ids], SamplingParams(temperature=0.6, max_new_tokens=128, seed=0))
+    result.token_ids, result.stats.acceptance_rate, result.stats.tau
+
+Counters follow DESIGN.md exactly: per request and aggregated (`engine.last_stats`), drafted D,
+accepted A, target passes F, emitted N, per-position acceptance, and seconds split into prefill,
+draft, verify and overhead. Invariant: emitted + truncated == accepted + target_passes, where
+`truncated` counts verified tokens dropped after a stop token or max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import PreTrainedModel
+
+from fastdraft.errors import FastdraftError
+from fastdraft.speculative.decoders import Decoder, make_decoder
+from fastdraft.speculative.gamma import GammaController
+from fastdraft.speculative.sampling import greedy_accept, rejection_accept, sample, warp_probs
+from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
+
+OnTokens = Callable[[int, list[int]], None]
+
+
+class _Timer:
+    """Wall-clock phases; synchronizes CUDA so that asynchronous kernels land in the right phase."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.last = self.now()
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self.now()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
+class _Batch:
+    """The live rows of one batched generation: tokens so far, results, and where each cache ends."""
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams):
+        self.tokens = [list(p) for p in prompts]
+        self.prompt_len = [len(p) for p in prompts]
+        self.rows = list(range(len(prompts)))       # row r of the caches holds sequence rows[r]
+        self.draft_len = [len(p) - 1 for p in prompts]  # valid draft-cache tokens, per row
+        self.results = [GenerationResult([], "length", SpecStats()) for _ in prompts]
+        self.params = params
+
+    def committed(self) -> list[int]:
+        return [len(self.tokens[s]) for s in self.rows]
+
+    def remaining(self, row: int) -> int:
+        s = self.rows[row]
+        return self.params.max_new_tokens - (len(self.tokens[s]) - self.prompt_len[s])
+
+
+def _pad(seqs: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Right-pad token lists into [B, T] (padding positions are past each row's length: never attended)."""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+
+class SpeculativeEngine:
+    """Speculative decoding over a target and an optional draft that share a vocabulary.
+
+    Args:
+        target_model: the target (a transformers causal LM, eval mode).
+        draft_model: the draft, or None for the target alone.
+        gamma: draft tokens per round (0 = the target alone).
+        dynamic_gamma: choose gamma each round from measured acceptance and costs (see `gamma.py`),
+            down to 0 when the draft does not pay for itself; reported separately from static gamma.
+        max_gamma: the upper bound for dynamic gamma.
+        backend: "auto" (lean decoder for the Llama family, transformers otherwise), "lean" or "hf".
+        kernels: linear kernels of the lean decoder: "auto" (oneDNN pre-packed on CPU fp32), "onednn", "torch".
+    """
+
+    def __init__(self, target_model: PreTrainedModel, draft_model: PreTrainedModel | None = None, gamma: int = 3,
+                 dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto"):
+        if gamma < 0 or max_gamma < 1:
+            raise FastdraftError(f"gamma must be >= 0 and max_gamma >= 1 (got gamma={gamma}, max_gamma={max_gamma})")
+        self.target: Decoder = make_decoder(target_model, backend, kernels)
+        self.draft: Decoder | None = make_decoder(draft_model, backend, kernels) if draft_model is not None else None
+        self.device = next(target_model.parameters()).device
+        self.gamma, self.dynamic_gamma, self.max_gamma = gamma, dynamic_gamma, max(max_gamma, gamma)
+        self.vocab_size = self.target.vocab_size
+        self.last_stats = SpecStats()
+
+    @classmethod
+    def from_dirs(cls, target_dir: str | Path, draft_dir: str | Path | None = None, dtype: str = "float32",
+                  device: str = "cpu", gamma: int = 3, **kwargs) -> "SpeculativeEngine":
+        """Load a pair from local directories (safetensors); refuses a draft whose tokenizer differs."""
+        from fastdraft.checkpoint import load_model
+        from fastdraft.tokenizer import check_compatible
+
+        target = load_model(target_dir, dtype=dtype, device=device)
+        draft = None
+        if draft_dir is not None:
+            check_compatible(target_dir, draft_dir)
+            draft = load_model(draft_dir, dtype=dtype, device=device)
+        return cls(target, draft, gamma=gamma, **kwargs)
+
+    @property
+    def param_ratio(self) -> float:
+        """c = draft params / target params (for MBSU)."""
+        return self.draft.num_params / self.target.num_params if self.draft else 0.0
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, gamma: int | None = None,
+                 on_tokens: OnTokens | None = None) -> list[GenerationResult]:
+        """Generate for every prompt; `on_tokens(i, new_ids)` streams each round's new tokens of prompt i."""
+        gamma = self.gamma if gamma is None else gamma
+        self._validate(prompts, params, gamma)
+        if self.draft is None:
+            gamma = 0
+        if not prompts:
+            self.last_stats = SpecStats()
+            return []
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        ragged = self.target.ragged and (self.draft is None or self.draft.ragged)
+        groups = [list(range(len(prompts)))] if ragged else [[i] for i in range(len(prompts))]
+        results: list[GenerationResult] = [None] * len(prompts)  # type: ignore[list-item]
+        with torch.inference_mode():
+            for group in groups:
+                stream = None if on_tokens is None else (lambda i, ids, g=group: on_tokens(g[i], ids))
+                for i, r in zip(group, self._generate_batch([prompts[i] for i in group], params, gamma, stream, generator)):
+                    results[i] = r
+        self.last_stats = SpecStats()
+        for r in results:
+            self.last_stats += r.stats
+        return results
+
+    def _validate(self, prompts: list[list[int]], params: SamplingParams, gamma: int) -> None:
+        if gamma < 0:
+            raise FastdraftError(f"gamma must be >= 0, got {gamma}")
+        if params.max_new_tokens < 1:
+            raise FastdraftError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
+            raise FastdraftError(f"invalid sampling params: temperature >= 0, 0 < top_p <= 1, top_k >= 0 expected, got {params}")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise FastdraftError(f"prompt {i} is empty: the engine needs at least one token (e.g. BOS)")
+            bad = [t for t in p if not 0 <= t < self.vocab_size]
+            if bad:
+                raise FastdraftError(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+
+    # ------------------------------------------------------------------------------------------
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gamma: int,
+                        on_tokens: OnTokens | None, generator: torch.Generator) -> list[GenerationResult]:
+        batch = _Batch(prompts, params)
+        capacity = max(batch.prompt_len) + params.max_new_tokens + self.max_gamma + 2
+        timer = _Timer(self.device)
+        target_cache = self.target.new_cache(len(prompts), capacity)
+        draft_cache = self.draft.new_cache(len(prompts), capacity) if self.draft and gamma + self.dynamic_gamma else None
+        # Prefill all but the last prompt token: the first round's verification pass feeds that one.
+        prefix = [p[:-1] for p in prompts]
+        if any(prefix):
+            self.target.forward(target_cache, _pad(prefix, self.device), [0] * len(prompts), None)
+            if draft_cache is not None:
+                self.draft.forward(draft_cache, _pad(prefix, self.device), [0] * len(prompts), None)
+        prefill_s = timer.lap()
+        for r in batch.results:
+            r.stats.prefill_s = prefill_s / len(prompts)
+        control = GammaController(gamma, self.max_gamma) if self.dynamic_gamma and draft_cache is not None else None
+        while batch.rows:
+            g = control.next_gamma() if control else gamma
+            g = min(g, max(batch.remaining(r) for r in range(len(batch.rows))) - 1)  # never draft past max tokens
+            catch_up = max(c - d for c, d in zip(batch.committed(), batch.draft_len))
+            drafts, q, draft_s = self._draft(draft_cache, batch, g, params, generator, timer)
+            committed = batch.committed()
+            ids = torch.cat([torch.tensor([[batch.tokens[s][-1]] for s in batch.rows], device=self.device), drafts], dim=1)
+            logits = self.target.forward(target_cache, ids, [c - 1 for c in committed], "all")
+            verify_s = timer.lap()
+            if params.greedy:
+                accepted, nxt = greedy_accept(drafts, logits)
+            else:
+                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits, params), generator)
+            finished = self._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), on_tokens)
+            if control:
+                control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
+            self._drop_finished(batch, finished, target_cache, draft_cache)
+            overhead_s = timer.lap()
+            for s in batch.rows + finished:
+                st = batch.results[s].stats
+                share = 1 / (len(batch.rows) + len(finished))  # a round's time is split over its live rows
+                st.draft_s += draft_s * share
+                st.verify_s += verify_s * share
+                st.overhead_s += overhead_s * share
+        return batch.results
+
+    def _draft(self, cache, batch: _Batch, g: int, params: SamplingParams, generator: torch.Generator,
+               timer: _Timer) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Propose g tokens per row: ([B, g] tokens, [B, g, V] draft probabilities or None if greedy, seconds)."""
+        rows = len(batch.rows)
+        if g <= 0:
+            return torch.empty(rows, 0, dtype=torch.long, device=self.device), None, 0.0
+        committed = batch.committed()
+        # Feed the tokens the draft has not cached yet (1, or 2 after a full accept, or more after gamma 0).
+        # Rows needing fewer start earlier and rewrite entries they already hold, so all rows share a width.
+        width = max(c - d for c, d in zip(committed, batch.draft_len))
+        starts = [max(0, c - width) for c in committed]
+        ids = _pad([batch.tokens[s][st:] for s, st in zip(batch.rows, starts)], self.device)
+        logits = self.draft.forward(cache, ids, starts, [c - 1 - st for c, st in zip(committed, starts)])
+        tokens, probs = [], []
+        for i in range(g):
+            logits = self._to_target_vocab(logits)
+            if params.greedy:
+                tok = logits.argmax(dim=-1)
+            else:
+                probs.append(warp_probs(logits, params))
+                tok = sample(probs[-1], generator)
+            tokens.append(tok)
+            if i < g - 1:
+                logits = self.draft.forward(cache, tok[:, None], [c + i for c in committed], [0] * rows)
+        batch.draft_len = [c + g - 1 for c in committed]
+        q = torch.stack(probs, dim=1) if probs else None
+        return torch.stack(tokens, dim=1), q, timer.lap()
+
+    def _to_target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits over the target's vocabulary (embedding tables may be padded differently)."""
+        v = self.vocab_size
+        if logits.shape[-1] == v:
+            return logits
+        if logits.shape[-1] > v:
+            return logits[..., :v]
+        return torch.cat([logits, logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))], dim=-1)
+
+    def _commit(self, batch: _Batch, drafts: list[list[int]], accepted: list[int], nxt: list[int],
+                on_tokens: OnTokens | None) -> list[int]:
+        """Append each row's accepted tokens + correction, honoring stop tokens and max tokens; count.
+
+        Returns the sequence ids that finished this round.
+        """
+        stops = set(batch.params.stop_token_ids)
+        finished = []
+        for r, s in enumerate(batch.rows):
+            n, g = accepted[r], len(drafts[r])
+            new = drafts[r][:n] + [nxt[r]]
+            room = batch.remaining(r)
+            cut = next((i + 1 for i, t in enumerate(new) if t in stops), None)
+            reason = None
+            if cut is not None and cut <= room:
+                new, reason = new[:cut], "stop"
+            elif len(new) >= room:
+                new, reason = new[:room], "length"
+            stats = batch.results[s].stats
+            stats.drafted += g
+            stats.accepted += n
+            stats.target_passes += 1
+            stats.emitted += len(new)
+            stats.truncated += n + 1 - len(new)
+            _count_positions(stats, g, n)
+            committed = len(batch.tokens[s])
+            batch.tokens[s].extend(new)
+            batch.results[s].token_ids.extend(new)
+            batch.draft_len[r] = min(batch.draft_len[r], committed + n)  # draft KV past the accepted prefix is stale
+            if on_tokens is not None:
+                on_tokens(s, new)
+            if reason:
+                batch.results[s].finish_reason = reason
+                finished.append(s)
+        return finished
+
+    def _drop_finished(self, batch: _Batch, finished: list[int], target_cache, draft_cache) -> None:
+        if not finished:
+            return
+        keep = [r for r, s in enumerate(batch.rows) if s not in finished]
+        batch.rows = [batch.rows[r] for r in keep]
+        batch.draft_len = [batch.draft_len[r] for r in keep]
+        if keep:
+            target_cache.keep_rows(keep)
+            if draft_cache is not None:
+                draft_cache.keep_rows(keep)
+
+
+def _count_positions(stats: SpecStats, drafted: int, accepted: int) -> None:
+    """Per-position acceptance: position i of a block was drafted / accepted (accepted => all before it were)."""
+    grow = drafted - len(stats.per_position_drafted)
+    if grow > 0:
+        stats.per_position_drafted.extend([0] * grow)
+        stats.per_position_accepted.extend([0] * grow)
+    for i in range(drafted):
+        stats.per_position_drafted[i] += 1
+        stats.per_position_accepted[i] += i < accepted

@@ -1,0 +1,256 @@
+"""The speculative engine is lossless, counts exactly, and handles batches, stops and bad input.
+
+Oracle: transformers' own `generate`. Tiny models run in float64 so that a near-tie in the logits can
+never make two correct implementations disagree; SmolLM2 runs in float32 as users run it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+
+from fastdraft.checkpoint import load_model
+from fastdraft.errors import FastdraftError, TokenizerMismatchError
+from fastdraft.speculative.decoders import HFDecoder, LeanDecoder
+from fastdraft.speculative.engine import SpeculativeEngine
+from fastdraft.speculative.pairs import agreeing_pair
+from fastdraft.speculative.types import SamplingParams
+
+F64 = torch.float64
+
+
+def random_llama(vocab: int, hidden: int, layers: int, seed: int, dtype=F64, head_scale: float = 1.0):
+    """A random Llama with an untied head (a tied random head mostly repeats its input token)."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=2 * hidden, tie_word_embeddings=False,
+                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def hf_greedy(model, prompt: list[int], max_new: int, stop: int) -> list[int]:
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=0)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), generation_config=cfg)
+    return out[0, len(prompt):].tolist()
+
+
+def check_counters(results, engine) -> None:
+    total = 0
+    for r in results:
+        s = r.stats
+        assert s.emitted == len(r.token_ids)
+        assert s.emitted + s.truncated == s.accepted + s.target_passes
+        assert s.drafted == sum(s.per_position_drafted) and s.accepted == sum(s.per_position_accepted)
+        assert all(a <= d for a, d in zip(s.per_position_accepted, s.per_position_drafted))
+        assert all(x >= y for x, y in zip(s.per_position_accepted, s.per_position_accepted[1:]))  # prefix acceptance
+        total += s.emitted
+    assert engine.last_stats.emitted == total
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from two, and on a shared 2-core machine two threads
+    that spin-wait for each other can run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tiny_target_dir):
+    return load_model(tiny_target_dir, dtype=F64)
+
+
+@pytest.fixture(scope="module")
+def pairs(tiny_target, tiny_draft_dir):
+    """name -> (target, draft): a random draft (mostly rejections), the factory's untrained draft,
+    and an agreeing pair (mostly acceptances)."""
+    agree_t, agree_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
+                                     intermediate=256, seed=3, dtype=F64)
+    return {
+        "random": (tiny_target, random_llama(tiny_target.config.vocab_size, 64, 1, seed=7)),
+        "factory": (tiny_target, load_model(tiny_draft_dir, dtype=F64)),
+        "agreeing": (agree_t, agree_d),
+    }
+
+
+def make_prompts(n: int, seed: int, vocab: int = 512) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_lean_forward_matches_transformers_logits(tiny_target, pairs):
+    """Max abs logit difference vs transformers, in float64 (tiny target) and on a ragged batch."""
+    ids = torch.arange(5, 17).repeat(2, 1)
+    for model in (tiny_target, pairs["agreeing"][0]):
+        lean = LeanDecoder(model)
+        cache = lean.new_cache(2, 64)
+        with torch.inference_mode():
+            ours, ref = lean.forward(cache, ids, [0, 0], "all"), model(ids).logits
+            # continue ragged: row 0 from position 12, row 1 rolled back to position 7
+            ours2 = lean.forward(cache, torch.tensor([[20, 21], [22, 23]]), [12, 7], "all")
+            ref2 = torch.stack([model(torch.cat([ids[0], torch.tensor([20, 21])])[None]).logits[0, -2:],
+                                model(torch.cat([ids[1, :7], torch.tensor([22, 23])])[None]).logits[0, -2:]])
+        diff = max((ours - ref).abs().max().item(), (ours2 - ref2).abs().max().item())
+        print(f"lean vs transformers, float64: max abs logit difference {diff:.2e}")
+        assert diff < 1e-9
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["random", "agreeing"])
+def test_greedy_equals_transformers_generate(pairs, pair):
+    """Token for token equal to the target's greedy `generate`, gamma 1..8, batch 1 and 8, stops mid-block."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(8, seed=1)
+    free = [hf_greedy(target, p, 37, stop=2) for p in prompts]
+    stop = free[0][9]  # a token the target emits mid-output: stops land inside draft blocks
+    stopped = [hf_greedy(target, p, 37, stop=stop) for p in prompts]
+    assert any(len(s) < 37 for s in stopped)
+    checked, acceptance = 0, []
+    for gamma in range(1, 9):
+        for stop_id, refs in ((2, free), (stop, stopped)):
+            params = SamplingParams(max_new_tokens=37, stop_token_ids=(stop_id,))
+            results = engine.generate(prompts, params, gamma=gamma)
+            assert [r.token_ids for r in results] == refs, f"gamma {gamma}, stop {stop_id}"
+            assert [r.finish_reason for r in results] == ["stop" if ref[-1] == stop_id else "length" for ref in refs]
+            check_counters(results, engine)
+            acceptance.append(engine.last_stats.acceptance_rate)
+            checked += len(prompts)
+        if gamma in (1, 4, 8):
+            for p, ref in zip(prompts[:3], stopped[:3]):
+                [r] = engine.generate([p], SamplingParams(max_new_tokens=37, stop_token_ids=(stop,)), gamma=gamma)
+                assert r.token_ids == ref
+                checked += 1
+    assert checked >= 100
+    mean = sum(acceptance) / len(acceptance)
+    assert mean < 0.3 if pair == "random" else mean > 0.9, f"{pair} draft acceptance {mean:.2f}"
+
+
+def test_target_alone_same_loop(pairs):
+    """gamma 0 and no draft run the target alone through the same loop: tau 1, nothing drafted."""
+    target, draft = pairs["factory"]
+    prompts = make_prompts(4, seed=2)
+    refs = [hf_greedy(target, p, 20, stop=2) for p in prompts]
+    for engine, gamma in ((SpeculativeEngine(target, draft), 0), (SpeculativeEngine(target, None, gamma=3), None)):
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=20, stop_token_ids=(2,)), gamma=gamma)
+        assert [r.token_ids for r in results] == refs
+        assert engine.last_stats.drafted == 0 and engine.last_stats.tau == 1.0
+        check_counters(results, engine)
+
+
+def test_transformers_backend_is_lossless_too(pairs):
+    """The fallback decoder (transformers' forward + DynamicCache cropping) gives the same tokens."""
+    target, draft = pairs["factory"]
+    engine = SpeculativeEngine(target, draft, gamma=4, backend="hf")
+    assert isinstance(engine.target, HFDecoder)
+    prompts = make_prompts(3, seed=3)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=25, stop_token_ids=(2,)))
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 25, stop=2) for p in prompts]
+    check_counters(results, engine)
+
+
+def test_dynamic_gamma_is_lossless_and_rides_a_good_draft(pairs):
+    """Dynamic gamma changes only speed: same tokens; with an agreeing draft it drafts long blocks."""
+    params = SamplingParams(max_new_tokens=60, stop_token_ids=(2,))
+    prompts = make_prompts(2, seed=4)
+    for name in ("random", "agreeing"):
+        target, draft = pairs[name]
+        engine = SpeculativeEngine(target, draft, gamma=3, dynamic_gamma=True, max_gamma=8)
+        results = engine.generate(prompts, params)
+        assert [r.token_ids for r in results] == [hf_greedy(target, p, 60, stop=2) for p in prompts]
+        check_counters(results, engine)
+        if name == "agreeing":
+            assert engine.last_stats.drafted / engine.last_stats.target_passes > 3.0
+
+
+def test_gamma_controller_backs_off_when_acceptance_collapses():
+    """Policy on synthetic measurements: a draft at 1/5 of the target's cost; acceptance 1.0, then 0."""
+    from fastdraft.speculative.gamma import GammaController
+
+    control = GammaController(start=3, max_gamma=8, probe_every=16)
+    for _ in range(20):
+        g = control.next_gamma()
+        control.observe(g, [g], draft_s=0.002 * g, verify_s=0.010 * (1 + 0.05 * g))
+    assert g == 8  # everything accepted: the longest block pays most
+    chosen = []
+    for _ in range(80):
+        g = control.next_gamma()
+        chosen.append(g)
+        control.observe(g, [0], draft_s=0.002 * g, verify_s=0.010 * (1 + 0.05 * g))
+    tail = chosen[40:]
+    assert tail.count(0) >= 36 and set(tail) <= {0, 1}  # target alone, with a gamma-1 probe now and then
+    assert 1 in tail
+
+
+def test_streaming_reports_every_token_in_order(pairs):
+    target, draft = pairs["factory"]
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    streamed: dict[int, list[int]] = {0: [], 1: []}
+    results = engine.generate(make_prompts(2, seed=5), SamplingParams(max_new_tokens=30),
+                              on_tokens=lambda i, ids: streamed[i].extend(ids))
+    assert [streamed[0], streamed[1]] == [r.token_ids for r in results]
+
+
+def test_bad_input_gets_clear_errors(pairs, tiny_target_dir, tiny_draft_dir, assets_dir):
+    target, draft = pairs["factory"]
+    engine = SpeculativeEngine(target, draft)
+    with pytest.raises(FastdraftError, match="prompt 1 is empty"):
+        engine.generate([[5], []], SamplingParams())
+    with pytest.raises(FastdraftError, match="outside the vocabulary"):
+        engine.generate([[5, 10_000]], SamplingParams())
+    with pytest.raises(FastdraftError, match="gamma must be >= 0"):
+        engine.generate([[5]], SamplingParams(), gamma=-1)
+    with pytest.raises(FastdraftError, match="top_p"):
+        engine.generate([[5]], SamplingParams(temperature=1.0, top_p=0.0))
+    assert engine.generate([], SamplingParams()) == []
+    from fastdraft.assets import build_tiny_model, build_tiny_tokenizer
+
+    other_tok = assets_dir / "other-tokenizer"
+    build_tiny_tokenizer(other_tok, vocab_size=300)
+    other = build_tiny_model(other_tok, assets_dir / "other-draft", layers=1, hidden=32, heads=2, kv_heads=1)
+    assert other.config.vocab_size != target.config.vocab_size
+    with pytest.raises(TokenizerMismatchError):
+        SpeculativeEngine.from_dirs(tiny_target_dir, assets_dir / "other-draft")
+    engine = SpeculativeEngine.from_dirs(tiny_target_dir, tiny_draft_dir, gamma=2)  # the compatible pair loads
+    assert 0 < engine.param_ratio < 1
+
+
+@pytest.mark.timeout(300)
+def test_smollm2_greedy_equals_transformers(smollm2_dir, tmp_path):
+    """The embedded SmolLM2 target with an untrained factory draft and with itself as a perfect draft."""
+    from fastdraft.models import make_draft
+    from fastdraft.tokenizer import load_tokenizer
+
+    target = load_model(smollm2_dir)
+    draft_dir, _ = make_draft(smollm2_dir, tmp_path / "draft", layers=1, hidden=64, seed=0)
+    tok = load_tokenizer(smollm2_dir)
+    texts = ["Write a Python function that reverses a string.", "List three prime numbers."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
+                                       return_dict=False) for t in texts]
+    eos = tok.eos_token_id
+    refs = [hf_greedy(target, p, 16, stop=eos) for p in prompts]
+    lean = LeanDecoder(target)
+    with torch.inference_mode():
+        diff = (lean.forward(lean.new_cache(1, 64), torch.tensor([prompts[0]]), [0], "all")
+                - target(torch.tensor([prompts[0]])).logits).abs().max().item()
+    print(f"SmolLM2 lean ({lean.kernels} kernels) vs transformers, float32: max abs logit difference {diff:.2e}")
+    assert diff < 1e-2
+    params = SamplingParams(max_new_tokens=16, stop_token_ids=(eos,))
+    engine = SpeculativeEngine(target, load_model(draft_dir))
+    for gamma in (1, 5):
+        results = engine.generate(prompts, params, gamma=gamma)
+        assert [r.token_ids for r in results] == refs, f"gamma {gamma}"
+        check_counters(results, engine)
+    [one] = engine.generate(prompts[:1], params, gamma=2)
+    assert one.token_ids == refs[0]
+    perfect = SpeculativeEngine(target, target, gamma=4)
+    assert [r.token_ids for r in perfect.generate(prompts, params)] == refs
+    assert perfect.last_stats.acceptance_rate > 0.95

@@ -1,0 +1,159 @@
+"""Speculative sampling follows the target's own sampling distribution, exactly.
+
+A vocabulary of 16 tokens makes the target's distribution over the first tokens enumerable: the
+engine's empirical distribution (thousands of seeded samples in one batch) is compared with it by a
+chi-square test (p > 0.01), for several temperatures, top-p and top-k; so is transformers' own
+`generate(do_sample=True)`, which pins the warping semantics. Fixed seeds make every test repeatable.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from fastdraft.speculative.engine import SpeculativeEngine
+from fastdraft.speculative.sampling import rejection_accept, warp_logits
+from fastdraft.speculative.types import SamplingParams
+
+V = 16
+PROMPT = [3, 7, 1, 12, 5]
+SETTINGS = [
+    SamplingParams(temperature=1.0, max_new_tokens=4),
+    SamplingParams(temperature=0.6, top_p=0.8, max_new_tokens=4),
+    SamplingParams(temperature=1.3, top_k=5, max_new_tokens=4),
+]
+
+
+def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """p-value of observed counts against exact probabilities; cells expected < 5 are pooled.
+
+    Cells the distribution excludes (probability 0, e.g. cut by top-p) must never be observed.
+    """
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    assert counts[probs == 0].sum() == 0, "sampled a token the target's warped distribution excludes"
+    n = counts.sum()
+    expected = probs * n
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue)
+
+
+def tiny_vocab_llama(seed: int, layers: int, head_scale: float) -> torch.nn.Module:
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False,
+                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)  # peakier distributions: acceptance well away from 0 and 1
+    model.generation_config.eos_token_id = None  # no stop token: transformers must not mask or stop on EOS
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny_vocab_llama(seed=11, layers=2, head_scale=6.0), tiny_vocab_llama(seed=12, layers=1, head_scale=6.0)
+
+
+def next_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    with torch.inference_mode():
+        return warp_logits(model(prefixes).logits[:, -1], params).softmax(-1)
+
+
+def exact_distributions(model, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's exact joint P(x1, x2) [V, V] and marginal P(x4) [V], by enumerating prefixes."""
+    prompt = torch.tensor(PROMPT)
+    p1 = next_probs(model, prompt[None], params)[0]
+    one = torch.arange(V)[:, None]
+    p2 = next_probs(model, torch.cat([prompt.expand(V, -1), one], 1), params)           # [x1, x2]
+    joint12 = p1[:, None] * p2
+    two = torch.cartesian_prod(torch.arange(V), torch.arange(V))                       # rows (x1, x2)
+    p3 = next_probs(model, torch.cat([prompt.expand(V * V, -1), two], 1), params)      # [(x1,x2), x3]
+    joint123 = joint12.flatten()[:, None] * p3
+    three = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
+    p4 = next_probs(model, torch.cat([prompt.expand(V ** 3, -1), three], 1), params)  # [(x1,x2,x3), x4]
+    return joint12, (joint123.flatten()[:, None] * p4).sum(0)
+
+
+def histograms(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, >=4] samples -> counts of (x1, x2) [V, V] and of x4 [V]."""
+    joint = torch.bincount(tokens[:, 0] * V + tokens[:, 1], minlength=V * V).view(V, V)
+    return joint, torch.bincount(tokens[:, 3], minlength=V)
+
+
+def test_warping_matches_transformers_warpers():
+    logits = torch.randn(64, 200, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    for params in (*SETTINGS, SamplingParams(temperature=0.7, top_k=20, top_p=0.5)):
+        ref = logits.clone()
+        for warper in (TemperatureLogitsWarper(params.temperature), TopKLogitsWarper(params.top_k or 200),
+                       TopPLogitsWarper(params.top_p)):
+            ref = warper(None, ref)
+        assert torch.equal(warp_logits(logits, params), ref)
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_rejection_step_emits_the_target_distribution(gamma):
+    """For fixed p and q, tokens emitted at each block position are distributed as p, not q."""
+    g = torch.Generator().manual_seed(gamma)
+    n, vocab = 60_000, 6
+    p = torch.distributions.Dirichlet(torch.ones(vocab)).sample((gamma + 1,)).double()
+    q = torch.distributions.Dirichlet(torch.ones(vocab) * 0.5).sample((gamma,)).double()
+    drafts = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g) for i in range(gamma)], 1)
+    accepted, nxt = rejection_accept(drafts, q.expand(n, -1, -1), p.expand(n, -1, -1), g)
+    emitted = torch.cat([drafts, torch.zeros(n, 1, dtype=torch.long)], 1)
+    emitted[torch.arange(n), accepted] = nxt
+    assert 0 < accepted.float().mean() < gamma  # both acceptances and rejections happen
+    for pos in range(gamma + 1):
+        reached = accepted >= pos  # position `pos` is emitted when all drafts before it were accepted
+        counts = torch.bincount(emitted[reached, pos], minlength=vocab)
+        assert chi_square_p(counts, p[pos]) > 0.01, f"position {pos}"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("params", SETTINGS, ids=["T1.0", "T0.6-top_p0.8", "T1.3-top_k5"])
+def test_engine_samples_follow_the_target_distribution(pair, params):
+    target, draft = pair
+    joint, x4 = exact_distributions(target, params)
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    n = 4000
+    results = engine.generate([PROMPT] * n, SamplingParams(**{**params.__dict__, "seed": 1}))
+    tokens = torch.tensor([r.token_ids for r in results])
+    stats = engine.last_stats
+    assert 0.1 < stats.acceptance_rate < 0.95  # the residual distribution is exercised, not just acceptances
+    assert stats.emitted + stats.truncated == stats.accepted + stats.target_passes
+    counts12, counts4 = histograms(tokens)
+    assert chi_square_p(counts12, joint) > 0.01
+    assert chi_square_p(counts4, x4) > 0.01
+
+
+@pytest.mark.timeout(240)
+def test_transformers_sampling_agrees_with_the_same_exact_distribution(pair):
+    """transformers' own sampler lands on the distribution we test the engine against (same warping)."""
+    target, _ = pair
+    params = SETTINGS[1]
+    joint, x4 = exact_distributions(target, params)
+    torch.manual_seed(5)
+    cfg = GenerationConfig(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0,
+                           max_new_tokens=4, num_return_sequences=4000, pad_token_id=0)
+    with torch.inference_mode():
+        out = target.generate(torch.tensor([PROMPT]), generation_config=cfg)[:, len(PROMPT):]
+    assert out.shape == (4000, 4)
+    counts12, counts4 = histograms(out)
+    assert chi_square_p(counts12, joint) > 0.01
+    assert chi_square_p(counts4, x4) > 0.01
+
+
+def test_seeded_sampling_is_reproducible(pair):
+    target, draft = pair
+    engine = SpeculativeEngine(target, draft, gamma=2)
+    params = SamplingParams(temperature=1.0, max_new_tokens=12, seed=123)
+    first = [r.token_ids for r in engine.generate([PROMPT] * 4, params)]
+    assert [r.token_ids for r in engine.generate([PROMPT] * 4, params)] == first
+    other = [r.token_ids for r in engine.generate([PROMPT] * 4, SamplingParams(temperature=1.0, max_new_tokens=12, seed=124))]
+    assert other != first
