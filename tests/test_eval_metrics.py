@@ -135,7 +135,7 @@ def test_blocks_after_a_stop_token_draft_like_the_engine_and_emit_nothing_past_i
     # 3 tokens, the last one EOS, budget 10, gamma 3: one pass drafts 3 (budget allows), all 3 accepted,
     # the bonus token past EOS is dropped: N = 3, and no second pass.
     s = simulate_blocks([1.0, 1.0, 1.0], gamma=3, max_new_tokens=10)
-    assert (s.drafted, s.accepted, s.target_passes, s.emitted) == (3, 3, 1, 3)
+    assert (s.drafted, s.accepted, s.target_passes, s.emitted, s.truncated) == (3, 3, 1, 3, 1)
     # the draft misses the EOS: 2 accepted + EOS as the correction, still one pass
     s = simulate_blocks([1.0, 1.0, 0.0], gamma=3, max_new_tokens=10)
     assert (s.drafted, s.accepted, s.target_passes, s.emitted) == (3, 2, 1, 3)

@@ -29,6 +29,7 @@ import torch
 
 from fastdraft.evaluation.tasks import EvalTask
 from fastdraft.progress import Progress
+from fastdraft.speculative.sampling import warp_probs  # the engine's warping: temperature, top-k, top-p
 from fastdraft.speculative.types import SamplingParams, SpecStats
 
 
@@ -74,25 +75,12 @@ def _exact_ints(stats: SpecStats) -> SpecStats:
     def fix(v):
         return int(round(v)) if abs(v - round(v)) < 1e-9 else v
 
-    for name in ("drafted", "accepted", "target_passes", "emitted"):
+    stats.truncated = stats.accepted + stats.target_passes - stats.emitted  # verified but cut at a stop token
+    for name in ("drafted", "accepted", "target_passes", "emitted", "truncated"):
         setattr(stats, name, fix(getattr(stats, name)))
     stats.per_position_drafted = [fix(v) for v in stats.per_position_drafted]
     stats.per_position_accepted = [fix(v) for v in stats.per_position_accepted]
     return stats
-
-
-def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Next-token distributions after temperature, top-k and top-p (in transformers' order), rows of `logits`."""
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.softmax(logits, dim=-1)
 
 
 def acceptance_probs(target_logits: torch.Tensor, draft_logits: torch.Tensor, params: SamplingParams,

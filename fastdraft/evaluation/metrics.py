@@ -117,6 +117,8 @@ def sum_stats(stats: Iterable[SpecStats]) -> SpecStats:
 def summarize(stats: SpecStats, gamma: float, cost: CostRatio | None = None) -> dict:
     """The metrics of aggregated counters as plain data: D, A, F, N, AR, tau, MBSU (both variants), per-position AR.
 
+    `truncated` counts verified tokens dropped after a stop token or the token budget (N + truncated = A + F).
+
     For a dynamic gamma pass the mean drafted tokens per pass (`mean_gamma(stats)`) as `gamma`.
     """
     t = tau(stats.emitted, stats.target_passes)
@@ -126,6 +128,7 @@ def summarize(stats: SpecStats, gamma: float, cost: CostRatio | None = None) -> 
         "accepted": stats.accepted,
         "target_passes": stats.target_passes,
         "emitted": stats.emitted,
+        "truncated": stats.truncated,
         "acceptance_rate": acceptance_rate(stats.accepted, stats.drafted),
         "tau": t,
         "per_position_acceptance": per_position_acceptance(stats),

@@ -20,7 +20,6 @@ files, so an interrupted evaluation resumes where it stopped.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import time
 from dataclasses import replace
@@ -103,10 +102,6 @@ def stop_tokens(target_dir: Path) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 # Work units (run as Ray tasks)
 # --------------------------------------------------------------------------------------------
-def _engine_available() -> bool:
-    return importlib.util.find_spec("fastdraft.speculative.engine") is not None
-
-
 class _Timed:
     """One engine's runs over a task: summed counters, seconds and tokens."""
 
@@ -131,39 +126,34 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
     then each draft's pair generates at `gamma` (timed, right after: same cores, same load). Then the
-    offline sweep reads the continuations teacher-forced for every gamma. Without the engine installed,
-    transformers' `generate` writes the continuations and there are no engine results.
+    offline sweep reads the continuations teacher-forced for every gamma.
 
     Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}} (+ "engine-dynamic" when
     `dynamic_gamma`: the same pairs with the engine choosing gamma each round, timed in the same loop).
     """
     from fastdraft.checkpoint import load_model
-    from fastdraft.evaluation.acceptance import continuation, hf_generate, offline_sweep
+    from fastdraft.evaluation.acceptance import continuation, offline_sweep
+    from fastdraft.speculative.engine import SpeculativeEngine
 
     target = load_model(target_dir, dtype=dtype, device=device)
     models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
-    alone, pairs = None, {}
-    if _engine_available():
-        from fastdraft.speculative.engine import SpeculativeEngine
-
-        # Each engine holds its own prepared copy of the target's weights (~4 bytes/param in fp32), so the
-        # target alone runs through the first pair's engine at gamma 0: the same code path, no extra copy.
-        pairs = {("engine", label): SpeculativeEngine(target, m, gamma=gamma) for label, m in models.items()}
-        if dynamic_gamma:
-            pairs.update({("engine-dynamic", label): SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=True)
-                          for label, m in models.items()})
-        alone = next(iter(pairs.values()))
-        for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice)
-            for g in (0, gamma):
-                engine.generate([task.prompts[0].ids], replace(params, max_new_tokens=4), gamma=g)
-    generate = hf_generate(target)
+    # Each engine holds its own prepared copy of the target's weights (~4 bytes/param in fp32), so the
+    # target alone runs through the first pair's engine at gamma 0: the same code path, no extra copy.
+    pairs = {("engine", label): SpeculativeEngine(target, m, gamma=gamma) for label, m in models.items()}
+    if dynamic_gamma:
+        pairs.update({("engine-dynamic", label): SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=True)
+                      for label, m in models.items()})
+    alone = next(iter(pairs.values()))
+    for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice)
+        for g in (0, gamma):
+            engine.generate([task.prompts[0].ids], replace(params, max_new_tokens=4), gamma=g)
     timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
     conts = []
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
     progress = Progress(f"evaluate {task.name} {decoding}", unit="tok", total=len(task.prompts) * task.max_new_tokens)
     for i, prompt in enumerate(task.prompts):
         p = replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i)
-        ids = timed_alone.run(alone, prompt.ids, p, gamma=0).token_ids if alone else generate(prompt.ids, p)
+        ids = timed_alone.run(alone, prompt.ids, p, gamma=0).token_ids
         for k, engine in pairs.items():
             out = timed[k].run(engine, prompt.ids, p)
             timed[k].identical &= out.token_ids == ids
@@ -261,11 +251,9 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
     dtype = recipe.target.dtype
 
     ensure_ray()
-    if not _engine_available():
-        print("[evaluate] fastdraft.speculative.engine is not installed: offline measurements only, no wall clock", flush=True)
     draft_dirs = {k: str(v) for k, v in drafts.items()}
     key = {"evaluate": recipe.section_hash("evaluate"), "target": _files_key(target_dir),
-           "drafts": {k: _files_key(v) for k, v in drafts.items()}, "engine": _engine_available()}
+           "drafts": {k: _files_key(v) for k, v in drafts.items()}}
     jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
                           (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
                            cfg.dynamic_gamma, cfg.device))

@@ -11,7 +11,7 @@ report.json:
       "rows":     [one row per draft x task x decoding x gamma x method]
     }
     row = {"draft", "task", "domain", "decoding", "temperature", "gamma", "method",
-           "drafted", "accepted", "target_passes", "emitted",            # D, A, F, N
+           "drafted", "accepted", "target_passes", "emitted", "truncated",  # D, A, F, N; N + truncated = A + F
            "acceptance_rate", "tau", "mbsu", "mbsu_bytes", "per_position_acceptance",
            # methods "engine" / "engine-dynamic" only (engine runs at the headline / a dynamic gamma):
            "wall_clock_speedup", "target_s", "speculative_s", "target_tokens_per_s",
