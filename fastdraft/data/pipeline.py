@@ -1,0 +1,335 @@
+"""Stage prepare: corpora -> target-tokenizer ids -> packed Parquet shards, streamed through Ray Data.
+
+    fastdraft prepare jobs/recipes/demo.yaml
+    RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/prepare.py jobs/recipes/demo.yaml
+
+For each corpus in `prepare.corpora`:
+  1. every source is planned into shards (`sources.plan_shards`: file groups, Parquet row groups,
+     dataset shards); this validates it (files exist, the text field is there) before anything is written;
+  2. the shards of all sources are interleaved by their share of the budget (mixing) and flow through
+     `ray.data.from_items(shards).map_batches(ShardTokenizer, compute=ActorPoolStrategy(min, max))`:
+     each actor loads the target's tokenizer once, streams the documents of one shard, splits them
+     into train/validation by a hash of the document id, tokenizes `docs_per_batch` at a time and
+     packs them (EOS after each document, rows of exactly `seq_len`, carried across batches);
+     reading and tokenizing sit in one actor so that a shard packs deterministically and can be
+     recorded as done (resume granularity = one shard);
+  3. the driver consumes the stream (Ray Data backpressure keeps memory flat), writes rows to
+     Parquet as they arrive, stops each source at its token budget (a `BudgetBoard` actor tells the
+     readers to stop reading it) and records finished shards in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from fastdraft.config import CorpusConfig, PrepareConfig, Recipe, SourceConfig
+from fastdraft.data.packing import Packer
+from fastdraft.data.sources import Doc, plan_shards, read_shard
+from fastdraft.data.writer import SPLITS, CorpusWriter, existing_state, rows_to_arrow
+from fastdraft.errors import FastdraftError, RecipeError
+from fastdraft.layout import RunLayout
+from fastdraft.progress import Progress
+
+MAX_BATCH_CHARS = 8 << 20
+"""A tokenize batch also ends at this many characters (bounds an actor's memory on very long documents)."""
+STREAM_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("input_ids", pa.list_(pa.int32())), ("stats", pa.string())])
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: budgets, mixing, split
+# --------------------------------------------------------------------------------------------
+def source_budgets(name: str, corpus: CorpusConfig) -> dict[str, int | None]:
+    """Token budget per source: its own `tokens`, else its `weight` share of the corpus `tokens` (None: read it all)."""
+    names = [s.name for s in corpus.sources]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"prepare.corpora.{name}.sources: source names must be unique, got {names}")
+    if corpus.tokens is None:
+        weighted = [s.name for s in corpus.sources if s.weight is not None]
+        if weighted:
+            raise RecipeError(f"prepare.corpora.{name}: sources {weighted} have a 'weight' but the corpus has no 'tokens' "
+                              f"total to share out; set prepare.corpora.{name}.tokens or give each source 'tokens'")
+        return {s.name: s.tokens for s in corpus.sources}
+    fixed = {s.name: s.tokens for s in corpus.sources if s.tokens is not None}
+    rest = corpus.tokens - sum(fixed.values())
+    shared = [s for s in corpus.sources if s.tokens is None]
+    if shared and rest <= 0:
+        raise RecipeError(f"prepare.corpora.{name}: the sources' own budgets ({sum(fixed.values()):,}) leave nothing "
+                          f"of the corpus total ({corpus.tokens:,}) for {[s.name for s in shared]}")
+    total_weight = sum(s.weight or 1.0 for s in shared)
+    return {**fixed, **{s.name: int(rest * (s.weight or 1.0) / total_weight) for s in shared}}
+
+
+def interleave(plans: dict[str, list[dict]]) -> list[dict]:
+    """All shards, each source's spread evenly over the order, so that sources are read side by side."""
+    keyed = [((k + 0.5) / len(shards), i, shard) for i, shards in enumerate(plans.values()) for k, shard in enumerate(shards)]
+    return [shard for *_, shard in sorted(keyed, key=lambda t: t[:2])]
+
+
+def in_validation(doc_id: str, fraction: float) -> bool:
+    """Deterministic split by document: the same id always lands on the same side."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
+
+
+def corpus_section_hash(recipe: Recipe, name: str) -> str:
+    """What decides a corpus's content: target, seq_len, validation share and its sources (not actor counts)."""
+    cfg = recipe.prepare
+    payload = {"target": recipe.target.model, "seq_len": cfg.seq_len, "validation_fraction": cfg.validation_fraction,
+               "corpus": cfg.corpora[name].model_dump(mode="json")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Ray side: the budget board and the tokenizing actor
+# --------------------------------------------------------------------------------------------
+class BudgetBoard:
+    """Sources whose budget is met; readers ask before each batch so that they stop reading them."""
+
+    def __init__(self, closed: list[str]):
+        self.closed = set(closed)
+
+    def close(self, source: str) -> None:
+        self.closed.add(source)
+
+    def is_closed(self, source: str) -> bool:
+        return source in self.closed
+
+
+def stream_table(shard: str, split: str, ids: pa.Array, stats: str = "") -> pa.Table:
+    n = len(ids)
+    return pa.table({"shard": [shard] * n, "split": [split] * n, "input_ids": ids, "stats": [stats] * n}, schema=STREAM_SCHEMA)
+
+
+def batches_of(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
+    batch, chars = [], 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc.text or "")
+        if len(batch) >= size or chars >= MAX_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class ShardTokenizer:
+    """Ray Data actor: reads whole shards, tokenizes with the target's tokenizer, packs per split.
+
+    For each input shard it yields tables of packed rows as they fill, then one `split == "done"` row
+    whose `stats` holds the shard's counts (documents, skipped by reason, tokens read, tail dropped).
+    """
+
+    def __init__(self, tokenizer_dir: str, fingerprint: str, cfg: dict, sources: dict[str, dict], board=None,
+                 trust_remote_code: bool = False):
+        from fastdraft.tokenizer import check_fingerprints, load_tokenizer, tokenizer_fingerprint
+
+        tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
+        # Each node loads its own copy: refuse one that differs from the driver's (another version, another cache).
+        check_fingerprints(fingerprint, tokenizer_fingerprint(tok), "the driver's target tokenizer", f"{tokenizer_dir} on this node")
+        if tok.eos_token_id is None:
+            raise FastdraftError(f"the tokenizer at {tokenizer_dir} has no EOS token to put between documents")
+        self.encoder, self.eos = tok.backend_tokenizer, tok.eos_token_id
+        self.cfg = PrepareConfig.model_validate(cfg)
+        self.sources = {k: SourceConfig.model_validate(v) for k, v in sources.items()}
+        self.board = board
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _closed(self, source: str) -> bool:
+        import ray
+
+        return self.board is not None and ray.get(self.board.is_closed.remote(source))
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        for text in batch.column("shard").to_pylist():
+            yield from self.process(json.loads(text))
+
+    def process(self, shard: dict) -> Iterator[pa.Table]:
+        packers = {s: Packer(self.eos, self.cfg.seq_len) for s in SPLITS}
+        stats = {"source": shard["source"], "documents": 0, "tokens_read": 0, "skipped": Counter(), "stopped_early": False}
+        for docs in batches_of(read_shard(shard, self.sources[shard["source"]]), self.cfg.docs_per_batch):
+            if self._closed(shard["source"]):
+                stats["stopped_early"] = True
+                break
+            by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
+            for doc in docs:
+                if doc.skip:
+                    stats["skipped"][doc.skip] += 1
+                else:
+                    by_split["validation" if in_validation(doc.id, self.cfg.validation_fraction) else "train"].append(doc.text)
+            for split, texts in by_split.items():
+                ids = self.encode(texts) if texts else []
+                stats["documents"] += len(ids)
+                stats["tokens_read"] += sum(map(len, ids)) + len(ids)  # + one EOS each
+                rows = packers[split].add(ids)
+                if len(rows):
+                    yield stream_table(shard["id"], split, rows_to_arrow(rows))
+        stats["dropped_tail_tokens"] = sum(p.tail for p in packers.values())
+        stats["skipped"] = dict(stats["skipped"])
+        yield stream_table(shard["id"], "done", pa.array([[]], type=pa.list_(pa.int32())), json.dumps(stats))
+
+
+def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceConfig], tokenizer_dir: str,
+                 fingerprint: str, board, trust_remote_code: bool = False):
+    """The Ray Dataset of packed rows (+ per-shard 'done' records) for these shards."""
+    import ray.data
+
+    items = [{"shard": json.dumps(s)} for s in shards]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardTokenizer,
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=min(cfg.min_actors, cfg.max_actors), max_size=cfg.max_actors),
+        num_cpus=cfg.cpus_per_actor,
+        udf_modifying_row_count=True,
+        fn_constructor_kwargs=dict(
+            tokenizer_dir=tokenizer_dir, fingerprint=fingerprint, cfg=cfg.model_dump(mode="json"),
+            sources={s.name: s.model_dump(mode="json") for s in sources}, board=board, trust_remote_code=trust_remote_code,
+        ),
+    )
+
+
+def user_error(exc: BaseException) -> FastdraftError | None:
+    """The FastdraftError inside an exception that Ray wrapped (task error, UserCodeException), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, FastdraftError):
+            return FastdraftError(str(exc).splitlines()[-1] if "Traceback" in str(exc) else str(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Driver: consume the stream, enforce budgets, write, summarize
+# --------------------------------------------------------------------------------------------
+def runs(table: pa.Table) -> Iterator[tuple[str, str, int, int]]:
+    """(shard, split, start, length) of each run of consecutive rows with the same shard and split."""
+    shards, splits = table.column("shard").to_pylist(), table.column("split").to_pylist()
+    start = 0
+    for i in range(1, len(shards) + 1):
+        if i == len(shards) or (shards[i], splits[i]) != (shards[start], splits[start]):
+            yield shards[start], splits[start], start, i - start
+            start = i
+
+
+class BudgetKeeper:
+    """Tokens written per source against its budget; closes a source on the board when it is met."""
+
+    def __init__(self, budgets: dict[str, int | None], written: dict[str, int], seq_len: int, board):
+        self.budgets, self.written, self.seq_len, self.board = budgets, written, seq_len, board
+        self.closed = {s for s in budgets if self.full(s)}
+
+    def full(self, source: str) -> bool:
+        budget = self.budgets[source]
+        return budget is not None and self.written[source] + self.seq_len > budget
+
+    def admit(self, source: str, rows: int) -> int:
+        """How many of `rows` new rows fit the budget (never over it: within one row below once met)."""
+        budget = self.budgets[source]
+        take = rows if budget is None else max(0, min(rows, (budget - self.written[source]) // self.seq_len))
+        self.written[source] += take * self.seq_len
+        if source not in self.closed and self.full(source):
+            self.closed.add(source)
+            self.board.close.remote(source)
+        return take
+
+
+def consume(stream, writer: CorpusWriter, keeper: BudgetKeeper, shard_source: dict[str, str], progress: Progress) -> None:
+    for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for shard, split, start, length in runs(table):
+            source = shard_source[shard]
+            if split == "done":
+                record = writer.finish_shard(shard, json.loads(table.column("stats")[start].as_py()))
+                progress.update(0, docs=record["documents"])
+                continue
+            take = keeper.admit(source, length)
+            if take:
+                writer.write(shard, split, table.column("input_ids").slice(start, take).combine_chunks())
+                progress.update(take * keeper.seq_len, **{source: take * keeper.seq_len})
+
+
+def summarize(done: dict[str, dict], sources: list[SourceConfig], budgets: dict, seq_len: int) -> dict:
+    splits = {s: {"sequences": 0, "tokens": 0, "files": 0} for s in SPLITS}
+    per_source = {s.name: {"kind": s.kind, "budget": budgets[s.name], "shards": 0, "documents": 0, "tokens": 0,
+                           "tokens_read": 0, "dropped_tail_tokens": 0, "skipped": Counter()} for s in sources}
+    for record in done.values():
+        src = per_source[record["source"]]
+        src["shards"] += 1
+        for key in ("documents", "tokens_read", "dropped_tail_tokens"):
+            src[key] += record[key]
+        src["skipped"].update(record["skipped"])
+        for split in SPLITS:
+            n = record["sequences"][split]
+            splits[split]["sequences"] += n
+            splits[split]["tokens"] += n * seq_len
+            splits[split]["files"] += record["files"][split]
+            src["tokens"] += n * seq_len
+    for src in per_source.values():
+        src["skipped"] = dict(src["skipped"])
+    return {"splits": splits, "sources": per_source}
+
+
+def prepare_corpus(recipe: Recipe, name: str, tokenizer_dir: str, fingerprint: str) -> dict:
+    """Prepare one corpus into `<run_dir>/data/<name>` (skip if finished, resume if partial)."""
+    import ray
+
+    cfg = recipe.prepare
+    corpus = cfg.corpora[name]
+    root = RunLayout(recipe.run_dir).corpus(name)
+    budgets = source_budgets(name, corpus)
+    section_hash = corpus_section_hash(recipe, name)
+    plans = {s.name: plan_shards(s) for s in corpus.sources}  # validates every source before writing anything
+    state = existing_state(root, fingerprint, section_hash)
+    if state == "done":
+        print(f"[prepare {name}] {root} is already complete (section_hash {section_hash}); skipping", flush=True)
+        return {"corpus": name, "path": str(root), "skipped": True}
+    header = {"tokenizer_fingerprint": fingerprint, "seq_len": cfg.seq_len, "target": recipe.target.model, "corpus": name,
+              "recipe": cfg.model_dump(mode="json"), "section_hash": section_hash, "budgets": budgets}
+    writer = CorpusWriter(root, header, resume=state == "resume")
+    done = writer.done_shards
+    if done:
+        print(f"[prepare {name}] resuming {root}: {len(done)} shards already written", flush=True)
+    written = {s: sum(r["sequences"][sp] for r in done.values() if r["source"] == s for sp in SPLITS) * cfg.seq_len for s in budgets}
+    board = ray.remote(num_cpus=0)(BudgetBoard).remote([])
+    keeper = BudgetKeeper(budgets, written, cfg.seq_len, board)
+    todo = [s for s in interleave(plans) if s["id"] not in done and s["source"] not in keeper.closed]
+    total = sum(budgets.values()) - sum(written.values()) if all(b is not None for b in budgets.values()) else None
+    progress = Progress(f"prepare {name}", total=total)
+    if todo:
+        for s in keeper.closed:
+            board.close.remote(s)
+        stream = token_stream(todo, cfg, corpus.sources, tokenizer_dir, fingerprint, board, recipe.target.trust_remote_code)
+        try:
+            consume(stream, writer, keeper, {s["id"]: s["source"] for s in todo}, progress)
+        except Exception as exc:
+            raise (user_error(exc) or exc) from None
+    progress.done()
+    manifest = writer.complete(summarize(done, corpus.sources, budgets, cfg.seq_len))
+    return {"corpus": name, "path": str(root), "skipped": False, **{f"{s}_sequences": v["sequences"] for s, v in manifest["splits"].items()},
+            "tokens": {k: v["tokens"] for k, v in manifest["sources"].items()}, "seconds": round(progress.elapsed, 1)}
+
+
+def run_prepare(recipe: Recipe, **_options) -> dict:
+    """Prepare every corpus of `recipe.prepare`; returns a summary per corpus."""
+    from fastdraft.assets import resolve_model_path
+    from fastdraft.raycluster import ensure_ray
+    from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    cfg = recipe.section("prepare")
+    if not cfg.corpora:
+        raise RecipeError(f"recipe '{recipe.name}': prepare.corpora is empty; name at least one corpus with its sources")
+    tokenizer_dir = str(resolve_model_path(recipe.target.model))
+    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer_dir, trust_remote_code=recipe.target.trust_remote_code))
+    ensure_ray()
+    return {name: prepare_corpus(recipe, name, tokenizer_dir, fingerprint) for name in cfg.corpora}
