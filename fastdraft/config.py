@@ -298,6 +298,13 @@ class ServeConfig(Strict):
     """Name of an environment variable holding a bearer token; unset: no auth (logged at start)."""
     host: str = "127.0.0.1"
     port: int = 8000
+    max_replicas: int = Field(default=2, ge=1)
+    """Upper bound of the model deployment's replicas when `num_replicas` is 'auto' (autoscaling)."""
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0)
+    """How long a replica waits to fill a batch of up to `max_batch_size` requests."""
+    dynamic_gamma: bool = False
 
 
 class Recipe(Strict):
