@@ -28,7 +28,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from fastdraft.evaluation.tasks import EvalTask
-from fastdraft.progress import Progress
 from fastdraft.speculative.sampling import warp_probs  # the engine's warping: temperature, top-k, top-p
 from fastdraft.speculative.types import SamplingParams, SpecStats
 
@@ -99,20 +98,40 @@ class Continuation:
     prompt_ids: list[int]
     ids: list[int]
     """The target's own output (prompt excluded), ending with a stop token or at max_new_tokens."""
-    target_logits: torch.Tensor
-    """Teacher-forced target logits predicting each continuation token, [len(ids), vocab]."""
 
 
-def continuation(target: torch.nn.Module, prompt: list[int], ids: list[int]) -> Continuation:
-    """A continuation the target wrote, with the target's teacher-forced logits over it."""
-    return Continuation(prompt, ids, _continuation_logits(target, prompt, ids))
-
-
-def _continuation_logits(model: torch.nn.Module, prompt: list[int], cont: list[int]) -> torch.Tensor:
+def _logits_over(model: torch.nn.Module, prompt: list[int], cont: list[int], vocab: int | None = None) -> torch.Tensor:
+    """Teacher-forced logits predicting each token of `cont` after `prompt`: [len(cont), vocab]."""
     ids = torch.tensor([prompt + cont], device=model.device)
     with torch.inference_mode():
-        logits = model(input_ids=ids).logits[0]
-    return logits[len(prompt) - 1: len(prompt) + len(cont) - 1].float().cpu()
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1: len(prompt) + len(cont) - 1].float().cpu()
+    if vocab is not None and logits.shape[-1] != vocab:  # embedding tables may be padded differently
+        logits = logits[:, :vocab] if logits.shape[-1] > vocab else \
+            torch.cat([logits, logits.new_full((len(cont), vocab - logits.shape[-1]), float("-inf"))], dim=-1)
+    return logits
+
+
+def position_acceptance(target: torch.nn.Module, drafts: dict[str, torch.nn.Module], c: Continuation,
+                        params: SamplingParams) -> dict[str, list[float]]:
+    """Each draft's per-position acceptance on one continuation.
+
+    The target's logits are computed once per continuation and dropped after it, so memory stays at one
+    sequence x vocabulary however many prompts a task has.
+    """
+    if not c.ids:
+        return {label: [] for label in drafts}
+    t = _logits_over(target, c.prompt_ids, c.ids)
+    return {label: acceptance_probs(t, _logits_over(d, c.prompt_ids, c.ids, t.shape[-1]), params, c.ids)
+            for label, d in drafts.items()}
+
+
+def sweep(betas: Sequence[Sequence[float]], gammas: Sequence[int], max_new_tokens: int | None = None) -> dict[int, SpecStats]:
+    """Counters over many continuations (each given by its per-position acceptance) for each gamma."""
+    totals = {g: SpecStats() for g in gammas}
+    for beta in betas:
+        for g in gammas:
+            totals[g] += simulate_blocks(beta, g, max_new_tokens)
+    return totals
 
 
 Generate = Callable[[list[int], SamplingParams], list[int]]
@@ -135,54 +154,22 @@ def hf_generate(target: torch.nn.Module) -> Generate:
     return generate
 
 
-def target_continuations(target: torch.nn.Module, task: EvalTask, params: SamplingParams, seed: int = 0,
-                         progress: Progress | None = None, generate: Generate | None = None) -> list[Continuation]:
-    """The target's own output for each prompt (seeded per prompt), plus its teacher-forced logits.
-
-    `generate` defaults to transformers' `generate`; the pipeline passes fastdraft's engine with no draft,
-    which is lossless and several times faster on CPU.
-    """
-    generate = generate or hf_generate(target)
-    out = []
-    for i, prompt in enumerate(task.prompts):
-        p = replace(params, max_new_tokens=task.max_new_tokens, seed=seed + i)
-        cont = generate(prompt.ids, p)
-        out.append(continuation(target, prompt.ids, cont))
-        if progress:
-            progress.update(len(cont), prompts=1)
-    return out
-
-
 def _pad_id(model: torch.nn.Module) -> int | None:
     cfg = model.generation_config
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) else cfg.eos_token_id
     return cfg.pad_token_id if cfg.pad_token_id is not None else eos
 
 
-def offline_sweep(draft: torch.nn.Module, continuations: list[Continuation], params: SamplingParams,
-                  gammas: Sequence[int], max_new_tokens: int | None = None) -> dict[int, SpecStats]:
+def target_continuations(target: torch.nn.Module, task: EvalTask, params: SamplingParams, seed: int = 0,
+                         generate: Generate | None = None) -> list[Continuation]:
+    """The target's own output for each prompt (seeded per prompt); transformers' `generate` by default."""
+    generate = generate or hf_generate(target)
+    return [Continuation(prompt.ids, generate(prompt.ids, replace(params, max_new_tokens=task.max_new_tokens, seed=seed + i)))
+            for i, prompt in enumerate(task.prompts)]
+
+
+def offline_sweep(target: torch.nn.Module, draft: torch.nn.Module, continuations: list[Continuation],
+                  params: SamplingParams, gammas: Sequence[int], max_new_tokens: int | None = None) -> dict[int, SpecStats]:
     """Counters (exact for greedy, expected for sampling) of one draft over a task, for each gamma."""
-    totals = {g: SpecStats() for g in gammas}
-    for c in continuations:
-        if not c.ids:
-            continue
-        beta = acceptance_probs(c.target_logits, _continuation_logits(draft, c.prompt_ids, c.ids), params, c.ids)
-        for g in gammas:
-            totals[g] += simulate_blocks(beta, g, max_new_tokens)
-    return totals
-
-
-def engine_counters(generate: Callable[..., list], task: EvalTask, params: SamplingParams, gamma: int,
-                    batch_size: int = 1) -> tuple[SpecStats, list[list[int]]]:
-    """Run a task through a `SpeculativeEngine.generate`-like callable; sum its exact counters.
-
-    Returns the aggregated SpecStats and each prompt's generated ids (for the greedy-losslessness check).
-    """
-    total, outputs = SpecStats(), []
-    prompts = [p.ids for p in task.prompts]
-    for start in range(0, len(prompts), batch_size):
-        results = generate(prompts[start:start + batch_size], params, gamma=gamma)
-        for r in results:
-            total += r.stats
-            outputs.append(list(r.token_ids))
-    return total, outputs
+    betas = [position_acceptance(target, {"draft": draft}, c, params)["draft"] for c in continuations]
+    return sweep(betas, gammas, max_new_tokens)

@@ -126,13 +126,13 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
     then each draft's pair generates at `gamma` (timed, right after: same cores, same load). Then the
-    offline sweep reads the continuations teacher-forced for every gamma.
+    drafts read each continuation teacher-forced (per-position acceptance), which the gamma sweep replays.
 
     Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}} (+ "engine-dynamic" when
     `dynamic_gamma`: the same pairs with the engine choosing gamma each round, timed in the same loop).
     """
     from fastdraft.checkpoint import load_model
-    from fastdraft.evaluation.acceptance import continuation, offline_sweep
+    from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
     from fastdraft.speculative.engine import SpeculativeEngine
 
     target = load_model(target_dir, dtype=dtype, device=device)
@@ -148,7 +148,7 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
         for g in (0, gamma):
             engine.generate([task.prompts[0].ids], replace(params, max_new_tokens=4), gamma=g)
     timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
-    conts = []
+    betas: dict[str, list[list[float]]] = {label: [] for label in models}
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
     progress = Progress(f"evaluate {task.name} {decoding}", unit="tok", total=len(task.prompts) * task.max_new_tokens)
     for i, prompt in enumerate(task.prompts):
@@ -157,13 +157,13 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
         for k, engine in pairs.items():
             out = timed[k].run(engine, prompt.ids, p)
             timed[k].identical &= out.token_ids == ids
-        conts.append(continuation(target, prompt.ids, ids))
+        for label, beta in position_acceptance(target, models, Continuation(prompt.ids, ids), p).items():
+            betas[label].append(beta)
         progress.update(len(ids), prompts=1)
     progress.done()
     result = {"sweep": {}, "engine": {}}
-    for label, model in models.items():
-        sweep = offline_sweep(model, conts, params, gammas, task.max_new_tokens)
-        result["sweep"][label] = {g: s.to_dict() for g, s in sweep.items()}
+    for label, per_prompt in betas.items():
+        result["sweep"][label] = {g: s.to_dict() for g, s in sweep(per_prompt, gammas, task.max_new_tokens).items()}
     for (method, label), t in timed.items():
         result.setdefault(method, {})[label] = {
             "stats": t.stats.to_dict(), "speculative_s": t.seconds, "speculative_tokens": t.tokens,
