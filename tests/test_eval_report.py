@@ -66,7 +66,7 @@ def test_write_report_writes_json_markdown_html_and_plots(report, tmp_path):
     paths = rep.write_report(report, out)
     assert json.loads(paths["json"].read_text())["rows"] == json.loads(json.dumps(report["rows"]))
     md = paths["md"].read_text()
-    assert "| FT | code | code | greedy | engine | 3 | 0.800 | 3.000 | 2.308 | 2.609 | 2.000 | 12.0 | yes |" in md
+    assert "| FT | code | code | greedy | engine | 3 | 0.800 | 3.000 | 2.308 | 2.609 | 2.000 | 6.000 | 12.0 | yes |" in md
     assert "AR γ=1" in md and "![acceptance_vs_gamma](acceptance_vs_gamma.png)" in md
     page = paths["html"].read_text()
     assert page.startswith("<!doctype html>") and '<img src="speedup_vs_gamma.png"' in page
