@@ -105,3 +105,15 @@ def test_prose_with_a_template_is_an_offline_summarization_task(tok):
     t = load_task(cfg, tok)
     assert t.chat and all("<|im_start|>user\nSummarize the text below" in p.text for p in t.prompts)
     assert max(len(p.ids) for p in t.prompts) > 100  # whole documents (up to 200 tokens), not 64-token openings
+
+
+def test_no_recipe_trains_on_the_evaluation_instructions():
+    from pathlib import Path
+
+    from fastdraft.config import load_recipe
+
+    for path in sorted(Path(INSTRUCTIONS_FILE).parents[1].glob("recipes/*.yaml")):
+        recipe = load_recipe(path)
+        used = [s.path for s in (recipe.generate.prompts if recipe.generate else []) if s.path]
+        used += [s.path for c in (recipe.prepare.corpora.values() if recipe.prepare else []) for s in c.sources if s.path]
+        assert not any("eval_instructions" in p for p in used), f"{path} trains on the evaluation prompts"
