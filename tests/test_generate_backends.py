@@ -22,6 +22,14 @@ FAKE_VLLM_DIR = Path(__file__).parent / "fake_vllm"
 TEXTS = ["def parse(line):", "The quick brown fox", "import os\nimport sys\n\nclass Loader:", "Hello", "a = [1, 2, 3]\nfor"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """In-process generation on one thread: the CPU is shared, and oversubscribed OpenMP threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def backend(tiny_target_dir):
     return TransformersBackend(tiny_target_dir)

@@ -69,6 +69,14 @@ def reference_greedy(model, ids, max_new_tokens, stop_ids):
     return cut_at_stop(out[0, len(ids):].tolist(), stop_ids)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """In-process generation on one thread: the CPU is shared, and oversubscribed OpenMP threads crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "instructions.jsonl"

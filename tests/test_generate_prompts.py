@@ -15,7 +15,7 @@ from fastdraft.config import PromptSourceConfig
 from fastdraft.errors import FastdraftError, RecipeError
 from fastdraft.generation.prompts import (
     MalformedRow, Prompt, PromptEncoder, check_source, iter_jsonl, iter_stdlib_functions, load_prompts,
-    magpie_prefix, row_to_messages,
+    magpie_prefix, reserved_eval_texts, row_to_messages,
 )
 from fastdraft.tokenizer import load_tokenizer
 
@@ -168,3 +168,17 @@ def test_magpie_prefix_is_the_template_up_to_the_users_words(tok, smollm2_dir):
     smol = load_tokenizer(smollm2_dir)
     prefix = magpie_prefix(smol)
     assert prefix.startswith("<|im_start|>system\n") and prefix.endswith("<|im_end|>\n<|im_start|>user\n")
+
+
+def test_evaluation_prompts_never_become_training_prompts(tmp_path, tok):
+    from fastdraft.assets import humaneval_problems
+    from fastdraft.evaluation.tasks import iter_instruction_texts
+
+    reserved = reserved_eval_texts()
+    held_out = next(iter(iter_instruction_texts()))
+    humaneval = humaneval_problems()[0]["prompt"]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": held_out.upper()}, {"prompt": "A fresh question?"},
+                                             {"prompt": humaneval, "format": "code"}])
+    prompts, stats = load_prompts(PromptSourceConfig(name="p", kind="jsonl", path=str(path)), PromptEncoder(tok, 512), reserved)
+    assert [p.prompt_text.split("\n")[1] for p in prompts] == ["A fresh question?<|im_end|>"]
+    assert stats.skipped["reserved_for_eval"] == 2

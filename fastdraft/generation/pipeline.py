@@ -38,7 +38,7 @@ from fastdraft.config import GenerateConfig, Recipe, SamplingConfig
 from fastdraft.errors import FastdraftError, MissingDependencyError, RecipeError
 from fastdraft.generation.backends import Generated, Request, make_backend
 from fastdraft.generation.prompts import (
-    EncodedPrompt, PromptEncoder, check_source, load_prompts, magpie_prompts, stable_seed,
+    EncodedPrompt, PromptEncoder, check_source, load_prompts, magpie_prompts, reserved_eval_texts, stable_seed,
 )
 from fastdraft.layout import RunLayout
 from fastdraft.progress import Progress
@@ -291,15 +291,16 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 def collect_prompts(cfg: GenerateConfig, recipe: Recipe, encoder: PromptEncoder, out_dir: Path) -> tuple[list[EncodedPrompt], dict]:
     """Every source's prompts (Magpie sources ask the target on Ray), deduped across sources by prompt id."""
     prompts, stats, seen = [], {}, set()
+    reserved = reserved_eval_texts()
     for source in cfg.prompts:
         if source.name in stats:
             raise RecipeError(f"generate.prompts: two sources are named '{source.name}'; names must be unique")
         if source.kind == "magpie":
             def ask(requests: list[Request]) -> list[Generated]:
                 return ask_target(requests, cfg, recipe)
-            got, st = magpie_prompts(source, encoder, ask, out_dir / f"magpie-{source.name}.json", cfg.seed)
+            got, st = magpie_prompts(source, encoder, ask, out_dir / f"magpie-{source.name}.json", cfg.seed, reserved)
         else:
-            got, st = load_prompts(source, encoder)
+            got, st = load_prompts(source, encoder, reserved)
         kept = [p for p in got if p.prompt_id not in seen]
         seen.update(p.prompt_id for p in kept)
         stats[source.name] = st.to_dict()

