@@ -24,6 +24,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -92,16 +93,20 @@ def corpus_section_hash(recipe: Recipe, name: str) -> str:
 # Ray side: the budget board and the tokenizing actor
 # --------------------------------------------------------------------------------------------
 class BudgetBoard:
-    """Sources whose budget is met; readers ask before each batch so that they stop reading them."""
+    """Tokens packed per source, summed over all readers; a reader stops reading a source once its budget is met.
 
-    def __init__(self, closed: list[str]):
-        self.closed = set(closed)
+    Readers report before each batch, so every actor stops within one batch of the budget, long before
+    the driver (which writes exactly up to the budget) has consumed what is in flight.
+    """
 
-    def close(self, source: str) -> None:
-        self.closed.add(source)
+    def __init__(self, budgets: dict[str, int | None], written: dict[str, int]):
+        self.budgets, self.packed = budgets, dict(written)
 
-    def is_closed(self, source: str) -> bool:
-        return source in self.closed
+    def report(self, source: str, tokens: int) -> bool:
+        """Add `tokens` packed rows' worth to `source`; True while it still needs more."""
+        self.packed[source] += tokens
+        budget = self.budgets[source]
+        return budget is None or self.packed[source] < budget
 
 
 def stream_table(shard: str, split: str, ids: pa.Array, stats: str = "") -> pa.Table:
@@ -128,16 +133,12 @@ class ShardTokenizer:
     whose `stats` holds the shard's counts (documents, skipped by reason, tokens read, tail dropped).
     """
 
-    def __init__(self, tokenizer_dir: str, fingerprint: str, cfg: dict, sources: dict[str, dict], board=None,
-                 trust_remote_code: bool = False):
-        from fastdraft.tokenizer import check_fingerprints, load_tokenizer, tokenizer_fingerprint
+    def __init__(self, tokenizer_json: str, eos: int, cfg: dict, sources: dict[str, dict], board=None):
+        from tokenizers import Tokenizer
 
-        tok = load_tokenizer(tokenizer_dir, trust_remote_code=trust_remote_code)
-        # Each node loads its own copy: refuse one that differs from the driver's (another version, another cache).
-        check_fingerprints(fingerprint, tokenizer_fingerprint(tok), "the driver's target tokenizer", f"{tokenizer_dir} on this node")
-        if tok.eos_token_id is None:
-            raise FastdraftError(f"the tokenizer at {tokenizer_dir} has no EOS token to put between documents")
-        self.encoder, self.eos = tok.backend_tokenizer, tok.eos_token_id
+        # The driver's own fast tokenizer travels with the actor (no per-node copy that could differ), and
+        # plain `tokenizers` starts in well under a second where importing transformers takes several.
+        self.encoder, self.eos = Tokenizer.from_str(tokenizer_json), eos
         self.cfg = PrepareConfig.model_validate(cfg)
         self.sources = {k: SourceConfig.model_validate(v) for k, v in sources.items()}
         self.board = board
@@ -145,10 +146,10 @@ class ShardTokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def _closed(self, source: str) -> bool:
+    def _wanted(self, source: str, tokens: int) -> bool:
         import ray
 
-        return self.board is not None and ray.get(self.board.is_closed.remote(source))
+        return self.board is None or ray.get(self.board.report.remote(source, tokens))
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for text in batch.column("shard").to_pylist():
@@ -157,10 +158,12 @@ class ShardTokenizer:
     def process(self, shard: dict) -> Iterator[pa.Table]:
         packers = {s: Packer(self.eos, self.cfg.seq_len) for s in SPLITS}
         stats = {"source": shard["source"], "documents": 0, "tokens_read": 0, "skipped": Counter(), "stopped_early": False}
+        packed = 0
         for docs in batches_of(read_shard(shard, self.sources[shard["source"]]), self.cfg.docs_per_batch):
-            if self._closed(shard["source"]):
+            if not self._wanted(shard["source"], packed):
                 stats["stopped_early"] = True
                 break
+            packed = 0
             by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
             for doc in docs:
                 if doc.skip:
@@ -172,6 +175,7 @@ class ShardTokenizer:
                 stats["documents"] += len(ids)
                 stats["tokens_read"] += sum(map(len, ids)) + len(ids)  # + one EOS each
                 rows = packers[split].add(ids)
+                packed += rows.size
                 if len(rows):
                     yield stream_table(shard["id"], split, rows_to_arrow(rows))
         stats["dropped_tail_tokens"] = sum(p.tail for p in packers.values())
@@ -179,8 +183,7 @@ class ShardTokenizer:
         yield stream_table(shard["id"], "done", pa.array([[]], type=pa.list_(pa.int32())), json.dumps(stats))
 
 
-def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceConfig], tokenizer_dir: str,
-                 fingerprint: str, board, trust_remote_code: bool = False):
+def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceConfig], tokenizer, board):
     """The Ray Dataset of packed rows (+ per-shard 'done' records) for these shards."""
     import ray.data
 
@@ -193,8 +196,8 @@ def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceCon
         num_cpus=cfg.cpus_per_actor,
         udf_modifying_row_count=True,
         fn_constructor_kwargs=dict(
-            tokenizer_dir=tokenizer_dir, fingerprint=fingerprint, cfg=cfg.model_dump(mode="json"),
-            sources={s.name: s.model_dump(mode="json") for s in sources}, board=board, trust_remote_code=trust_remote_code,
+            tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos=tokenizer.eos_token_id, cfg=cfg.model_dump(mode="json"),
+            sources={s.name: s.model_dump(mode="json") for s in sources}, board=board,
         ),
     )
 
@@ -224,11 +227,10 @@ def runs(table: pa.Table) -> Iterator[tuple[str, str, int, int]]:
 
 
 class BudgetKeeper:
-    """Tokens written per source against its budget; closes a source on the board when it is met."""
+    """Tokens written per source: rows beyond a source's budget are dropped (readers stop soon after)."""
 
-    def __init__(self, budgets: dict[str, int | None], written: dict[str, int], seq_len: int, board):
-        self.budgets, self.written, self.seq_len, self.board = budgets, written, seq_len, board
-        self.closed = {s for s in budgets if self.full(s)}
+    def __init__(self, budgets: dict[str, int | None], written: dict[str, int], seq_len: int):
+        self.budgets, self.written, self.seq_len = budgets, written, seq_len
 
     def full(self, source: str) -> bool:
         budget = self.budgets[source]
@@ -239,9 +241,6 @@ class BudgetKeeper:
         budget = self.budgets[source]
         take = rows if budget is None else max(0, min(rows, (budget - self.written[source]) // self.seq_len))
         self.written[source] += take * self.seq_len
-        if source not in self.closed and self.full(source):
-            self.closed.add(source)
-            self.board.close.remote(source)
         return take
 
 
@@ -280,56 +279,73 @@ def summarize(done: dict[str, dict], sources: list[SourceConfig], budgets: dict,
     return {"splits": splits, "sources": per_source}
 
 
-def prepare_corpus(recipe: Recipe, name: str, tokenizer_dir: str, fingerprint: str) -> dict:
-    """Prepare one corpus into `<run_dir>/data/<name>` (skip if finished, resume if partial)."""
+@dataclass
+class CorpusPlan:
+    """One corpus, checked: its sources' shards, budgets and what its output directory already holds."""
+
+    name: str
+    root: Path
+    budgets: dict[str, int | None]
+    section_hash: str
+    shards: dict[str, list[dict]]
+    state: str  # fresh | resume | done
+
+
+def plan_corpus(recipe: Recipe, name: str, fingerprint: str) -> CorpusPlan:
+    """Validate one corpus (recipe, sources, existing output) without writing anything."""
+    corpus = recipe.prepare.corpora[name]
+    root = RunLayout(recipe.run_dir).corpus(name)
+    section_hash = corpus_section_hash(recipe, name)
+    budgets = source_budgets(name, corpus)
+    shards = {s.name: plan_shards(s) for s in corpus.sources}
+    return CorpusPlan(name, root, budgets, section_hash, shards, existing_state(root, fingerprint, section_hash))
+
+
+def prepare_corpus(recipe: Recipe, plan: CorpusPlan, tokenizer, fingerprint: str) -> dict:
+    """Prepare one planned corpus into `<run_dir>/data/<name>` (skip if finished, resume if partial)."""
     import ray
 
-    cfg = recipe.prepare
-    corpus = cfg.corpora[name]
-    root = RunLayout(recipe.run_dir).corpus(name)
-    budgets = source_budgets(name, corpus)
-    section_hash = corpus_section_hash(recipe, name)
-    plans = {s.name: plan_shards(s) for s in corpus.sources}  # validates every source before writing anything
-    state = existing_state(root, fingerprint, section_hash)
-    if state == "done":
-        print(f"[prepare {name}] {root} is already complete (section_hash {section_hash}); skipping", flush=True)
+    cfg, name, root = recipe.prepare, plan.name, plan.root
+    if plan.state == "done":
+        print(f"[prepare {name}] {root} is already complete (section_hash {plan.section_hash}); skipping", flush=True)
         return {"corpus": name, "path": str(root), "skipped": True}
     header = {"tokenizer_fingerprint": fingerprint, "seq_len": cfg.seq_len, "target": recipe.target.model, "corpus": name,
-              "recipe": cfg.model_dump(mode="json"), "section_hash": section_hash, "budgets": budgets}
-    writer = CorpusWriter(root, header, resume=state == "resume")
+              "recipe": cfg.model_dump(mode="json"), "section_hash": plan.section_hash, "budgets": plan.budgets}
+    writer = CorpusWriter(root, header, resume=plan.state == "resume")
     done = writer.done_shards
     if done:
         print(f"[prepare {name}] resuming {root}: {len(done)} shards already written", flush=True)
-    written = {s: sum(r["sequences"][sp] for r in done.values() if r["source"] == s for sp in SPLITS) * cfg.seq_len for s in budgets}
-    board = ray.remote(num_cpus=0)(BudgetBoard).remote([])
-    keeper = BudgetKeeper(budgets, written, cfg.seq_len, board)
-    todo = [s for s in interleave(plans) if s["id"] not in done and s["source"] not in keeper.closed]
-    total = sum(budgets.values()) - sum(written.values()) if all(b is not None for b in budgets.values()) else None
-    progress = Progress(f"prepare {name}", total=total)
+    written = {s: sum(r["sequences"][sp] for r in done.values() if r["source"] == s for sp in SPLITS) * cfg.seq_len for s in plan.budgets}
+    keeper = BudgetKeeper(plan.budgets, written, cfg.seq_len)
+    todo = [s for s in interleave(plan.shards) if s["id"] not in done and not keeper.full(s["source"])]
+    budgets = list(plan.budgets.values())
+    progress = Progress(f"prepare {name}", total=sum(budgets) - sum(written.values()) if None not in budgets else None)
     if todo:
-        for s in keeper.closed:
-            board.close.remote(s)
-        stream = token_stream(todo, cfg, corpus.sources, tokenizer_dir, fingerprint, board, recipe.target.trust_remote_code)
+        board = ray.remote(num_cpus=0)(BudgetBoard).remote(plan.budgets, written)
+        stream = token_stream(todo, cfg, cfg.corpora[name].sources, tokenizer, board)
         try:
             consume(stream, writer, keeper, {s["id"]: s["source"] for s in todo}, progress)
         except Exception as exc:
             raise (user_error(exc) or exc) from None
     progress.done()
-    manifest = writer.complete(summarize(done, corpus.sources, budgets, cfg.seq_len))
+    manifest = writer.complete(summarize(done, cfg.corpora[name].sources, plan.budgets, cfg.seq_len))
     return {"corpus": name, "path": str(root), "skipped": False, **{f"{s}_sequences": v["sequences"] for s, v in manifest["splits"].items()},
             "tokens": {k: v["tokens"] for k, v in manifest["sources"].items()}, "seconds": round(progress.elapsed, 1)}
 
 
 def run_prepare(recipe: Recipe, **_options) -> dict:
     """Prepare every corpus of `recipe.prepare`; returns a summary per corpus."""
-    from fastdraft.assets import resolve_model_path
     from fastdraft.raycluster import ensure_ray
     from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     cfg = recipe.section("prepare")
     if not cfg.corpora:
         raise RecipeError(f"recipe '{recipe.name}': prepare.corpora is empty; name at least one corpus with its sources")
-    tokenizer_dir = str(resolve_model_path(recipe.target.model))
-    fingerprint = tokenizer_fingerprint(load_tokenizer(tokenizer_dir, trust_remote_code=recipe.target.trust_remote_code))
+    tokenizer = load_tokenizer(recipe.target.model, trust_remote_code=recipe.target.trust_remote_code)
+    if not tokenizer.is_fast or tokenizer.eos_token_id is None:
+        raise FastdraftError(f"target {recipe.target.model}: prepare needs a fast tokenizer (tokenizer.json) with an EOS "
+                             f"token to put between documents (fast: {tokenizer.is_fast}, eos: {tokenizer.eos_token})")
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    plans = [plan_corpus(recipe, name, fingerprint) for name in cfg.corpora]  # every refusal before any write
     ensure_ray()
-    return {name: prepare_corpus(recipe, name, tokenizer_dir, fingerprint) for name in cfg.corpora}
+    return {plan.name: prepare_corpus(recipe, plan, tokenizer, fingerprint) for plan in plans}

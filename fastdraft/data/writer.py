@@ -21,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fastdraft.errors import FastdraftError
-from fastdraft.tokenizer import check_fingerprints
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
@@ -47,6 +46,8 @@ def read_manifest(root: Path) -> dict | None:
 
 def existing_state(root: Path, fingerprint: str, section_hash: str) -> str:
     """'fresh', 'resume' or 'done' for an output directory; refuses one made by another recipe or tokenizer."""
+    from fastdraft.tokenizer import check_fingerprints  # transformers: driver only, Ray workers skip the import
+
     if not root.exists() or not any(root.iterdir()):
         return "fresh"
     manifest = read_manifest(root)
