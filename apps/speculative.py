@@ -28,6 +28,7 @@ import hmac
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -528,7 +529,7 @@ class OpenAIIngress:
 # --------------------------------------------------------------------------------------------
 # `fastdraft serve RECIPE`
 # --------------------------------------------------------------------------------------------
-def run_serve(recipe: Recipe, block: bool = True) -> dict:
+def run_serve(recipe: Recipe) -> dict:
     """Start the app on a local (or RAY_ADDRESS) cluster; block until Ctrl-C or SIGTERM, then shut down.
 
     Returns a summary dict (url, model, target, draft, gamma).
@@ -537,27 +538,25 @@ def run_serve(recipe: Recipe, block: bool = True) -> dict:
 
     spec = resolve_pair(recipe)
     cfg = spec.serve
-    ensure_ray()
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_pair_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.host}:{cfg.port}"
     summary = {"url": f"{url}/v1", "model": cfg.model_name, "target": spec.target, "draft": spec.draft or "(none)",
-               "gamma": cfg.gamma if spec.draft else 0, "auth": f"bearer token from ${cfg.api_key_env}" if cfg.api_key_env else "none"}
-    print(f"[serve] '{cfg.model_name}' is up at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
-    if not cfg.api_key_env:
-        print("[serve] no API key configured (serve.api_key_env unset): the API is open on this port", flush=True)
-    if not block:
-        return summary
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+               "gamma": cfg.gamma if spec.draft else 0,
+               "auth": f"bearer token from ${cfg.api_key_env}" if cfg.api_key_env else "none"}
+    ensure_ray()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # after ray.init, which installs its own
     try:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port})
+        serve.run(build_pair_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"[serve] '{cfg.model_name}' is up at {url}/v1 (health: {url}/health, metrics: {url}/metrics)", flush=True)
+        if not cfg.api_key_env:
+            print("[serve] no API key configured (serve.api_key_env unset): the API is open on this port", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print("[serve] stopping", flush=True)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        _shutdown()
     return summary
 
 
@@ -565,9 +564,29 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":  # python -m apps.speculative RECIPE: the same as `fastdraft serve RECIPE`
-    import sys
+def _shutdown() -> None:
+    """Stop the app; exit at once if the local Ray this process started is already going down.
 
+    A SIGTERM to the whole process group (Ctrl-C in a terminal, `kill -- -PGID`, a container stop) also
+    reaches the Ray processes that `ray.init` started here. Asking a dying cluster to shut Serve down
+    waits a minute for its GCS and then aborts, so in that case there is nothing left to stop.
+    """
+    import ray
+
+    time.sleep(0.5)  # let a group-wide signal reach the Ray processes first
+    node = getattr(ray._private.worker, "_global_node", None)  # set only when this process started Ray
+    try:
+        dead = bool(node is not None and node.dead_processes())
+    except Exception:  # noqa: BLE001 - private API: assume alive, and shut down normally
+        dead = False
+    if dead:
+        print("[serve] the local Ray cluster is stopping with this process; exiting", flush=True)
+        sys.stderr.flush()
+        os._exit(0)  # skips ray.shutdown's atexit hook, which would wait for the dead GCS
+    serve.shutdown()
+
+
+if __name__ == "__main__":  # python -m apps.speculative RECIPE: the same as `fastdraft serve RECIPE`
     from fastdraft.cli import main
 
     sys.exit(main(["serve", *sys.argv[1:]]))
