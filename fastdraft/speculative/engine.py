@@ -87,7 +87,8 @@ class SpeculativeEngine:
         draft_model: the draft, or None for the target alone.
         gamma: draft tokens per round (0 = the target alone).
         dynamic_gamma: choose gamma each round from measured acceptance and costs (see `gamma.py`),
-            down to 0 when the draft does not pay for itself; reported separately from static gamma.
+            down to 0 when the draft does not pay for itself; `gamma` is then the starting value, and an
+            explicit gamma of 0 still means the target alone. Report it separately from static gamma.
         max_gamma: the upper bound for dynamic gamma.
         backend: "auto" (lean decoder for the Llama family, transformers otherwise), "lean" or "hf".
         kernels: linear kernels of the lean decoder: "auto" (oneDNN pre-packed on CPU fp32), "onednn", "torch".
@@ -172,7 +173,7 @@ class SpeculativeEngine:
         capacity = max(batch.prompt_len) + params.max_new_tokens + self.max_gamma + 2
         timer = _Timer(self.device)
         target_cache = self.target.new_cache(len(prompts), capacity)
-        draft_cache = self.draft.new_cache(len(prompts), capacity) if self.draft and gamma + self.dynamic_gamma else None
+        draft_cache = self.draft.new_cache(len(prompts), capacity) if self.draft and gamma > 0 else None
         # Prefill all but the last prompt token: the first round's verification pass feeds that one.
         prefix = [p[:-1] for p in prompts]
         if any(prefix):

@@ -44,3 +44,12 @@ def truncated_copy(model: PreTrainedModel, layers: int) -> PreTrainedModel:
         raise ValueError(f"truncated copy mismatch: missing {missing}, unexpected {unexpected}")
     small.tie_weights()
     return small.to(next(model.parameters()).device)
+
+
+def disagreeing_copy(draft: PreTrainedModel) -> PreTrainedModel:
+    """The same draft with its final norm negated: same size and speed, logits flipped, so its greedy
+    proposals (almost) never match the target's: the worst case a bad draft can cost."""
+    bad = truncated_copy(draft, draft.config.num_hidden_layers)
+    with torch.no_grad():
+        bad.model.norm.weight.neg_()
+    return bad
