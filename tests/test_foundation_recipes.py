@@ -1,0 +1,83 @@
+"""Recipes: every shipped recipe validates; unknown keys, wrong types and bad overrides name key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from fastdraft.config import Recipe, load_recipe, parse_count
+from fastdraft.errors import RecipeError
+
+RECIPES = Path(__file__).resolve().parent.parent / "jobs" / "recipes"
+
+
+@pytest.mark.parametrize("name", ["demo", "phi3-mini", "llama31-8b"])
+def test_shipped_recipes_validate_with_every_stage(name):
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    assert isinstance(recipe, Recipe)
+    for stage in ("prepare", "pretrain", "generate", "distill", "evaluate", "serve"):
+        assert recipe.section(stage) is not None
+    # every pretrain stage trains on a corpus the prepare section defines
+    assert {s.corpus for s in recipe.pretrain.stages} <= set(recipe.prepare.corpora)
+
+
+def test_paper_recipes_carry_the_papers_numbers():
+    phi3 = load_recipe(RECIPES / "phi3-mini.yaml")
+    llama = load_recipe(RECIPES / "llama31-8b.yaml")
+    assert phi3.draft.params == 50_000_000 and llama.draft.params == 150_000_000
+    assert [s.name for s in phi3.pretrain.stages] == ["PT", "CP"]
+    assert [s.tokens for s in phi3.pretrain.stages] == [5_000_000_000, 7_500_000_000]
+
+
+@pytest.mark.parametrize("text,value", [("5B", 5_000_000_000), ("2.5B", 2_500_000_000), ("300M", 300_000_000),
+                                        ("64k", 64_000), (1234, 1234), ("1234", 1234)])
+def test_parse_count_accepts_suffixes(text, value):
+    assert parse_count(text) == value
+
+
+def test_overrides_apply_to_nested_keys_and_list_items():
+    recipe = load_recipe(RECIPES / "demo.yaml", ["pretrain.optim.lr=3e-4", "pretrain.stages.0.tokens=500k",
+                                                 "workdir=/tmp/x"])
+    assert recipe.pretrain.optim.lr == 3e-4
+    assert recipe.pretrain.stages[0].tokens == 500_000
+    assert recipe.run_dir == Path("/tmp/x")
+
+
+def test_unknown_key_is_an_error_naming_the_key_and_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\npretrain:\n  stages: [{name: PT, corpus: pt, tokens: 1M}]\n  learning_rate: 1e-3\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml.*pretrain\.learning_rate.*unknown key"):
+        load_recipe(path)
+
+
+def test_wrong_type_is_an_error_naming_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nprepare:\n  seq_len: long\n")
+    with pytest.raises(RecipeError, match=r"prepare\.seq_len"):
+        load_recipe(path)
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(RecipeError, match=r"pretrain\.optim\.nope"):
+        load_recipe(RECIPES / "demo.yaml", ["pretrain.optim.nope=1"])
+    with pytest.raises(RecipeError, match="must look like key.sub=value"):
+        load_recipe(RECIPES / "demo.yaml", ["pretrain.optim.lr"])
+
+
+def test_missing_and_malformed_recipe_files(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="malformed YAML"):
+        load_recipe(bad)
+
+
+def test_missing_section_is_named():
+    recipe = load_recipe(RECIPES / "demo.yaml")
+    bare = Recipe(name="bare")
+    with pytest.raises(RecipeError, match="has no 'generate' section"):
+        bare.section("generate")
+    # the section hash changes exactly when a stage's inputs change
+    changed = load_recipe(RECIPES / "demo.yaml", ["pretrain.optim.lr=1e-4"])
+    assert recipe.section_hash("prepare") == changed.section_hash("prepare")
+    assert recipe.section_hash("pretrain") != changed.section_hash("pretrain")
