@@ -289,24 +289,20 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 # The stage
 # --------------------------------------------------------------------------------------------
 def collect_prompts(cfg: GenerateConfig, recipe: Recipe, encoder: PromptEncoder, out_dir: Path) -> tuple[list[EncodedPrompt], dict]:
-    """Every source's prompts (Magpie sources ask the target on Ray), deduped across sources by prompt id."""
-    prompts, stats, seen = [], {}, set()
+    """Every source's prompts (Magpie sources ask the target on Ray); prompt ids start with the source's name."""
+    prompts, stats = [], {}
     reserved = reserved_eval_texts()
     for source in cfg.prompts:
-        if source.name in stats:
-            raise RecipeError(f"generate.prompts: two sources are named '{source.name}'; names must be unique")
         if source.kind == "magpie":
             def ask(requests: list[Request]) -> list[Generated]:
                 return ask_target(requests, cfg, recipe)
             got, st = magpie_prompts(source, encoder, ask, out_dir / f"magpie-{source.name}.json", cfg.seed, reserved)
         else:
             got, st = load_prompts(source, encoder, reserved)
-        kept = [p for p in got if p.prompt_id not in seen]
-        seen.update(p.prompt_id for p in kept)
         stats[source.name] = st.to_dict()
-        print(f"[generate] prompts from '{source.name}': {len(kept)} "
+        print(f"[generate] prompts from '{source.name}': {len(got)} "
               f"(skipped {dict(st.skipped) or 0}, truncated {st.truncated})", flush=True)
-        prompts += kept
+        prompts += got
     return prompts, stats
 
 
@@ -334,6 +330,9 @@ def run_generate(recipe: Recipe) -> dict:
     context = check_context(cfg, recipe)
     resume = resume_hash(recipe, fingerprint)
     check_resumable(out_dir, fingerprint, resume)
+    names = [source.name for source in cfg.prompts]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"generate.prompts: source names must be unique (they prefix the prompt ids), got {names}")
     for source in cfg.prompts:
         check_source(source)
     ensure_ray()
