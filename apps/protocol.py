@@ -333,7 +333,7 @@ def merge_speculative(parts: list[dict]) -> dict:
     for p in parts:
         for k in total:
             total[k] += p.get(k, 0)
-    gamma = parts[0]["gamma"] if parts else 0
+    gamma = next((p["gamma"] for p in parts if "gamma" in p), 0)
     return speculative_usage(total, gamma)
 
 

@@ -24,6 +24,7 @@ counters in `usage.speculative` (DESIGN.md: acceptance_rate = A/D, tau = N/F).
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types at runtime, in the
 # replica, where the deployment class arrives pickled by value.
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -38,6 +39,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from apps import protocol as P
@@ -49,6 +51,7 @@ from fastdraft.speculative.types import SamplingParams
 logger = logging.getLogger("ray.serve")
 APP_NAME = "fastdraft"
 DRAFT_STAGES = ("FT", "CP", "PT")  # the pipeline's drafts, most aligned first
+REPLICA_RETRIES = 2  # a choice survives this many model replica deaths
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +283,18 @@ def _eos_ids(tokenizer, model_config) -> set[int]:
     return ids
 
 
+def _continuation(request: dict, generated: list[int]) -> dict:
+    """The rest of `request` after its replica died: the prompt plus what was generated, fewer new tokens.
+
+    Exact for greedy decoding, and a correct sample for sampling (a continuation from a prefix).
+    """
+    params = request["params"]
+    # A fresh seed would repeat the lost attempt's first draws; derive one from the progress instead.
+    seed = None if params.seed is None else params.seed + 1_000_003 * (len(generated) + 1)
+    rest = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(generated), seed=seed)
+    return {**request, "prompt_ids": list(request["prompt_ids"]) + list(generated), "params": rest}
+
+
 @dataclass
 class _Job:
     """One choice of a request: what to generate and, once done, what happened."""
@@ -412,7 +427,7 @@ class OpenAIIngress:
                                         max_new_tokens=max_new, stop_token_ids=self.stop_ids,
                                         seed=None if req.seed is None else req.seed + pi * req.n + k)
                 jobs.append(_Job(pi * req.n + k, {"prompt_ids": ids, "params": params, "gamma": gamma},
-                                 P.TextStream(self.tokenizer, stops)))
+                                 P.TextStream(self.tokenizer, stops), speculative=P.speculative_usage(None, gamma)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return _Plan(endpoint, P.new_id("cmpl" if endpoint == "completions" else "chatcmpl"), req.stream, include_usage,
                      jobs, sum(len(p) for p in prompts))
@@ -450,24 +465,44 @@ class OpenAIIngress:
                 t.cancel()
 
     async def _run_job(self, job: _Job, queue: asyncio.Queue) -> None:
-        """One choice: stream from a model replica; stop sequences end the choice (its stats still arrive)."""
+        """One choice, to the end: a model replica that dies mid-generation is replaced by a continuation."""
+        base = job.request
         try:
-            async for event in self.pair.options(stream=True).generate.remote(job.request):
-                delta = job.text.add(event["token_ids"]) if job.finish_reason is None else ""
-                if job.finish_reason is None and job.text.stopped:
-                    job.finish_reason, job.completion_tokens = "stop", len(job.text.ids)
-                    await queue.put((job.index, delta, "stop"))
-                elif job.finish_reason is None and "finish_reason" in event:
-                    job.finish_reason, job.completion_tokens = event["finish_reason"], len(job.text.ids)
-                    await queue.put((job.index, delta + job.text.finish(), job.finish_reason))
-                elif delta:
-                    await queue.put((job.index, delta, None))
-                if "stats" in event:
-                    job.speculative = P.speculative_usage(event["stats"], event["gamma"])
-                    job.queue_s = event["queue_s"]
+            for attempt in range(REPLICA_RETRIES + 1):
+                try:
+                    await self._stream_job(job, queue)
+                    break
+                except (RayActorError, ActorUnavailableError) as exc:
+                    if job.finish_reason is not None:  # already answered: only its stats are lost
+                        break
+                    if attempt == REPLICA_RETRIES:
+                        raise
+                    logger.warning(f"model replica lost ({type(exc).__name__}); continuing choice {job.index} "
+                                   f"after {len(job.text.ids)} tokens on another replica")
+                    if len(job.text.ids) >= base["params"].max_new_tokens:  # only the final event was lost
+                        job.finish_reason, job.completion_tokens = "length", len(job.text.ids)
+                        await queue.put((job.index, job.text.finish(), "length"))
+                        break
+                    job.request = _continuation(base, job.text.ids)
             await queue.put(None)
         except Exception as exc:  # noqa: BLE001 - reported to the client by the request's own coroutine
             await queue.put(exc)
+
+    async def _stream_job(self, job: _Job, queue: asyncio.Queue) -> None:
+        """Stream one generation; stop sequences end the choice early (its stats still arrive)."""
+        async for event in self.pair.options(stream=True).generate.remote(job.request):
+            delta = job.text.add(event["token_ids"]) if job.finish_reason is None else ""
+            if job.finish_reason is None and job.text.stopped:
+                job.finish_reason, job.completion_tokens = "stop", len(job.text.ids)
+                await queue.put((job.index, delta, "stop"))
+            elif job.finish_reason is None and "finish_reason" in event:
+                job.finish_reason, job.completion_tokens = event["finish_reason"], len(job.text.ids)
+                await queue.put((job.index, delta + job.text.finish(), job.finish_reason))
+            elif delta:
+                await queue.put((job.index, delta, None))
+            if "stats" in event:
+                job.speculative = P.speculative_usage(event["stats"], event["gamma"])
+                job.queue_s = event["queue_s"]
 
     def _finish_metrics(self, plan: _Plan, status: int, start: float, ttft: float | None) -> None:
         for job in plan.jobs:

@@ -231,3 +231,27 @@ def test_vllm_app_without_vllm_says_what_to_install(tiny_target_dir, tiny_draft_
 
     with pytest.raises(MissingDependencyError, match=r"fastdraft\[gpu\]"):
         build_app({"target": str(tiny_target_dir), "draft": str(tiny_draft_dir)})
+
+
+def test_a_generation_cut_by_a_dead_replica_continues_from_what_was_streamed():
+    from apps.speculative import _continuation
+    from fastdraft.speculative.types import SamplingParams
+
+    base = {"prompt_ids": [1, 2, 3], "params": SamplingParams(max_new_tokens=10, seed=5, stop_token_ids=(0,)), "gamma": 3}
+    rest = _continuation(base, [7, 8, 9, 10])
+    assert rest["prompt_ids"] == [1, 2, 3, 7, 8, 9, 10] and rest["gamma"] == 3
+    assert rest["params"].max_new_tokens == 6 and rest["params"].stop_token_ids == (0,)
+    assert rest["params"].seed != 5  # the lost attempt's random draws are not replayed
+    assert _continuation({**base, "params": SamplingParams(max_new_tokens=10)}, [7])["params"].seed is None
+
+
+def test_bench_summary_counts_errors_and_percentiles():
+    from jobs.bench_serve import Sample, pct, summarize
+
+    samples = [Sample(True, 0.0, latency_s=t, ttft_s=t / 4, tokens=10,
+                      spec={"drafted": 6, "accepted": 3, "target_passes": 4, "emitted": 10}) for t in (1.0, 2.0, 3.0, 4.0)]
+    row = summarize("speculative", samples + [Sample(False, 0.0, error="HTTP 503")], wall_s=2.0)
+    assert row["requests"] == 4 and row["errors"] == 1 and row["first_errors"] == ["HTTP 503"]
+    assert row["output_tokens_per_s"] == 20 and row["latency_p50_s"] in (2.0, 3.0) and row["latency_p99_s"] == 4.0
+    assert row["AR"] == 0.5 and row["tau"] == 2.5
+    assert pct([], 50) is None

@@ -1,0 +1,294 @@
+"""Benchmark: load-test the served pair on loopback, speculation on vs off side by side.
+
+N concurrent clients stream completions for T seconds per phase (each phase stops by itself), against
+one server holding the pair; phases differ only in the request's `speculative` switch, so both run on
+the same replica, prompts and settings. Reports requests/s, output tokens/s, latency and time to first
+token (p50/p95/p99), errors (goal: 0), and the engine's AR and tau. With `--kill-replica`, a third phase
+kills the model replica's process mid-load and reports failed requests and the time until a request
+sent after the kill succeeds again (Serve starts a replacement).
+
+    python jobs/bench_serve.py                                    # demo draft if trained, else SmolLM2 + its first layers
+    python jobs/bench_serve.py --clients 4 --seconds 30 --max-tokens 64 --kill-replica
+    python jobs/bench_serve.py --target DIR --draft DIR --out runs/bench/serve.json
+
+Prints a table and writes JSON (default runs/bench/serve.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir, under `ray job submit`
+
+import httpx  # noqa: E402
+
+
+@dataclass
+class Sample:
+    ok: bool
+    start: float
+    latency_s: float = 0.0
+    ttft_s: float | None = None
+    tokens: int = 0
+    spec: dict = field(default_factory=dict)
+    error: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Pair and prompts
+# --------------------------------------------------------------------------------------------
+def truncated_draft(target: str, layers: int, out: Path) -> Path:
+    """An untrained-but-plausible draft: the target's first `layers` layers, its embeddings and head."""
+    from fastdraft.checkpoint import DraftMetadata, load_model, save_draft
+    from fastdraft.speculative.pairs import truncated_copy
+    from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    if (out / "config.json").is_file():
+        return out
+    tok = load_tokenizer(target)
+    draft = truncated_copy(load_model(target), layers)
+    meta = DraftMetadata(target=target, tokenizer_fingerprint=tokenizer_fingerprint(tok),
+                         extra={"init": f"first {layers} layers of the target"})
+    tmp = out.with_name(out.name + ".partial")
+    save_draft(draft, tok, tmp, meta)
+    tmp.rename(out)
+    return out
+
+
+def resolve_spec(args):
+    """The pair to serve: --target/--draft, else the recipe's trained draft, else a truncated target."""
+    from apps.speculative import recipe_from_args, resolve_pair
+    from fastdraft.errors import RecipeError
+
+    base = {"recipe": args.recipe, "max_tokens_cap": max(args.max_tokens, 16), "max_batch_size": args.clients,
+            "cpus_per_replica": args.cpus, "gamma": args.gamma}
+    if args.target:
+        base = {**base, "target": args.target}
+    if args.draft:
+        return resolve_pair(recipe_from_args({**base, "draft": args.draft})), "given"
+    try:
+        return resolve_pair(recipe_from_args(base)), "recipe"
+    except RecipeError:  # nothing trained yet: measure with the target's first layers as the draft
+        recipe = recipe_from_args(base)
+        from fastdraft.assets import resolve_model_path
+
+        target = str(resolve_model_path(recipe.target.model))
+        draft = truncated_draft(target, args.draft_layers, Path("runs/bench") / f"first{args.draft_layers}-draft")
+        return resolve_pair(recipe_from_args({**base, "draft": str(draft)})), f"first {args.draft_layers} target layers"
+
+
+def bench_prompts(n: int = 32) -> list[str]:
+    """Half code (HumanEval prompts), half prose (stdlib docs): the paper's two kinds of task."""
+    from fastdraft.assets import humaneval_problems, iter_stdlib_prose
+
+    code = [p["prompt"] for p in humaneval_problems()[: n // 2]]
+    prose = [t[:300] for _, t in zip(range(n // 2), iter_stdlib_prose())]
+    return code + prose
+
+
+# --------------------------------------------------------------------------------------------
+# Load generation
+# --------------------------------------------------------------------------------------------
+def one_request(client: httpx.Client, url: str, prompt: str, args, speculative: bool) -> Sample:
+    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
+            "stream_options": {"include_usage": True}, "speculative": speculative}
+    start = time.perf_counter()
+    s = Sample(ok=False, start=start)
+    try:
+        with client.stream("POST", url + "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                s.error = f"HTTP {r.status_code}: {r.text[:200]}"
+                return s
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    s.error = event["error"]["message"]
+                    return s
+                if event.get("usage"):
+                    s.tokens, s.spec = event["usage"]["completion_tokens"], event["usage"].get("speculative", {})
+                elif s.ttft_s is None and event["choices"] and event["choices"][0]["text"]:
+                    s.ttft_s = time.perf_counter() - start
+    except httpx.HTTPError as exc:
+        s.error = f"{type(exc).__name__}: {exc}"[:200]
+        return s
+    s.ok, s.latency_s = True, time.perf_counter() - start
+    return s
+
+
+def run_phase(url: str, prompts: list[str], args, speculative: bool, on_start=None) -> tuple[list[Sample], float]:
+    """`args.clients` threads send requests back to back until `args.seconds` have passed."""
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    stop_at = time.perf_counter() + args.seconds
+
+    def client_loop(k: int) -> None:
+        with httpx.Client(timeout=args.request_timeout) as client:
+            i = k
+            while time.perf_counter() < stop_at:
+                s = one_request(client, url, prompts[i % len(prompts)], args, speculative)
+                with lock:
+                    samples.append(s)
+                i += args.clients
+                if not s.ok:
+                    time.sleep(0.5)  # a failing server is not hammered in a tight loop
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(args.clients)]
+    for t in threads:
+        t.start()
+    if on_start:
+        on_start()
+    for t in threads:
+        t.join()
+    return samples, time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(name: str, samples: list[Sample], wall_s: float) -> dict:
+    ok = [s for s in samples if s.ok]
+    lat = [s.latency_s for s in ok]
+    ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
+    spec = {k: sum(s.spec.get(k, 0) for s in ok) for k in ("drafted", "accepted", "target_passes", "emitted")}
+    return {
+        "phase": name, "requests": len(ok), "errors": len(samples) - len(ok), "wall_s": wall_s,
+        "requests_per_s": len(ok) / wall_s, "output_tokens_per_s": sum(s.tokens for s in ok) / wall_s,
+        "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95), "latency_p99_s": pct(lat, 99),
+        "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+        "mean_latency_s": statistics.fmean(lat) if lat else None,
+        "AR": spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0,
+        "tau": spec["emitted"] / spec["target_passes"] if spec["target_passes"] else 0.0,
+        "first_errors": sorted({s.error for s in samples if not s.ok})[:3],
+    }
+
+
+def kill_phase(url: str, prompts: list[str], args) -> dict:
+    """Speculative load with the model replica's process killed a third of the way in."""
+    from ray import serve
+
+    from apps.speculative import APP_NAME
+
+    handle = serve.get_deployment_handle("SpeculativePair", APP_NAME)
+    pid = handle.info.remote().result()["pid"]
+    killed: dict = {}
+
+    def killer():
+        time.sleep(args.seconds / 3)
+        killed["at"] = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        print(f"[bench] killed the model replica (pid {pid})", flush=True)
+
+    samples, wall = run_phase(url, prompts, args, True, on_start=lambda: threading.Thread(target=killer, daemon=True).start())
+    out = summarize("speculative + replica killed", samples, wall)
+    after = sorted((s for s in samples if s.ok and s.start >= killed["at"]), key=lambda s: s.start + s.latency_s)
+    out["killed_pid"] = pid
+    out["failed_requests"] = out["errors"]
+    out["recovery_s"] = (after[0].start + after[0].latency_s - killed["at"]) if after else None
+    try:
+        out["new_pid"] = handle.info.remote().result(timeout_s=120)["pid"]
+    except Exception as exc:  # noqa: BLE001 - report, do not crash the benchmark
+        out["new_pid"] = f"unavailable: {exc}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def print_table(rows: list[dict]) -> None:
+    cols = [("phase", "phase", "{}"), ("requests", "req", "{}"), ("errors", "err", "{}"), ("requests_per_s", "req/s", "{:.2f}"),
+            ("output_tokens_per_s", "tok/s", "{:.1f}"), ("latency_p50_s", "p50 s", "{:.2f}"),
+            ("latency_p95_s", "p95 s", "{:.2f}"), ("latency_p99_s", "p99 s", "{:.2f}"), ("ttft_p50_s", "ttft50", "{:.3f}"),
+            ("ttft_p99_s", "ttft99", "{:.3f}"), ("AR", "AR", "{:.2f}"), ("tau", "tau", "{:.2f}")]
+    cells = [[h for _, h, _ in cols]] + [["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", default="jobs/recipes/demo.yaml", help="recipe whose target/draft/serve section to use")
+    p.add_argument("--target", default=None, help="target directory (overrides the recipe)")
+    p.add_argument("--draft", default=None, help="draft directory (default: the recipe's trained draft)")
+    p.add_argument("--draft-layers", type=int, default=4, help="without a trained draft: the target's first N layers")
+    p.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    p.add_argument("--seconds", type=float, default=30, help="duration of each phase")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--cpus", type=float, default=1.0, help="CPUs of the model replica")
+    p.add_argument("--request-timeout", type=float, default=120)
+    p.add_argument("--kill-replica", action="store_true", help="add a phase that kills the model replica mid-load")
+    p.add_argument("--out", default="runs/bench/serve.json")
+    args = p.parse_args(argv)
+
+    from ray import serve
+
+    from apps.speculative import APP_NAME, build_pair_app
+    from fastdraft.raycluster import ensure_ray
+
+    spec, source = resolve_spec(args)
+    prompts = bench_prompts()
+    ensure_ray()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_pair_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    print(f"[bench] target {spec.target}\n[bench] draft  {spec.draft} ({source}), gamma {args.gamma}; "
+          f"{args.clients} clients x {args.seconds:.0f} s per phase, {args.max_tokens} tokens, T={args.temperature}", flush=True)
+    try:
+        with httpx.Client(timeout=args.request_timeout) as c:  # warm-up: first calls pay one-off costs
+            for sp in (True, False):
+                one_request(c, url, prompts[0], args, sp)
+        rows = []
+        for name, speculative in (("speculative", True), ("target alone", False)):
+            print(f"[bench] phase: {name}", flush=True)
+            rows.append(summarize(name, *run_phase(url, prompts, args, speculative)))
+        if args.kill_replica:
+            print("[bench] phase: speculative + replica killed", flush=True)
+            rows.append(kill_phase(url, prompts, args))
+    finally:
+        serve.shutdown()
+    spec_row, alone_row = rows[0], rows[1]
+    result = {
+        "target": spec.target, "draft": spec.draft, "draft_source": source, "gamma": args.gamma,
+        "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "phases": rows,
+        "speedup_tokens_per_s": (spec_row["output_tokens_per_s"] / alone_row["output_tokens_per_s"]
+                                 if alone_row["output_tokens_per_s"] else None),
+        "cpu_count": os.cpu_count(),
+    }
+    print()
+    print_table(rows)
+    print(f"\nspeculative / target alone, output tokens/s: {result['speedup_tokens_per_s']:.2f}x")
+    if args.kill_replica:
+        k = rows[2]
+        print(f"replica kill: {k['failed_requests']} failed requests, recovery {k['recovery_s']} s "
+              f"(pid {k['killed_pid']} -> {k['new_pid']})")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
