@@ -1,0 +1,209 @@
+"""The whole chain from one recipe: prepare -> pretrain -> generate -> distill -> evaluate.
+
+    fastdraft run RECIPE [--from STAGE]        # any recipe (also: ray job submit ... python jobs/pipeline.py RECIPE)
+    fastdraft demo [--quick]                   # the embedded default target, offline
+
+Each stage's outputs are recorded in `<workdir>/pipeline.json` with the recipe sections they depend on
+(their hash) and the target's tokenizer fingerprint. A stage whose record matches and whose outputs exist
+is skipped and says so. A stage whose inputs changed, or `--from STAGE`, moves the outputs of that stage and
+every later one aside (to `<workdir>/superseded/<time>/`, nothing is deleted) and runs again. A failing stage
+stops the chain with its own error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from fastdraft.config import Recipe, load_recipe
+from fastdraft.layout import RunLayout
+
+ORDER = ("prepare", "pretrain", "generate", "distill", "evaluate")
+
+# The recipe sections each stage's outputs depend on (the target is always included by section_hash).
+DEPENDS_ON = {
+    "prepare": ("prepare",),
+    "pretrain": ("prepare", "draft", "pretrain"),
+    "generate": ("generate",),
+    "distill": ("prepare", "draft", "pretrain", "generate", "distill"),
+    "evaluate": ("prepare", "draft", "pretrain", "generate", "distill", "evaluate"),
+}
+
+
+def stage_outputs(recipe: Recipe, stage: str) -> list[Path]:
+    """The paths a stage writes (what `--from` moves aside)."""
+    layout = RunLayout(recipe.run_dir)
+    if stage == "prepare":
+        return [layout.root / "data"]
+    if stage == "pretrain":
+        names = ["init"] + [s.name for s in recipe.pretrain.stages] if recipe.pretrain else ["init"]
+        return [layout.draft(n) for n in names] + [layout.train_storage]
+    if stage == "generate":
+        return [layout.alignment]
+    if stage == "distill":
+        return [layout.draft("FT"), layout.train_storage]
+    return [layout.eval]
+
+
+class PipelineRecord:
+    """`<workdir>/pipeline.json`: per stage, the inputs' hash, the tokenizer fingerprint, time and summary."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.stages: dict[str, dict] = json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
+
+    def matches(self, stage: str, key: str) -> bool:
+        entry = self.stages.get(stage, {})
+        return entry.get("status") == "done" and entry.get("key") == key
+
+    def set(self, stage: str, **entry) -> None:
+        self.stages[stage] = entry
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+def supersede(recipe: Recipe, stages: list[str]) -> Path | None:
+    """Move the outputs of `stages` to `<workdir>/superseded/<time>/` (never delete a user's work)."""
+    root = recipe.run_dir
+    dest = root / "superseded" / time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for stage in stages:
+        for path in stage_outputs(recipe, stage):
+            if path.exists():
+                target = dest / path.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), str(target))
+                moved.append(str(path.relative_to(root)))
+    if moved:
+        print(f"[pipeline] moved previous outputs aside to {dest}: {', '.join(moved)}", flush=True)
+        return dest
+    return None
+
+
+def _target_fingerprint(recipe: Recipe) -> str:
+    from fastdraft.assets import resolve_model_path
+    from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    return tokenizer_fingerprint(load_tokenizer(resolve_model_path(recipe.target.model), recipe.target.trust_remote_code))
+
+
+def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> dict:
+    """Run every stage the recipe has a section for, skipping those whose outputs exist and match."""
+    from fastdraft.cli import resolve_stage
+
+    stages = [s for s in ORDER if getattr(recipe, s) is not None]
+    if from_stage is not None and from_stage not in stages:
+        from fastdraft.errors import RecipeError
+
+        raise RecipeError(f"--from {from_stage}: recipe '{recipe.name}' has no '{from_stage}' section")
+    funcs = {s: resolve_stage(s) for s in stages}  # an unbuilt stage fails before anything runs
+    fingerprint = _target_fingerprint(recipe)
+    record = PipelineRecord(recipe.run_dir / "pipeline.json")
+    print(f"[pipeline] {recipe.name}: {' -> '.join(stages)} in {recipe.run_dir} (tokenizer {fingerprint})", flush=True)
+    summary: dict[str, dict] = {}
+    rerun = False
+    for i, stage in enumerate(stages):
+        key = f"{recipe.section_hash(*DEPENDS_ON[stage])}/{fingerprint}"
+        outputs_exist = all(p.exists() for p in stage_outputs(recipe, stage)[:1])
+        if stage == from_stage or (not rerun and record.stages.get(stage, {}).get("key") not in (None, key)):
+            why = "--from" if stage == from_stage else "its recipe sections or the target changed"
+            print(f"[pipeline] {stage}: rerunning ({why})", flush=True)
+            supersede(recipe, stages[i:])
+            rerun = True
+        elif not rerun and record.matches(stage, key) and outputs_exist:
+            print(f"[pipeline] {stage}: outputs exist and match (key {key}); skipping", flush=True)
+            summary[stage] = {"skipped": True, **record.stages[stage].get("summary", {})}
+            continue
+        print(f"[pipeline] {stage}: starting", flush=True)
+        start = time.time()
+        record.set(stage, status="running", key=key, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        try:
+            result = funcs[stage](recipe) or {}
+        except BaseException as exc:
+            record.set(stage, status="failed", key=key, error=f"{type(exc).__name__}: {exc}")
+            print(f"[pipeline] {stage}: failed after {time.time() - start:.0f}s; later stages not run", flush=True)
+            raise
+        seconds = round(time.time() - start, 1)
+        record.set(stage, status="done", key=key, seconds=seconds, summary=result)
+        summary[stage] = {**result, "seconds": seconds}
+        print(f"[pipeline] {stage}: done in {seconds:.0f}s", flush=True)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------
+# `--quick`: the same chain at smoke-test size (a few minutes on 2 cores).
+QUICK_OVERRIDES = [
+    "prepare.corpora.pt.tokens=150k",
+    "prepare.corpora.cp.sources.0.tokens=120k",
+    "prepare.corpora.cp.sources.1.tokens=40k",
+    "pretrain.stages.0.tokens=100k",
+    "pretrain.stages.1.tokens=100k",
+    "pretrain.eval_every=10",
+    "pretrain.ckpt_every=10",
+    "generate.prompts.0.limit=12",
+    "generate.prompts.1.limit=12",
+    "generate.sampling.0.max_new_tokens=48",
+    "generate.sampling.1.max_new_tokens=48",
+    "distill.epochs=2",
+    "distill.seq_len=160",
+    "evaluate.tasks.0.prompts=3",
+    "evaluate.tasks.1.prompts=4",
+    "evaluate.tasks.2.prompts=3",
+    "evaluate.tasks.0.max_new_tokens=24",
+    "evaluate.tasks.1.max_new_tokens=24",
+    "evaluate.tasks.2.max_new_tokens=24",
+    "evaluate.gammas=[1,3]",
+]
+
+
+def demo_recipe(quick: bool = False, workdir: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    from fastdraft.cli import demo_recipe_path
+
+    sets = (QUICK_OVERRIDES if quick else []) + [f"workdir={workdir or ('runs/demo-quick' if quick else 'runs/demo')}"]
+    return load_recipe(demo_recipe_path(), sets + list(overrides or []))
+
+
+def final_draft(recipe: Recipe) -> Path | None:
+    layout = RunLayout(recipe.run_dir)
+    names = ["FT"] + [s.name for s in reversed(recipe.pretrain.stages)] if recipe.pretrain else ["FT"]
+    return next((layout.draft(n) for n in names if (layout.draft(n) / "fastdraft.json").is_file()), None)
+
+
+def demo_summary(recipe: Recipe, quick: bool) -> str:
+    """The closing text: the headline table, where the report and the draft are, how to serve them."""
+    from fastdraft.evaluation import report as report_mod
+
+    layout = RunLayout(recipe.run_dir)
+    lines = []
+    report_path = layout.eval / "report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        lines += ["", f"Speculative decoding with each draft (gamma {report['settings']['gamma']}):", "",
+                  report_mod.markdown_table(report_mod.headline_rows(report)), ""]
+        pictures = sorted(str(p) for p in layout.eval.glob("*.png"))
+        lines += [f"report: {report_path}", f"        {layout.eval / 'report.html'}", *[f"        {p}" for p in pictures]]
+    draft = final_draft(recipe)
+    if draft is not None:
+        workdir = f" --set workdir={recipe.run_dir}" if str(recipe.run_dir) != "runs/demo" else ""
+        quick_note = " --quick" if quick else ""
+        lines += [f"final draft: {draft}",
+                  f"serve it:    fastdraft serve jobs/recipes/demo.yaml{workdir}   (or: serve run apps.speculative:build_app "
+                  f"target={recipe.target.model} draft={draft})",
+                  f"rerun:       fastdraft demo{quick_note} (finished stages are skipped)"]
+    return "\n".join(lines)
+
+
+def run_demo(quick: bool = False, workdir: str | None = None, overrides: list[str] | None = None) -> dict:
+    """`fastdraft demo`: the whole chain on the embedded SmolLM2-135M-Instruct target and offline corpora."""
+    recipe = demo_recipe(quick, workdir, overrides)
+    summary = run_pipeline(recipe)
+    print(demo_summary(recipe, quick), flush=True)
+    return {"workdir": str(recipe.run_dir), "stages": ", ".join(f"{k} {v.get('seconds', 'skipped')}" for k, v in summary.items()
+                                                                  if isinstance(v, dict)),
+            "final_draft": str(final_draft(recipe))}
