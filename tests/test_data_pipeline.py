@@ -182,3 +182,15 @@ def test_a_missing_text_field_stops_before_anything_is_written(prepared, tmp_pat
     err = capsys.readouterr().err
     assert "source 'notes'" in err and "bad.jsonl has no field 'text'" in err
     assert not (tmp_path / "run" / "data" / "mix").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_field_missing_further_down_a_file_stops_the_run_naming_file_and_line_and_keeps_the_partial_corpus(prepared, tmp_path, capsys):
+    recipe, _ = prepared
+    bad = tmp_path / "late.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "fine"}, {"text": "also fine"}, {"body": "no text"}]))
+    overrides = [f"workdir={tmp_path / 'run'}", f"prepare.corpora.mix.sources.0.path={bad}"]
+    assert main(["prepare", str(recipe), *[a for o in overrides for a in ("--set", o)]]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdraft prepare: error:")]
+    assert error == [f"fastdraft prepare: error: source 'notes': {bad} line 3 has no field 'text' (text_field)"]
+    assert json.loads((tmp_path / "run" / "data" / "mix" / "manifest.json").read_text())["complete"] is False

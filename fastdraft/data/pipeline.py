@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -179,6 +180,7 @@ class ShardTokenizer:
                 if len(rows):
                     yield stream_table(shard["id"], split, rows_to_arrow(rows))
         stats["dropped_tail_tokens"] = sum(p.tail for p in packers.values())
+        stats["actor_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # flat if streaming
         stats["skipped"] = dict(stats["skipped"])
         yield stream_table(shard["id"], "done", pa.array([[]], type=pa.list_(pa.int32())), json.dumps(stats))
 
@@ -203,13 +205,17 @@ def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceCon
 
 
 def user_error(exc: BaseException) -> FastdraftError | None:
-    """The FastdraftError inside an exception that Ray wrapped (task error, UserCodeException), if any."""
+    """The FastdraftError an actor raised, out of Ray's wrappers (RayTaskError, UserCodeException), if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # a RayTaskError also subclasses the cause's class: unwrap it first
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
         if isinstance(exc, FastdraftError):
-            return FastdraftError(str(exc).splitlines()[-1] if "Traceback" in str(exc) else str(exc))
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+            return exc
+        exc = exc.__cause__ or exc.__context__
     return None
 
 
@@ -276,7 +282,8 @@ def summarize(done: dict[str, dict], sources: list[SourceConfig], budgets: dict,
             src["tokens"] += n * seq_len
     for src in per_source.values():
         src["skipped"] = dict(src["skipped"])
-    return {"splits": splits, "sources": per_source}
+    peak = max((r.get("actor_peak_rss_mb", 0) for r in done.values()), default=0)
+    return {"splits": splits, "sources": per_source, "actor_peak_rss_mb": peak}
 
 
 @dataclass
