@@ -152,3 +152,21 @@ def test_a_shard_packs_exactly_the_documents_of_each_split_in_order(tmp_path, ti
         np.testing.assert_array_equal(np.concatenate(rows), expected[: len(rows) * 32])  # the tail (< 32) is dropped
         assert len(expected) - len(rows) * 32 < 32
     assert stats["dropped_tail_tokens"] == stats["tokens_read"] - len(out) * 32 + 32  # the done row has no ids
+
+
+def test_text_files_take_every_visible_file_as_one_document(tmp_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "README").write_text("second document")
+    (tmp_path / ".cache").write_text("hidden")
+    docs = read_all(SourceConfig(name="t", kind="text_files", path=str(tmp_path)))
+    assert [(d.id, d.text) for d in docs] == [("a.txt", "first document"), ("sub/README", "second document")]
+
+
+def test_hf_source_streams_a_local_directory_of_data_files_offline(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    src = SourceConfig(name="local", kind="hf", path=str(tmp_path / "data"), split="train")
+    assert [d.text for d in read_all(src)] == [f"row {i}" for i in range(5)]
+    with pytest.raises(FastdraftError, match=r"source 'missing' \(hf\): cannot open"):
+        plan_shards(SourceConfig(name="missing", kind="hf", path="no-such-org/no-such-dataset"))
