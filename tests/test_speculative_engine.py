@@ -254,3 +254,15 @@ def test_smollm2_greedy_equals_transformers(smollm2_dir, tmp_path):
     perfect = SpeculativeEngine(target, target, gamma=4)
     assert [r.token_ids for r in perfect.generate(prompts, params)] == refs
     assert perfect.last_stats.acceptance_rate > 0.95
+
+
+def test_draft_may_run_in_another_dtype(pairs, tiny_draft_dir):
+    """dtype per model: a float32 draft with a float64 target, greedy (lossless) and sampled (seeded)."""
+    target, _ = pairs["factory"]
+    engine = SpeculativeEngine(target, load_model(tiny_draft_dir, dtype=torch.float32), gamma=3)
+    prompts = make_prompts(2, seed=6)
+    greedy = engine.generate(prompts, SamplingParams(max_new_tokens=20, stop_token_ids=(2,)))
+    assert [r.token_ids for r in greedy] == [hf_greedy(target, p, 20, stop=2) for p in prompts]
+    sampled = engine.generate(prompts, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=20, seed=3))
+    assert all(len(r.token_ids) == 20 for r in sampled)
+    check_counters(sampled, engine)

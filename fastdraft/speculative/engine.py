@@ -103,12 +103,17 @@ class SpeculativeEngine:
         self.device = next(target_model.parameters()).device
         self.gamma, self.dynamic_gamma, self.max_gamma = gamma, dynamic_gamma, max(max_gamma, gamma)
         self.vocab_size = self.target.vocab_size
+        # p and q meet in one formula: compute both in float32, or float64 when the target runs in float64.
+        self.prob_dtype = torch.float64 if next(target_model.parameters()).dtype == torch.float64 else torch.float32
         self.last_stats = SpecStats()
 
     @classmethod
     def from_dirs(cls, target_dir: str | Path, draft_dir: str | Path | None = None, dtype: str = "float32",
-                  device: str = "cpu", gamma: int = 3, **kwargs) -> "SpeculativeEngine":
-        """Load a pair from local directories (safetensors); refuses a draft whose tokenizer differs."""
+                  device: str = "cpu", gamma: int = 3, draft_dtype: str | None = None, **kwargs) -> "SpeculativeEngine":
+        """Load a pair from local directories (safetensors); refuses a draft whose tokenizer differs.
+
+        `draft_dtype` defaults to `dtype` (e.g. a bfloat16 target with a float32 draft on GPU).
+        """
         from fastdraft.checkpoint import load_model
         from fastdraft.tokenizer import check_compatible
 
@@ -116,7 +121,7 @@ class SpeculativeEngine:
         draft = None
         if draft_dir is not None:
             check_compatible(target_dir, draft_dir)
-            draft = load_model(draft_dir, dtype=dtype, device=device)
+            draft = load_model(draft_dir, dtype=draft_dtype or dtype, device=device)
         return cls(target, draft, gamma=gamma, **kwargs)
 
     @property
@@ -196,7 +201,7 @@ class SpeculativeEngine:
             if params.greedy:
                 accepted, nxt = greedy_accept(drafts, logits)
             else:
-                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits, params), generator)
+                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(self.prob_dtype), params), generator)
             finished = self._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), on_tokens)
             if control:
                 control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
@@ -229,7 +234,7 @@ class SpeculativeEngine:
             if params.greedy:
                 tok = logits.argmax(dim=-1)
             else:
-                probs.append(warp_probs(logits, params))
+                probs.append(warp_probs(logits.to(self.prob_dtype), params))
                 tok = sample(probs[-1], generator)
             tokens.append(tok)
             if i < g - 1:
