@@ -17,6 +17,7 @@ disable_created_metrics()  # no `*_created` series: they double the output and n
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 RATE_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 
 
 class _Metric:
@@ -75,13 +76,16 @@ class ServeMetrics:
         self.queue = _Metric("histogram", "fastdraft_queue_time_seconds",
                              "time a generation waited in the model replica before its batch started", (), LATENCY_BUCKETS,
                              registry=r)
+        self.batch_rows = _Metric("histogram", "fastdraft_batch_rows",
+                                  "sequences sharing one engine call (and its forward passes)", (), BATCH_BUCKETS,
+                                  registry=r)
         self.tokens_per_s = _Metric("histogram", "fastdraft_output_tokens_per_second",
                                     "output tokens per second of each request, first token to last", (), RATE_BUCKETS,
                                     registry=r)
         self._totals = {"drafted": 0, "accepted": 0, "target_passes": 0, "emitted": 0}
 
-    def record_generation(self, spec: dict, queue_s: float | None) -> None:
-        """Add one choice's engine counters (usage.speculative) and its queue time."""
+    def record_generation(self, spec: dict, queue_s: float | None, batch_rows: int | None = None) -> None:
+        """Add one choice's engine counters (usage.speculative), its queue time and batch size."""
         for key, metric in (("drafted", self.drafted), ("accepted", self.accepted), ("target_passes", self.passes),
                             ("emitted", self.emitted)):
             self._totals[key] += spec.get(key, 0)
@@ -93,6 +97,8 @@ class ServeMetrics:
             self.tau.record(t["emitted"] / t["target_passes"])
         if queue_s is not None:
             self.queue.record(queue_s)
+        if batch_rows is not None:
+            self.batch_rows.record(batch_rows)
 
     def record_request(self, endpoint: str, status: int, latency_s: float, prompt_tokens: int = 0,
                        completion_tokens: int = 0, ttft_s: float | None = None) -> None:

@@ -227,11 +227,11 @@ class SpeculativePair:
                     streamed[i] += len(payload)
                     out[i] = {"token_ids": (out[i] or {}).get("token_ids", []) + payload}
                 else:  # done: the result; send ids the engine did not stream (if any) with it
-                    result, gamma = payload
+                    result, gamma, rows = payload
                     rest = [int(t) for t in result.token_ids[streamed[i]:]]
                     out[i] = {"token_ids": (out[i] or {}).get("token_ids", []) + rest,
                               "finish_reason": result.finish_reason, "stats": result.stats.to_dict(), "gamma": gamma,
-                              "queue_s": started - requests[i]["arrived"]}
+                              "queue_s": started - requests[i]["arrived"], "batch_rows": rows}
                     finished.add(i)
             yield out
             if end:
@@ -246,7 +246,7 @@ class SpeculativePair:
                     [requests[i]["prompt_ids"] for i in idxs], params, gamma=gamma,
                     on_tokens=lambda j, ids, idxs=idxs: post("tokens", idxs[j], [int(t) for t in ids]))
                 for j, result in enumerate(results):
-                    post("done", idxs[j], (result, gamma))
+                    post("done", idxs[j], (result, gamma, len(idxs)))
         except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, the replica stays up
             logger.exception("engine failed")
             post("error", -1, exc)
@@ -306,6 +306,8 @@ class _Job:
     completion_tokens: int = 0
     speculative: dict = field(default_factory=dict)
     queue_s: float | None = None
+    batch_rows: int | None = None
+    """How many sequences shared the engine call (and its forward passes) with this one."""
 
 
 @dataclass
@@ -502,11 +504,11 @@ class OpenAIIngress:
                 await queue.put((job.index, delta, None))
             if "stats" in event:
                 job.speculative = P.speculative_usage(event["stats"], event["gamma"])
-                job.queue_s = event["queue_s"]
+                job.queue_s, job.batch_rows = event["queue_s"], event["batch_rows"]
 
     def _finish_metrics(self, plan: _Plan, status: int, start: float, ttft: float | None) -> None:
         for job in plan.jobs:
-            self.metrics.record_generation(job.speculative, job.queue_s)
+            self.metrics.record_generation(job.speculative, job.queue_s, job.batch_rows)
         self.metrics.record_request(plan.endpoint, status, time.perf_counter() - start, plan.prompt_tokens,
                                     sum(j.completion_tokens for j in plan.jobs), ttft)
 

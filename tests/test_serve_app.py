@@ -174,6 +174,11 @@ def test_concurrent_requests_are_batched_and_stay_exact(server, reference):
         got = list(pool.map(lambda p: server.post("/v1/completions", {"prompt": p, "max_tokens": 20, "temperature": 0}),
                             prompts))
     assert [r.json()["choices"][0]["text"] for r in got] == expected
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    count = lambda name: float(next(line.rsplit(" ", 1)[1] for line in metrics.splitlines()  # noqa: E731
+                                    if line.startswith(name)))
+    # Some generations shared an engine call: fewer observations fall in the "1 row" bucket than in all.
+    assert count('fastdraft_batch_rows_bucket{le="1.0"}') < count("fastdraft_batch_rows_count")
 
 
 def test_n_samples_with_a_seed_are_reproducible(server):
