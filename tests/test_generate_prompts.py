@@ -49,7 +49,7 @@ def test_each_format_becomes_the_first_user_turn(row, fmt, expected):
 
 
 def test_code_rows_are_marked_as_code_to_be_continued():
-    assert row_to_messages({"prompt": "def f(x):\n"}, "code") == ([("user", "def f(x):")], True)
+    assert row_to_messages({"prompt": "def f(x):\n"}, "code") == ([("user", "def f(x):\n")], True)  # kept exactly
 
 
 @pytest.mark.parametrize("row, reason", [
@@ -145,6 +145,7 @@ def test_stdlib_code_prompts_are_signature_and_docstring_continued_raw(tok):
         compile(code + "    pass\n", "<prompt>", "exec")  # a complete header: only the body is missing
     prompts, _ = load_prompts(PromptSourceConfig(name="code", kind="stdlib_code", limit=4), PromptEncoder(tok, 512))
     assert len(prompts) == 4 and all(p.prompt_text.startswith(("def ", "async def ")) for p in prompts)
+    assert all(p.prompt_text.endswith(('"""\n', "'''\n")) for p in prompts)  # the body starts on the next line
     wrapped, _ = load_prompts(PromptSourceConfig(name="code", kind="stdlib_code", limit=1, template="chat"), PromptEncoder(tok, 512))
     assert wrapped[0].prompt_text.startswith("<|im_start|>user\nComplete the following Python function")
 

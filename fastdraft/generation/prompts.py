@@ -154,11 +154,13 @@ def row_to_messages(row: dict, fmt: str, text_field: str = "prompt") -> tuple[li
         messages = _first_user_turn(row.get("conversations"), "from", "value")
     elif fmt == "messages":
         messages = _first_user_turn(row.get("messages"), "role", "content")
-    elif fmt in ("plain", "code"):
+    elif fmt == "plain":
         messages = [("user", _text(row, text_field))]
+    elif fmt == "code":  # kept exactly: the target continues it, so a trailing newline or indent matters
+        messages = [("user", row[text_field] if _text(row, text_field) else "")]
     else:
         raise FastdraftError(f"unknown prompt format {fmt!r}")
-    if not messages[-1][1]:
+    if not messages[-1][1].strip():
         raise MalformedRow("empty")
     return messages, fmt == "code"
 
