@@ -79,3 +79,90 @@ def copy_dir(tmp_path):
         return dst
 
     return _copy
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real `ray start --head` cluster with a dashboard (for `ray job submit`), on free ports.
+
+    Module-scoped: it stops when the module's tests end, so it never overlaps the in-process `ray_session`
+    instance of later tests longer than needed (put a module's `ray job submit` tests together).
+
+    Yields the dashboard address (http://127.0.0.1:PORT). Started in its own session and stopped with
+    SIGTERM to its process group, so it never touches another Ray instance on this machine.
+    """
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    ray_bin = Path(sys.executable).with_name("ray")
+    dash, gcs = _free_port(), _free_port()
+    temp = Path("/tmp") / f"rh{os.getpid()}"  # short: Ray's socket paths have a length limit
+    log = open(tmp_path_factory.mktemp("ray_head") / "ray_head.log", "w")
+    # The job agent's and client server's fixed default ports may be held by the session's `ray.init()`
+    # instance: move them. (Moving the other agent ports made the head time out at startup here.)
+    cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+           f"--temp-dir={temp}", "--disable-usage-stats"]
+    # Token auth (on by default in Ray 2.60): the head and every `ray job submit` share this token.
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 300  # a loaded 2-core machine takes ~40 s
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answered (401 without the token): the dashboard is up
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                raise RuntimeError(f"ray head did not start; see {log.name}")
+            time.sleep(1)
+    yield address
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_job(ray_head):
+    """Run `ray job submit --working-dir <repo> -- CMD...` against `ray_head`; returns (exit code, output)."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def _submit(*cmd: str, timeout: float = 600) -> tuple[int, str]:
+        import time
+
+        ray_bin = Path(sys.executable).with_name("ray")
+        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ray_head}
+        for _ in range(30):  # the dashboard answers before its node agent is ready to take jobs
+            res = subprocess.run([str(ray_bin), "job", "submit", "--address", ray_head, "--working-dir", str(repo),
+                                  "--", *cmd], capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
+            if "No available agent to submit job" not in res.stdout + res.stderr:
+                break
+            time.sleep(5)
+        return res.returncode, res.stdout + res.stderr
+
+    return _submit
