@@ -10,7 +10,7 @@ import pytest
 
 from fastdraft.config import CorpusConfig, PrepareConfig, SourceConfig
 from fastdraft.data.packing import join_with_eos
-from fastdraft.data.pipeline import ShardTokenizer, in_validation, interleave, source_budgets
+from fastdraft.data.pipeline import Budgets, ShardTokenizer, in_validation, interleave, source_budgets, split_caps
 from fastdraft.data.sources import plan_shards, read_shard
 from fastdraft.errors import FastdraftError, RecipeError
 from fastdraft.tokenizer import load_tokenizer
@@ -124,6 +124,17 @@ def test_budget_recipe_mistakes_are_named():
         source_budgets("cp", CorpusConfig(sources=[SourceConfig(name="a", kind="stdlib_prose", weight=1)]))
     with pytest.raises(RecipeError, match="must be unique"):
         source_budgets("cp", CorpusConfig(sources=[SourceConfig(name="a", kind="stdlib_prose")] * 2))
+
+
+def test_a_budget_gives_validation_its_fraction_in_whole_rows_and_never_lets_a_split_pass_its_cap():
+    caps = {"web": split_caps(1000, 0.1, 32), "all": split_caps(None, 0.1, 32)}
+    assert caps["web"] == {"train": 904, "validation": 96}
+    budgets = Budgets(caps, 32, {src: {"train": 0, "validation": 0} for src in caps})
+    assert budgets.take("web", "train", 100) == 904 // 32 and budgets.take("web", "train", 1) == 0
+    assert not budgets.full("web")
+    assert budgets.take("web", "validation", 2) == 2 and budgets.take("web", "validation", 5) == 1
+    assert budgets.full("web") and budgets.counts["web"] == {"train": 896, "validation": 96}
+    assert budgets.take("all", "train", 10**6) == 10**6 and not budgets.full("all")
 
 
 def test_interleave_spreads_each_source_over_the_whole_order():

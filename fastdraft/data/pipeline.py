@@ -6,7 +6,7 @@
 For each corpus in `prepare.corpora`:
   1. every source is planned into shards (`sources.plan_shards`: file groups, Parquet row groups,
      dataset shards); this validates it (files exist, the text field is there) before anything is written;
-  2. the shards of all sources are interleaved by their share of the budget (mixing) and flow through
+  2. the shards of all sources are interleaved (each source spread over the whole order) and flow through
      `ray.data.from_items(shards).map_batches(ShardTokenizer, compute=ActorPoolStrategy(min, max))`:
      each actor loads the target's tokenizer once, streams the documents of one shard, splits them
      into train/validation by a hash of the document id, tokenizes `docs_per_batch` at a time and
@@ -14,8 +14,12 @@ For each corpus in `prepare.corpora`:
      reading and tokenizing sit in one actor so that a shard packs deterministically and can be
      recorded as done (resume granularity = one shard);
   3. the driver consumes the stream (Ray Data backpressure keeps memory flat), writes rows to
-     Parquet as they arrive, stops each source at its token budget (a `BudgetBoard` actor tells the
-     readers to stop reading it) and records finished shards in the manifest.
+     Parquet as they arrive, stops each source at its token budget (validation gets its fraction of it
+     in whole rows; a `BudgetBoard` actor tells the readers to stop reading) and records finished
+     shards in the manifest.
+
+Remainder handling: the last < seq_len tokens of each shard and split are dropped (counted as
+`dropped_tail_tokens` per source); budgets are met to within one row, never exceeded.
 """
 
 from __future__ import annotations
@@ -93,21 +97,53 @@ def corpus_section_hash(recipe: Recipe, name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Ray side: the budget board and the tokenizing actor
 # --------------------------------------------------------------------------------------------
-class BudgetBoard:
-    """Tokens packed per source, summed over all readers; a reader stops reading a source once its budget is met.
+def split_caps(budget: int | None, fraction: float, seq_len: int) -> dict[str, int | None]:
+    """A source's budget shared by the splits: validation gets its fraction in whole rows, train the rest.
 
-    Readers report before each batch, so every actor stops within one batch of the budget, long before
-    the driver (which writes exactly up to the budget) has consumed what is in flight.
+    Capping each split on its own keeps the validation split from being starved when train rows
+    happen to arrive first (the order across actors is not deterministic).
+    """
+    if budget is None:
+        return {s: None for s in SPLITS}
+    validation = round(budget * fraction / seq_len) * seq_len
+    return {"train": budget - validation, "validation": validation}
+
+
+class Budgets:
+    """Tokens per source and split against their caps: rows that would pass a cap are not taken."""
+
+    def __init__(self, caps: dict[str, dict[str, int | None]], seq_len: int, counts: dict[str, dict[str, int]]):
+        self.caps, self.seq_len = caps, seq_len
+        self.counts = {src: dict(counts[src]) for src in caps}
+
+    def room(self, source: str, split: str) -> int | None:
+        """Rows that still fit (None: no cap)."""
+        cap = self.caps[source][split]
+        return None if cap is None else max(0, (cap - self.counts[source][split]) // self.seq_len)
+
+    def take(self, source: str, split: str, rows: int) -> int:
+        room = self.room(source, split)
+        taken = rows if room is None else min(rows, room)
+        self.counts[source][split] += taken * self.seq_len
+        return taken
+
+    def full(self, source: str) -> bool:
+        return all(self.room(source, split) == 0 for split in SPLITS)
+
+
+class BudgetBoard(Budgets):
+    """Ray actor: rows packed per source and split, summed over all readers.
+
+    Readers report before each batch and stop reading a source once it is full, so every actor stops
+    within one batch of the budget, long before the driver (which writes exactly up to the caps) has
+    consumed what is in flight.
     """
 
-    def __init__(self, budgets: dict[str, int | None], written: dict[str, int]):
-        self.budgets, self.packed = budgets, dict(written)
-
-    def report(self, source: str, tokens: int) -> bool:
-        """Add `tokens` packed rows' worth to `source`; True while it still needs more."""
-        self.packed[source] += tokens
-        budget = self.budgets[source]
-        return budget is None or self.packed[source] < budget
+    def report(self, source: str, rows: dict[str, int]) -> bool:
+        """Count newly packed rows; True while the source still needs more."""
+        for split, n in rows.items():
+            self.take(source, split, n)
+        return not self.full(source)
 
 
 def stream_table(shard: str, split: str, ids: pa.Array, stats: str = "") -> pa.Table:
@@ -147,10 +183,10 @@ class ShardTokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def _wanted(self, source: str, tokens: int) -> bool:
+    def _wanted(self, source: str, rows: dict[str, int]) -> bool:
         import ray
 
-        return self.board is None or ray.get(self.board.report.remote(source, tokens))
+        return self.board is None or ray.get(self.board.report.remote(source, rows))
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for text in batch.column("shard").to_pylist():
@@ -159,12 +195,12 @@ class ShardTokenizer:
     def process(self, shard: dict) -> Iterator[pa.Table]:
         packers = {s: Packer(self.eos, self.cfg.seq_len) for s in SPLITS}
         stats = {"source": shard["source"], "documents": 0, "tokens_read": 0, "skipped": Counter(), "stopped_early": False}
-        packed = 0
+        packed = {s: 0 for s in SPLITS}
         for docs in batches_of(read_shard(shard, self.sources[shard["source"]]), self.cfg.docs_per_batch):
             if not self._wanted(shard["source"], packed):
                 stats["stopped_early"] = True
                 break
-            packed = 0
+            packed = {s: 0 for s in SPLITS}
             by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
             for doc in docs:
                 if doc.skip:
@@ -176,7 +212,7 @@ class ShardTokenizer:
                 stats["documents"] += len(ids)
                 stats["tokens_read"] += sum(map(len, ids)) + len(ids)  # + one EOS each
                 rows = packers[split].add(ids)
-                packed += rows.size
+                packed[split] += len(rows)
                 if len(rows):
                     yield stream_table(shard["id"], split, rows_to_arrow(rows))
         stats["dropped_tail_tokens"] = sum(p.tail for p in packers.values())
@@ -232,25 +268,7 @@ def runs(table: pa.Table) -> Iterator[tuple[str, str, int, int]]:
             start = i
 
 
-class BudgetKeeper:
-    """Tokens written per source: rows beyond a source's budget are dropped (readers stop soon after)."""
-
-    def __init__(self, budgets: dict[str, int | None], written: dict[str, int], seq_len: int):
-        self.budgets, self.written, self.seq_len = budgets, written, seq_len
-
-    def full(self, source: str) -> bool:
-        budget = self.budgets[source]
-        return budget is not None and self.written[source] + self.seq_len > budget
-
-    def admit(self, source: str, rows: int) -> int:
-        """How many of `rows` new rows fit the budget (never over it: within one row below once met)."""
-        budget = self.budgets[source]
-        take = rows if budget is None else max(0, min(rows, (budget - self.written[source]) // self.seq_len))
-        self.written[source] += take * self.seq_len
-        return take
-
-
-def consume(stream, writer: CorpusWriter, keeper: BudgetKeeper, shard_source: dict[str, str], progress: Progress) -> None:
+def consume(stream, writer: CorpusWriter, budgets: Budgets, shard_source: dict[str, str], progress: Progress) -> None:
     for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
         for shard, split, start, length in runs(table):
             source = shard_source[shard]
@@ -258,10 +276,10 @@ def consume(stream, writer: CorpusWriter, keeper: BudgetKeeper, shard_source: di
                 record = writer.finish_shard(shard, json.loads(table.column("stats")[start].as_py()))
                 progress.update(0, docs=record["documents"])
                 continue
-            take = keeper.admit(source, length)
+            take = budgets.take(source, split, length)
             if take:
                 writer.write(shard, split, table.column("input_ids").slice(start, take).combine_chunks())
-                progress.update(take * keeper.seq_len, **{source: take * keeper.seq_len})
+                progress.update(take * budgets.seq_len, **{source: take * budgets.seq_len})
 
 
 def summarize(done: dict[str, dict], sources: list[SourceConfig], budgets: dict, seq_len: int) -> dict:
@@ -322,16 +340,19 @@ def prepare_corpus(recipe: Recipe, plan: CorpusPlan, tokenizer, fingerprint: str
     done = writer.done_shards
     if done:
         print(f"[prepare {name}] resuming {root}: {len(done)} shards already written", flush=True)
-    written = {s: sum(r["sequences"][sp] for r in done.values() if r["source"] == s for sp in SPLITS) * cfg.seq_len for s in plan.budgets}
-    keeper = BudgetKeeper(plan.budgets, written, cfg.seq_len)
-    todo = [s for s in interleave(plan.shards) if s["id"] not in done and not keeper.full(s["source"])]
-    budgets = list(plan.budgets.values())
-    progress = Progress(f"prepare {name}", total=sum(budgets) - sum(written.values()) if None not in budgets else None)
+    written = {src: {sp: sum(r["sequences"][sp] for r in done.values() if r["source"] == src) * cfg.seq_len for sp in SPLITS}
+               for src in plan.budgets}
+    caps = {src: split_caps(b, cfg.validation_fraction, cfg.seq_len) for src, b in plan.budgets.items()}
+    budgets = Budgets(caps, cfg.seq_len, written)
+    todo = [s for s in interleave(plan.shards) if s["id"] not in done and not budgets.full(s["source"])]
+    totals = list(plan.budgets.values())
+    already = sum(sum(w.values()) for w in written.values())
+    progress = Progress(f"prepare {name}", total=sum(totals) - already if None not in totals else None)
     if todo:
-        board = ray.remote(num_cpus=0)(BudgetBoard).remote(plan.budgets, written)
+        board = ray.remote(num_cpus=0)(BudgetBoard).remote(caps, cfg.seq_len, written)
         stream = token_stream(todo, cfg, cfg.corpora[name].sources, tokenizer, board)
         try:
-            consume(stream, writer, keeper, {s["id"]: s["source"] for s in todo}, progress)
+            consume(stream, writer, budgets, {s["id"]: s["source"] for s in todo}, progress)
         except Exception as exc:
             raise (user_error(exc) or exc) from None
     progress.done()
