@@ -1,0 +1,80 @@
+"""`fastdraft run RECIPE`: stages run in order, finished ones are skipped, `--from` and changed sections rerun.
+
+Uses a recipe with the two cheapest stages (prepare, generate) on the tiny target; the whole chain on the
+embedded target is `test_demo.py`.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from fastdraft.cli import main
+from fastdraft.config import load_recipe
+from fastdraft.pipeline import run_pipeline
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_target_dir):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"note {i}: " + "the quick brown fox " * (i % 7 + 1)}) + "\n"
+                            for i in range(40)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+                               for w in ["cats", "rivers", "numbers", "trees"]))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "pipe", "workdir": str(tmp_path / "run"), "target": {"model": str(tiny_target_dir)},
+        "prepare": {"seq_len": 32, "validation_fraction": 0.1, "max_actors": 1, "cpus_per_actor": 0.5,
+                    "corpora": {"notes": {"sources": [{"name": "notes", "kind": "jsonl", "path": str(docs)}]}}},
+        "generate": {"prompts": [{"name": "p", "kind": "jsonl", "path": str(prompts), "format": "plain"}],
+                     "sampling": [{"temperature": 0.0, "max_new_tokens": 8}], "batch_size": 4, "cpus_per_actor": 0.5},
+    }))
+    return path
+
+
+def test_stages_run_then_skip_then_rerun_from_a_stage(ray_session, recipe_file, capsys):
+    recipe = load_recipe(recipe_file)
+    first = run_pipeline(recipe)
+    assert set(first) == {"prepare", "generate"} and not first["prepare"].get("skipped")
+    record = json.loads((recipe.run_dir / "pipeline.json").read_text())["stages"]
+    assert record["prepare"]["status"] == record["generate"]["status"] == "done"
+    alignment = sorted(p.name for p in (recipe.run_dir / "alignment").iterdir())
+    capsys.readouterr()
+
+    # Same recipe again: nothing runs.
+    again = run_pipeline(recipe)
+    out = capsys.readouterr().out
+    assert "prepare: outputs exist and match" in out and "generate: outputs exist and match" in out
+    assert again["prepare"]["skipped"] and again["generate"]["skipped"]
+
+    # --from generate: prepare is skipped; the old alignment set is moved aside (kept), then regenerated.
+    run_pipeline(recipe, from_stage="generate")
+    out = capsys.readouterr().out
+    assert "prepare: outputs exist and match" in out and "generate: rerunning (--from)" in out
+    kept = list((recipe.run_dir / "superseded").glob("*/alignment"))
+    assert len(kept) == 1 and sorted(p.name for p in kept[0].iterdir()) == alignment
+    assert (recipe.run_dir / "alignment" / "manifest.json").is_file()
+
+    # A changed generate section reruns generate only.
+    changed = load_recipe(recipe_file, ["generate.sampling.0.max_new_tokens=6"])
+    run_pipeline(changed)
+    out = capsys.readouterr().out
+    assert "prepare: outputs exist and match" in out and "generate: rerunning (its recipe sections" in out
+
+
+def test_a_failing_stage_stops_the_chain_with_its_own_error(ray_session, recipe_file, tmp_path, capsys):
+    bad = load_recipe(recipe_file, [f"prepare.corpora.notes.sources.0.path={tmp_path / 'missing.jsonl'}"])
+    assert main(["run", str(recipe_file), "--set", f"prepare.corpora.notes.sources.0.path={tmp_path / 'missing.jsonl'}"]) == 2
+    captured = capsys.readouterr()
+    assert "prepare: failed" in captured.out and "generate: starting" not in captured.out
+    assert "missing.jsonl" in captured.err
+    record = json.loads((bad.run_dir / "pipeline.json").read_text())["stages"]
+    assert record["prepare"]["status"] == "failed" and "generate" not in record
+
+
+def test_from_a_stage_the_recipe_lacks_is_an_error(recipe_file, capsys):
+    assert main(["run", str(recipe_file), "--from", "distill"]) == 2
+    assert "has no 'distill' section" in capsys.readouterr().err
