@@ -215,6 +215,9 @@ def check_sampling(req: _SamplingFields, limits: Limits) -> None:
 
 def check_max_tokens(value: int | None, param: str, prompt_len: int, limits: Limits) -> int:
     """The number of new tokens to generate: defaulted, capped, and fitting the context."""
+    if prompt_len >= limits.context_length:
+        raise APIError(400, f"the prompt ({prompt_len} tokens) leaves no room in the model's context of "
+                       f"{limits.context_length} tokens", param=param, code="context_length_exceeded")
     if value is None:
         value = min(limits.max_tokens_cap, limits.context_length - prompt_len)
     if value <= 0:

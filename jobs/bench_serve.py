@@ -7,7 +7,7 @@ token (p50/p95/p99), errors (goal: 0), and the engine's AR and tau. With `--kill
 kills the model replica's process mid-load and reports failed requests and the time until a request
 sent after the kill succeeds again (Serve starts a replacement).
 
-    python jobs/bench_serve.py                                    # demo draft if trained, else SmolLM2 + its first layers
+    python jobs/bench_serve.py                                    # the demo's trained draft, else the agreeing pair
     python jobs/bench_serve.py --clients 4 --seconds 30 --max-tokens 64 --kill-replica
     python jobs/bench_serve.py --target DIR --draft DIR --out runs/bench/serve.json
 
@@ -65,9 +65,31 @@ def truncated_draft(target: str, layers: int, out: Path) -> Path:
     return out
 
 
+def agreeing_pair_dirs(root: Path) -> tuple[Path, Path]:
+    """The engine's "agreeing pair" saved as directories: a ~85M target whose layers past the first add
+    nothing, and a 1-layer draft computing the same function (AR ~1), sharing a tiny tokenizer. It
+    measures what serving adds to the engine, independent of how good a trained draft is."""
+    from fastdraft.assets import build_tiny_tokenizer
+    from fastdraft.checkpoint import DraftMetadata, save_draft
+    from fastdraft.speculative.pairs import agreeing_pair
+    from fastdraft.tokenizer import tokenizer_fingerprint
+
+    target, draft = root / "target", root / "draft"
+    if (draft / "config.json").is_file():
+        return target, draft
+    tok = build_tiny_tokenizer(root / "tokenizer", vocab_size=512)
+    t, d = agreeing_pair(vocab_size=len(tok))
+    t.save_pretrained(target, safe_serialization=True)
+    tok.save_pretrained(target)
+    meta = DraftMetadata(target=str(target), tokenizer_fingerprint=tokenizer_fingerprint(tok), extra={"init": "agreeing pair"})
+    save_draft(d, tok, draft, meta)
+    return target, draft
+
+
 def resolve_spec(args):
-    """The pair to serve: --target/--draft, else the recipe's trained draft, else a truncated target."""
+    """The pair to serve: --target/--draft; else (--pair auto) the recipe's trained draft, else the agreeing pair."""
     from apps.speculative import recipe_from_args, resolve_pair
+    from fastdraft.assets import resolve_model_path
     from fastdraft.errors import RecipeError
 
     base = {"recipe": args.recipe, "max_tokens_cap": max(args.max_tokens, 16), "max_batch_size": args.clients,
@@ -76,15 +98,18 @@ def resolve_spec(args):
         base = {**base, "target": args.target}
     if args.draft:
         return resolve_pair(recipe_from_args({**base, "draft": args.draft})), "given"
-    try:
-        return resolve_pair(recipe_from_args(base)), "recipe"
-    except RecipeError:  # nothing trained yet: measure with the target's first layers as the draft
-        recipe = recipe_from_args(base)
-        from fastdraft.assets import resolve_model_path
-
-        target = str(resolve_model_path(recipe.target.model))
+    if args.pair in ("auto", "recipe"):
+        try:
+            return resolve_pair(recipe_from_args(base)), "the recipe's trained draft"
+        except RecipeError:
+            if args.pair == "recipe":
+                raise
+    if args.pair == "truncated":
+        target = str(resolve_model_path(recipe_from_args(base).target.model))
         draft = truncated_draft(target, args.draft_layers, Path("runs/bench") / f"first{args.draft_layers}-draft")
         return resolve_pair(recipe_from_args({**base, "draft": str(draft)})), f"first {args.draft_layers} target layers"
+    target, draft = agreeing_pair_dirs(Path("runs/bench/agreeing"))
+    return resolve_pair(recipe_from_args({**base, "target": str(target), "draft": str(draft)})), "agreeing pair"
 
 
 def bench_prompts(n: int = 32) -> list[str]:
@@ -226,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default="jobs/recipes/demo.yaml", help="recipe whose target/draft/serve section to use")
     p.add_argument("--target", default=None, help="target directory (overrides the recipe)")
     p.add_argument("--draft", default=None, help="draft directory (default: the recipe's trained draft)")
-    p.add_argument("--draft-layers", type=int, default=4, help="without a trained draft: the target's first N layers")
+    p.add_argument("--pair", choices=["auto", "recipe", "agreeing", "truncated"], default="auto",
+                   help="auto: the recipe's trained draft if there is one, else the agreeing pair; truncated: the "
+                        "target's first --draft-layers layers as an untrained draft")
+    p.add_argument("--draft-layers", type=int, default=4)
     p.add_argument("--clients", type=int, default=4, help="concurrent clients")
     p.add_argument("--seconds", type=float, default=30, help="duration of each phase")
     p.add_argument("--max-tokens", type=int, default=64)

@@ -38,6 +38,7 @@ def _completion_error(body) -> P.APIError:
     ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
     ({"prompt": "hi", "max_tokens": 65}, 400, "max_tokens", "serve.max_tokens_cap"),
     ({"prompt": list(range(100)), "max_tokens": 60}, 400, "max_tokens", "context of 128"),
+    ({"prompt": list(range(130)), "max_tokens": None}, 400, "max_tokens", "leaves no room"),
     ({"prompt": "hi", "temperature": -0.1}, 400, "temperature", "between 0 and 2"),
     ({"prompt": "hi", "top_p": 0}, 400, "top_p", "(0, 1]"),
     ({"prompt": "hi", "top_p": 1.5}, 400, "top_p", "(0, 1]"),
