@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 
 from fastdraft.config import CorpusConfig, PrepareConfig, Recipe, SourceConfig

@@ -104,7 +104,7 @@ def _rel(path: Path, base: Path) -> str:
         return path.as_posix()
 
 
-def _group_files(files: list[Path], base: Path) -> list[list[str]]:
+def _group_files(files: list[Path]) -> list[list[str]]:
     """Consecutive files grouped to about SHARD_BYTES each (deterministic: files are sorted)."""
     groups, current, size = [], [], 0
     for f in files:
@@ -138,7 +138,7 @@ def _plan_files(src: SourceConfig) -> list[dict]:
         suffixes = tuple(src.extensions) if src.kind == "files" else ("",)
         base, files = expand_paths(src, suffixes)
         files = [f for f in files if not any(part.startswith(".") for part in Path(_rel(f, base)).parts)]  # .git etc.
-    return [{"files": group, "base": str(base)} for group in _group_files(files, base)]
+    return [{"files": group, "base": str(base)} for group in _group_files(files)]
 
 
 def _plan_prose(src: SourceConfig) -> list[dict]:
