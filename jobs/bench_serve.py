@@ -5,7 +5,7 @@ one server holding the pair; phases differ only in the request's `speculative` s
 the same replica, prompts and settings. Reports requests/s, output tokens/s, latency and time to first
 token (p50/p95/p99), errors (goal: 0), and the engine's AR and tau. With `--kill-replica`, a third phase
 kills the model replica's process mid-load and reports failed requests and the time until a request
-sent after the kill succeeds again (Serve starts a replacement).
+completes again (Serve starts a replacement; the ingress continues cut-off generations on it).
 
     python jobs/bench_serve.py                                    # the demo's trained draft, else the agreeing pair
     python jobs/bench_serve.py --clients 4 --seconds 30 --max-tokens 64 --kill-replica
@@ -223,7 +223,8 @@ def kill_phase(url: str, prompts: list[str], args) -> dict:
 
     samples, wall = run_phase(url, prompts, args, True, on_start=lambda: threading.Thread(target=killer, daemon=True).start())
     out = summarize("speculative + replica killed", samples, wall)
-    after = sorted((s for s in samples if s.ok and s.start >= killed["at"]), key=lambda s: s.start + s.latency_s)
+    # Recovery: from the kill until the server completes a request again (continued or new).
+    after = sorted((s for s in samples if s.ok and s.start + s.latency_s > killed["at"]), key=lambda s: s.start + s.latency_s)
     out["killed_pid"] = pid
     out["failed_requests"] = out["errors"]
     out["recovery_s"] = (after[0].start + after[0].latency_s - killed["at"]) if after else None
