@@ -23,13 +23,13 @@ from train_fixtures import write_shards
 SEQ_LEN = 32
 
 
-def recipe_for(run_dir, target_dir, **pretrain):
+def recipe_for(run_dir, target_dir, init=None, **pretrain):
     base = {"stages": [{"name": "PT", "corpus": "pt", "tokens": 3000}], "micro_batch_size": 4,
             "optim": {"lr": 3e-3, "warmup_steps": 2}, "compute": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},
             "eval_every": 4, "eval_batches": 2, "ckpt_every": 4}
     base.update(pretrain)
     return recipe_from_dict({"name": "t", "workdir": str(run_dir), "target": {"model": str(target_dir)},
-                             "draft": {"layers": 1, "hidden": 64}, "pretrain": base})
+                             "draft": {"init": str(init)} if init else {"layers": 1, "hidden": 64}, "pretrain": base})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,19 +91,19 @@ def test_hpu_without_habana_stack_names_the_missing_package():
 # ---------------------------------------------------------------------------------------------
 # Recipe errors stop before any training
 # ---------------------------------------------------------------------------------------------
-def test_shards_from_another_tokenizer_are_refused(tmp_path, tiny_target_dir):
+def test_shards_from_another_tokenizer_are_refused(tmp_path, tiny_target_dir, tiny_draft_dir):
     from fastdraft.training.pretrain import run_pretrain
 
     write_shards(tmp_path / "run/data/pt", tiny_target_dir, SEQ_LEN, 16, 4, fingerprint="tok-someoneelse")
     with pytest.raises(TokenizerMismatchError, match=r"tok-someoneelse"):
-        run_pretrain(recipe_for(tmp_path / "run", tiny_target_dir))
+        run_pretrain(recipe_for(tmp_path / "run", tiny_target_dir, init=tiny_draft_dir))
     assert not (tmp_path / "run/train").exists()  # nothing started
 
 
-def test_missing_or_incomplete_shards_are_refused(tmp_path, tiny_target_dir):
+def test_missing_or_incomplete_shards_are_refused(tmp_path, tiny_target_dir, tiny_draft_dir):
     from fastdraft.training.pretrain import run_pretrain
 
-    recipe = recipe_for(tmp_path / "run", tiny_target_dir,
+    recipe = recipe_for(tmp_path / "run", tiny_target_dir, init=tiny_draft_dir,
                         stages=[{"name": "PT", "corpus": "pt", "tokens": 100}, {"name": "CP", "corpus": "cp", "tokens": 100}])
     write_shards(tmp_path / "run/data/pt", tiny_target_dir, SEQ_LEN, 16, 4)
     with pytest.raises(FastdraftError, match=r"no packed shards at .*data/cp .*run `fastdraft prepare` first"):

@@ -40,3 +40,46 @@ def write_shards(corpus_dir: Path, tokenizer_dir: Path, seq_len: int, train_rows
     }
     (corpus_dir / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+def write_alignment(directory: Path, target_dir: Path, prompts: int, new_tokens: int, topk: int = 0,
+                    fingerprint: str | None = None, prompt_len: int = 8, endings: list[int] | None = None) -> dict:
+    """The target's greedy answers to stdlib prompts, in the alignment contract (one batched decode loop:
+    `generate` per prompt is too slow on a shared 2-core machine). With `endings`, prompt p ends with
+    endings[p % len(endings)], so held-out prompts share their last token with training prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastdraft.assets import tiny_training_texts
+    from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    tok = load_tokenizer(target_dir)
+    model = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in tiny_training_texts(2 * prompts + 50)]
+    ids = torch.tensor([e[:prompt_len] for e in encoded if len(e) >= prompt_len][:prompts])
+    if endings:
+        ids[:, -1] = torch.tensor(endings).repeat(len(ids))[: len(ids)]
+    seqs, logits = ids, []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            step = model(input_ids=seqs).logits[:, -1].float()
+            logits.append(step)
+            seqs = torch.cat([seqs, step.argmax(-1, keepdim=True)], dim=1)
+    logprobs = torch.log_softmax(torch.stack(logits, 1), -1)
+    rows = []
+    for p in range(len(ids)):
+        response = seqs[p, prompt_len:].tolist()
+        row = {"key": f"p{p}-t0-s0", "prompt_id": f"p{p}", "prompt_ids": ids[p].tolist(), "response_ids": response,
+               "prompt_text": tok.decode(ids[p]), "response_text": tok.decode(response), "temperature": 0.0, "top_p": 1.0,
+               "top_k": 0, "sample_index": 0, "source": "stdlib", "finish_reason": "length"}
+        if topk:
+            top = logprobs[p].topk(topk, -1)
+            row["topk_ids"], row["topk_logprobs"] = top.indices.tolist(), top.values.tolist()
+        rows.append(row)
+    directory.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), directory / "part-00000.parquet")
+    manifest = {"complete": True, "target": str(target_dir), "tokenizer_fingerprint": fingerprint or tokenizer_fingerprint(tok),
+                "settings": [{"temperature": 0.0, "top_p": 1.0, "top_k": 0, "n": 1}], "counts": {"rows": len(rows)},
+                "section_hash": f"test-{prompts}-{new_tokens}-{topk}"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return manifest

@@ -73,6 +73,8 @@ class LoopConfig:
     """File written when the injected crash happens, so that it happens once per run, not per attempt."""
     log_path: str | None = None
     """JSONL file where rank 0 appends every reported metrics dict (survives attempts)."""
+    validation: list = field(default_factory=list)
+    """Held-out micro-batches (numpy dicts, see `validation_batches`), evaluated by rank 0."""
     meta: dict = field(default_factory=dict)
     """DraftMetadata of the starting draft, written into every checkpoint so each is a usable draft."""
 
@@ -249,17 +251,18 @@ def evaluate(model, batches: list[dict[str, torch.Tensor]], cfg: LoopConfig, dev
     return out
 
 
-def _load_validation(cfg: LoopConfig, device) -> list[dict[str, torch.Tensor]]:
-    import ray.train
+def validation_batches(table, rows: int, max_batches: int) -> list[dict[str, np.ndarray]]:
+    """The first `max_batches` micro-batches of a (small) pyarrow validation table, as numpy dicts.
 
-    shard = ray.train.get_dataset_shard("validation")
-    if shard is None:
-        return []
+    Validation data travels in the loop config: it is small, and a second streaming execution per
+    worker would cost more than the evaluation itself.
+    """
+    table = table.slice(0, rows * max_batches)
+    columns = [c for c in TENSOR_COLUMNS if c in table.column_names]
     out = []
-    for batch in shard.iter_batches(batch_size=cfg.micro_batch_size, batch_format="numpy"):
-        out.append(to_tensors(batch, device))
-        if len(out) >= cfg.eval_batches:
-            break
+    for start in range(0, table.num_rows, rows):
+        part = table.slice(start, rows)
+        out.append({c: np.array([np.asarray(v) for v in part.column(c).to_pylist()]) for c in columns})
     return out
 
 
@@ -310,7 +313,7 @@ def train_loop(config: dict) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     if world > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=device)
-    val = _load_validation(cfg, device) if rank == 0 else []
+    val = [to_tensors(b, device) for b in cfg.validation] if rank == 0 else []
     batches = micro_batches(ray.train.get_dataset_shard("train"), state, cfg.micro_batch_size)
     per_step = tokens_per_step(world, cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len)
     meter = _Meter(cfg, state, world, n_params, peak_flops(device), rank)

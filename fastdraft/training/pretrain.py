@@ -24,7 +24,7 @@ from fastdraft.config import PretrainConfig, Recipe, TrainStageConfig
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
 from fastdraft.tokenizer import check_fingerprints
-from fastdraft.training.loop import LoopConfig, export_draft, fit, read_log, steps_for_budget
+from fastdraft.training.loop import LoopConfig, export_draft, fit, read_log, steps_for_budget, validation_batches
 
 
 def read_corpus_manifest(corpus_dir: Path, fingerprint: str, draft_from: str) -> dict:
@@ -79,13 +79,23 @@ def stage_key(cfg: PretrainConfig, stage: TrainStageConfig, start: DraftMetadata
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def stage_datasets(corpus_dir: Path) -> dict:
+def stage_data(corpus_dir: Path, cfg: PretrainConfig) -> tuple[dict, list]:
+    """The streamed training dataset and the first validation micro-batches (read here: they are few)."""
+    import pyarrow.parquet as pq
     import ray.data
 
     datasets = {"train": ray.data.read_parquet(str(corpus_dir / "train"), columns=["input_ids"])}
-    if sorted((corpus_dir / "validation").glob("part-*.parquet")):
-        datasets["validation"] = ray.data.read_parquet(str(corpus_dir / "validation"), columns=["input_ids"])
-    return datasets
+    val_files = sorted((corpus_dir / "validation").glob("part-*.parquet"))
+    rows, tables = cfg.micro_batch_size * cfg.eval_batches, []
+    for f in val_files:
+        if sum(t.num_rows for t in tables) >= rows:
+            break
+        tables.append(pq.read_table(f, columns=["input_ids"]))
+    if not tables:
+        return datasets, []
+    import pyarrow as pa
+
+    return datasets, validation_batches(pa.concat_tables(tables), cfg.micro_batch_size, cfg.eval_batches)
 
 
 def train_stage(recipe: Recipe, stage: TrainStageConfig, start_dir: Path, layout: RunLayout) -> dict:
@@ -112,7 +122,8 @@ def train_stage(recipe: Recipe, stage: TrainStageConfig, start_dir: Path, layout
         crash_marker=str(storage / f"{run_name}.crashed"), log_path=str(storage / f"{run_name}.metrics.jsonl"),
         meta=start.to_dict(),
     )
-    result = fit(loop, stage_datasets(corpus_dir), run_name, storage)
+    datasets, loop.validation = stage_data(corpus_dir, cfg)
+    result = fit(loop, datasets, run_name, storage)
     final = result.metrics or {}
     if final.get("tokens") != stage.tokens:
         raise FastdraftError(f"stage {stage.name} ended at {final.get('tokens')} tokens, expected {stage.tokens} (run {run_name})")
