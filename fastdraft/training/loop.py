@@ -358,6 +358,13 @@ def _report(model, optimizer, state: TrainState, cfg: LoopConfig, metrics: dict,
                          checkpoint_dir_name=f"step-{state.step:07d}")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _Meter:
     """Throughput (tokens/s total and per worker, MFU on accelerators) and progress lines on rank 0."""
 
@@ -382,7 +389,7 @@ class _Meter:
         rate = self.progress.rate
         out = {"stage": self.cfg.stage, "step": self.state.step, "tokens": self.state.tokens, "epoch": self.state.epoch,
                "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_s": rate, "tokens_per_s_per_worker": rate / self.world,
-               "world_size": self.world, "resumed_from_step": self.state.resumed_from_step}
+               "world_size": self.world, "resumed_from_step": self.state.resumed_from_step, "peak_rss_mb": peak_rss_mb()}
         if self.peak:  # 6 N FLOPs per token for forward + backward (attention FLOPs left out: short sequences)
             out["mfu"] = 6 * self.n_params * rate / (self.peak * self.world)
         return out
