@@ -33,6 +33,7 @@ from fastdraft.config import PromptSourceConfig, recipe_from_dict  # noqa: E402
 from fastdraft.generation.backends import TransformersBackend  # noqa: E402
 from fastdraft.generation.prompts import PromptEncoder, load_prompts  # noqa: E402
 from fastdraft.speculative.types import SamplingParams  # noqa: E402
+from jobs.benchlib import write_json  # noqa: E402
 
 
 def loop_generate(backend: TransformersBackend, prompts: list[list[int]], max_new_tokens: int) -> int:
@@ -121,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": args.model, "prompts": len(prompts), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
               "threads": args.threads, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "device": "cpu", "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    write_json(report, args.out)
     return 0
 
 

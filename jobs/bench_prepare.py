@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir, under `ray job submit`
 
+from jobs.benchlib import write_json  # noqa: E402
+
 
 def write_corpus(out: Path, mb: float, copies: int) -> Path:
     """`copies` JSONL files, each ~`mb` MB of stdlib sources (one document per source file)."""
@@ -145,10 +147,7 @@ def main() -> int:
         print(f"{r['scale']:>6} {r['mb']:>6.1f} {p['tokens']:>11,} {r['baseline']['tokens_per_s']:>12,} {p['tokens_per_s']:>15,} "
               f"{r['ratio']:>6.2f} {p['driver_peak_rss_mb']:>10.0f} {p['actor_peak_rss_mb']:>9.0f}")
     print(f"peak memory {args.factor}x / 1x: {result['memory_growth']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(result, args.out)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir, under `ray job submit`
 
 import httpx  # noqa: E402
+from jobs.benchlib import write_json  # noqa: E402
 
 
 @dataclass
@@ -312,10 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         k = rows[2]
         print(f"replica kill: {k['failed_requests']} failed requests, recovery {k['recovery_s']} s "
               f"(pid {k['killed_pid']} -> {k['new_pid']})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(result, args.out)
     return 0
 
 

@@ -69,6 +69,18 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Run torch on one intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    tiny models gain nothing from two, and on a shared 2-core machine two spinning threads can run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def copy_dir(tmp_path):
     """Copy a directory into this test's tmp_path (to modify it without touching session assets)."""

@@ -46,11 +46,3 @@ def eval_pair(tmp_path_factory, tiny_target_dir) -> tuple[Path, Path]:
     save_draft(draft, tok, root / "draft", meta.with_stage("FT", 1000, "test"))
     return root / "target", root / "draft"
 
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Run torch on one thread: on this shared 2-core machine two threads contend and run ~30x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from fastdraft.evaluation.acceptance import acceptance_probs, offline_sweep, target_continuations
 from fastdraft.evaluation.tasks import EvalPrompt, EvalTask
 from fastdraft.speculative.types import SamplingParams, SpecStats
-from eval_fixtures import eval_pair, one_torch_thread  # noqa: F401  (fixtures)
+from eval_fixtures import eval_pair  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

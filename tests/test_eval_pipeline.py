@@ -7,7 +7,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM
 
-from eval_fixtures import DRAFT_NOISE, LAYER_SCALE, eval_pair, one_torch_thread, perturbed_copy  # noqa: F401
+from eval_fixtures import DRAFT_NOISE, LAYER_SCALE, eval_pair, perturbed_copy  # noqa: F401
 from fastdraft.checkpoint import read_metadata, save_draft
 from fastdraft.cli import main
 from fastdraft.config import recipe_from_dict

@@ -18,17 +18,11 @@ from fastdraft.errors import MissingDependencyError
 from fastdraft.generation.backends import TransformersBackend, cut_at_stop, filter_logits, make_backend
 from fastdraft.speculative.types import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process generation on one thread
 FAKE_VLLM_DIR = Path(__file__).parent / "fake_vllm"
 TEXTS = ["def parse(line):", "The quick brown fox", "import os\nimport sys\n\nclass Loader:", "Hello", "a = [1, 2, 3]\nfor"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process generation on one thread: the CPU is shared, and oversubscribed OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def backend(tiny_target_dir):

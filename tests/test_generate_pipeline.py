@@ -34,6 +34,7 @@ from fastdraft.generation.prompts import stable_seed
 from fastdraft.speculative.types import SamplingParams
 from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process generation on one thread
 REPO = Path(__file__).resolve().parent.parent
 FAKE_VLLM_DIR = Path(__file__).parent / "fake_vllm"
 CONTRACT_COLUMNS = {"key", "prompt_id", "prompt_ids", "response_ids", "prompt_text", "response_text", "temperature",
@@ -69,13 +70,6 @@ def reference_greedy(model, ids, max_new_tokens, stop_ids):
     return cut_at_stop(out[0, len(ids):].tolist(), stop_ids)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """In-process generation on one thread: the CPU is shared, and oversubscribed OpenMP threads crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> Path:
