@@ -22,6 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working dir, under `ray job submit`
 
+from jobs.benchlib import write_json  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -103,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in (("plain torch", plain), ("Ray Train", ray_side)):
         print(f"{name:<12}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>15,.0f}{r['loss']:>12.3f}")
     print(f"Ray Train / plain (per worker): {ratio:.2f}  (goal >= 0.9 on CPU with one worker)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_json(report, args.out)
     return 0
 
 
