@@ -92,10 +92,12 @@ def test_without_vllm_the_error_says_what_to_install(tiny_target_dir, monkeypatc
         make_backend("vllm", tiny_target_dir)
 
 
-def test_vllm_backend_gives_the_same_rows_fake_vllm(tiny_target_dir, backend, prompts, monkeypatch, tmp_path):
+def test_vllm_backend_gives_the_same_rows_fake_vllm(tiny_target_dir, backend, prompts, monkeypatch, tmp_path, request):
     """A fake `vllm` (tests/fake_vllm, answering through transformers) stands in for the real one."""
     monkeypatch.syspath_prepend(str(FAKE_VLLM_DIR))
     monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    # The fake must not outlive this test (later tests check the error when vLLM is absent).
+    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "vllm"])
     monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "calls.jsonl"))
     vb = make_backend("vllm", tiny_target_dir, dtype="float32", store_topk=3, engine_kwargs={"gpu_memory_utilization": 0.5})
     assert vb.vllm.IS_FAKE and vb.stop_ids == backend.stop_ids
