@@ -139,7 +139,7 @@ def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> d
 # --------------------------------------------------------------------------------------------
 # `--quick`: the same chain at smoke-test size (a few minutes on 2 cores).
 QUICK_OVERRIDES = [
-    "prepare.corpora.pt.tokens=150k",
+    "prepare.corpora.pt.sources.0.tokens=150k",
     "prepare.corpora.cp.sources.0.tokens=120k",
     "prepare.corpora.cp.sources.1.tokens=40k",
     "pretrain.stages.0.tokens=100k",
