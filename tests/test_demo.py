@@ -1,0 +1,66 @@
+"""`fastdraft demo --quick`: the whole chain on the embedded SmolLM2 target, offline, as a user runs it.
+
+prepare -> pretrain (PT, CP) -> generate -> distill -> evaluate at smoke-test size, in a subprocess with its
+own Ray instance. The report must have its documented structure, and distillation must fit the target's
+held-out answers better than the CP draft it started from. (At this size, 100k tokens per stage, every draft's
+acceptance is near zero, so FT-vs-PT acceptance is reported by the full demo, not asserted here.)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory, smollm2_dir):
+    workdir = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    res = subprocess.run([sys.executable, "-m", "fastdraft.cli", "demo", "--quick", "--workdir", str(workdir)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return workdir, res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_quick_demo_runs_every_stage_and_prints_the_table_and_paths(quick_demo):
+    workdir, out = quick_demo
+    for stage in ("prepare", "pretrain", "generate", "distill", "evaluate"):
+        assert f"[pipeline] {stage}: done in" in out
+    for label in ("| PT", "| CP", "| FT"):
+        assert label in out
+    assert f"final draft: {workdir / 'drafts' / 'FT'}" in out and "serve it:    fastdraft serve" in out
+    for name in ("report.json", "report.html", "report.md", "acceptance_vs_gamma.png", "speedup_vs_gamma.png"):
+        assert (workdir / "eval" / name).is_file(), name
+        if not name.endswith(".md"):
+            assert str(workdir / "eval" / name) in out
+    record = json.loads((workdir / "pipeline.json").read_text())["stages"]
+    assert all(record[s]["status"] == "done" for s in ("prepare", "pretrain", "generate", "distill", "evaluate"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_quick_demo_report_structure_and_distillation_fits_the_target(quick_demo):
+    workdir, _ = quick_demo
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    assert report["schema"] == "fastdraft.eval/1"
+    assert set(report["drafts"]) == {"PT", "CP", "FT"}
+    assert set(report["tasks"]) == {"code", "instructions", "text"}
+    assert report["settings"]["gamma"] == 3 and report["settings"]["gammas"] == [1, 3]
+    engine = [r for r in report["rows"] if r["method"] == "engine"]
+    assert engine and all(r["greedy_identical"] for r in engine if r["temperature"] == 0)
+    for row in report["rows"]:  # N + truncated = A + F (offline sampled rows hold expected counts: floats)
+        assert row["emitted"] + row.get("truncated", 0) == pytest.approx(row["accepted"] + row["target_passes"])
+        assert 0 <= (row["acceptance_rate"] or 0) <= 1
+    for draft in ("PT", "CP", "FT"):
+        rows = [r for r in report["rows"] if r["draft"] == draft and r["task"] == "instructions" and r["gamma"] == 3]
+        assert {r["method"] for r in rows} == {"offline", "engine"}
+    distill = json.loads((workdir / "pipeline.json").read_text())["stages"]["distill"]["summary"]
+    assert distill["val_loss_after"] < distill["val_loss_before"]
