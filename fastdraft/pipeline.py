@@ -108,7 +108,7 @@ def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> d
     rerun = False
     for i, stage in enumerate(stages):
         key = f"{recipe.section_hash(*DEPENDS_ON[stage])}/{fingerprint}"
-        outputs_exist = all(p.exists() for p in stage_outputs(recipe, stage)[:1])
+        outputs_exist = stage_outputs(recipe, stage)[0].exists()  # its main output (data/, drafts/init, ...)
         if stage == from_stage or (not rerun and record.stages.get(stage, {}).get("key") not in (None, key)):
             why = "--from" if stage == from_stage else "its recipe sections or the target changed"
             print(f"[pipeline] {stage}: rerunning ({why})", flush=True)
