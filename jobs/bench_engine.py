@@ -24,7 +24,6 @@ outputs are checked against transformers' (`same` column).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
 from fastdraft.speculative.types import SamplingParams, SpecStats
+from jobs.benchlib import write_json
 
 DEMO_PROMPTS = ["Write a Python function that checks whether a number is prime.",
                 "Explain what a hash table is in two sentences.",
@@ -219,13 +219,11 @@ def main(argv: list[str] | None = None) -> dict:
             rows, prompts = build(args)
             measure(rows, prompts, args.repeats, args.max_new_tokens)
             results += summarize(rows)
-    print_table(results)
-    report = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "repeats": args.repeats, "rows": results}
-    tmp = Path(args.out).with_suffix(".partial")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
-    print(f"[bench_engine] wrote {args.out}")
+            # Written after every pair: a long run stopped during the second pair keeps the first.
+            print_table(results)
+            report = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "max_new_tokens": args.max_new_tokens, "prompts": args.prompts, "repeats": args.repeats, "rows": results}
+            write_json(report, args.out)
     return report
 
 
