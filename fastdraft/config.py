@@ -140,6 +140,9 @@ class ComputeConfig(Strict):
     gpus_per_worker: float = Field(default=0, ge=0)
     precision: Literal["fp32", "bf16"] = "fp32"
     max_failures: int = Field(default=2, ge=-1)
+    torch_threads: int | None = Field(default=None, ge=1)
+    """CPU training: torch threads per worker; default: one per CPU Ray reserved for it. More threads than
+    reserved CPUs lets a lone worker use the whole machine while its few CPUs stay free for the data reads."""
 
 
 class TrainStageConfig(Strict):
@@ -280,6 +283,9 @@ class EvaluateConfig(Strict):
     (method `engine-dynamic`, gamma = mean drafted tokens per pass). Costs one more prepared target per draft."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the measurements run; `cuda` asks Ray for one GPU per measurement task."""
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    """CPUs (and torch threads) per measurement task; with `wall_clock` the tasks run one at a time, so this
+    can be the whole machine (capped at the cluster's CPUs)."""
     seed: int = 0
 
 

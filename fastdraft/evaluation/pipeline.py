@@ -121,7 +121,7 @@ class _Timed:
 
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
                 gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", threads: int | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
@@ -135,6 +135,10 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
     from fastdraft.speculative.engine import SpeculativeEngine
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this task
     target = load_model(target_dir, dtype=dtype, device=device)
     models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
     # Each engine holds its own prepared copy of the target's weights (~4 bytes/param in fp32), so the
@@ -204,15 +208,21 @@ def save_part(parts: Path, name: str, key: dict, result: dict) -> dict:
 
 
 def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_clock: bool,
-                device: str = "cpu") -> dict[tuple, dict]:
-    """Run `measure_job` for every (task, decoding) not finished before, as Ray tasks.
+                device: str = "cpu", cpus: float = 1.0) -> dict[tuple, dict]:
+    """Run `measure_job` for every (task, decoding) not finished before, as Ray tasks of `cpus` CPUs each.
 
     Wall-clock timings must not share the cores with other measurements, so with timings the parts run
     one at a time; without, all at once (Ray spreads them over the cluster's CPUs).
     """
     import ray
 
-    measure = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(measure_job)
+    cpus = min(cpus, ray.cluster_resources().get("CPU", 1.0))  # more than the cluster has would wait forever
+    threads = max(1, int(cpus))
+
+    def measure_with_threads(*args):
+        return measure_job(*args, threads=threads)
+
+    measure = ray.remote(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)(measure_with_threads)
     results = {k: load_part(parts, name, key) for k, (name, key, _) in jobs.items()}
     todo = [k for k, r in results.items() if r is None]
     refs = {} if wall_clock else {k: measure.remote(*jobs[k][2]) for k in todo}
@@ -258,7 +268,7 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
                           (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
                            cfg.dynamic_gamma, cfg.device))
             for t in tasks for d, p in params.items()}
-    results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock, cfg.device)
+    results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock, cfg.device, cfg.cpus_per_task)
     sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str
               for k, r in results.items()}
     engine_runs: dict[str, dict] = {}  # method -> draft -> "task/decoding" -> run

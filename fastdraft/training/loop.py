@@ -308,6 +308,8 @@ def train_loop(config: dict) -> None:
     cfg: LoopConfig = config["loop"]
     rank, world = _world()
     device = worker_device(cfg.compute)
+    if cfg.compute.torch_threads:
+        torch.set_num_threads(cfg.compute.torch_threads)
     torch.manual_seed(cfg.seed)
     model, optimizer, state = load_start(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())

@@ -72,6 +72,7 @@ def stage_key(cfg: PretrainConfig, stage: TrainStageConfig, start: DraftMetadata
     settings = cfg.model_dump(mode="json", exclude={"stages", "crash_at_step"})
     settings["compute"].pop("max_failures", None)
     settings["compute"].pop("cpus_per_worker", None)
+    settings["compute"].pop("torch_threads", None)
     payload = {"stage": stage.model_dump(mode="json"), "settings": settings, "start": start.to_dict()["history"],
                "start_keys": start.extra.get("stage_keys", {}), "data": manifest.get("section_hash") or manifest.get("splits")}
     for record in payload["start"]:
