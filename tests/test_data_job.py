@@ -1,9 +1,12 @@
-"""`python jobs/prepare.py RECIPE` as a Ray job: `ray job submit --working-dir .` against a real `ray start --head`."""
+"""Stages as Ray jobs: `ray job submit --working-dir . -- python jobs/<stage>.py RECIPE` against a real
+`ray start --head`, as the README shows (prepare alone, and the pipeline job with its skip and `--from`)."""
 
 import json
 
 import pytest
 import yaml
+
+from test_pipeline import recipe_file  # noqa: F401  (fixture: a prepare + generate recipe on the tiny target)
 
 
 @pytest.mark.timeout(400)
@@ -22,3 +25,16 @@ def test_prepare_runs_as_a_ray_job(ray_job, tiny_tokenizer_dir, tmp_path):
     manifest = json.loads((tmp_path / "run" / "data" / "notes" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["sources"]["notes"]["documents"] == 60
     assert manifest["splits"]["train"]["sequences"] > 0
+
+
+@pytest.mark.timeout(600)
+def test_the_pipeline_runs_as_a_ray_job_then_skips_then_reruns_from_a_stage(ray_job, recipe_file):  # noqa: F811
+    code, out = ray_job("python", "jobs/pipeline.py", str(recipe_file))
+    assert code == 0, out
+    assert "prepare: done in" in out and "generate: done in" in out and "succeeded" in out
+
+    code, out = ray_job("python", "jobs/pipeline.py", str(recipe_file), "--from", "generate")
+    assert code == 0, out
+    assert "prepare: outputs exist and match" in out and "generate: rerunning (--from)" in out
+    record = json.loads((recipe_file.parent / "run" / "pipeline.json").read_text())["stages"]
+    assert record["prepare"]["status"] == record["generate"]["status"] == "done"
