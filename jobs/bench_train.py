@@ -8,7 +8,9 @@ table and writes JSON with the ratio (goal: >= 0.9 on CPU with one worker).
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/bench_train.py --device cuda
 
 The Ray number is measured inside the worker (the loop's own tokens/s, startup excluded); the plain loop is
-timed the same way: from its first step to its last.
+timed the same way: from its first step to its last. Both use `--threads` torch threads. The plain loop runs
+before and after the Ray run and the ratio is against their mean, so load that drifts during the run (a
+shared machine) weighs on both sides alike.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def ray_loop(draft_dir: Path, rows: np.ndarray, args, work: Path) -> dict:
     from fastdraft.training.loop import LoopConfig, fit
 
     compute = ComputeConfig(device=args.device, num_workers=args.workers, cpus_per_worker=args.cpus_per_worker, precision=args.precision,
-                            max_failures=0)
+                            max_failures=0, torch_threads=args.threads)
     cfg = LoopConfig(stage="bench", init_dir=str(draft_dir), seq_len=rows.shape[1], micro_batch_size=args.micro_batch, grad_accum=1,
                      total_steps=args.steps, optim=OptimConfig(lr=args.lr, warmup_steps=0, min_lr_ratio=1.0), compute=compute,
                      eval_every=10**9, ckpt_every=10**9, log_path=str(work / "bench.metrics.jsonl"))
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each loop (CPU)")
     p.add_argument("--out", default="runs/bench/bench_train.json")
     args = p.parse_args(argv)
 
@@ -96,14 +99,19 @@ def main(argv: list[str] | None = None) -> int:
         vocab = json.loads((draft_dir / "config.json").read_text())["vocab_size"]
         # Rows for every worker's steps, so both loops see real (random) token ids in the same order.
         rows = np.random.default_rng(0).integers(0, vocab, (args.steps * args.micro_batch * args.workers, args.seq_len), dtype=np.int32)
-        plain = plain_loop(draft_dir, rows, args.micro_batch, args.steps, args.lr, args.device if args.device != "hpu" else "cpu", args.precision)
+        torch.set_num_threads(args.threads)
+        device = args.device if args.device != "hpu" else "cpu"
+        before = plain_loop(draft_dir, rows, args.micro_batch, args.steps, args.lr, device, args.precision)
         ensure_ray()
         ray_side = ray_loop(draft_dir, rows, args, work)
+        after = plain_loop(draft_dir, rows, args.micro_batch, args.steps, args.lr, device, args.precision)
+    plain = {**after, "tokens_per_s": (before["tokens_per_s"] + after["tokens_per_s"]) / 2,
+             "tokens_per_s_before": before["tokens_per_s"], "tokens_per_s_after": after["tokens_per_s"]}
     ratio = ray_side["tokens_per_s"] / ray_side["world_size"] / plain["tokens_per_s"]
     report = {"draft": summary, "settings": vars(args), "plain": plain, "ray_train": ray_side, "ratio_per_worker": ratio}
-    print(f"{'loop':<12}{'tokens/s':>12}{'peak RSS MiB':>15}{'final loss':>12}")
-    for name, r in (("plain torch", plain), ("Ray Train", ray_side)):
-        print(f"{name:<12}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>15,.0f}{r['loss']:>12.3f}")
+    print(f"{'loop':<22}{'tokens/s':>12}{'peak RSS MiB':>15}{'final loss':>12}")
+    for name, r in (("plain torch (before)", before), ("Ray Train", ray_side), ("plain torch (after)", after)):
+        print(f"{name:<22}{r['tokens_per_s']:>12,.0f}{r['peak_rss_mb']:>15,.0f}{r['loss']:>12.3f}")
     print(f"Ray Train / plain (per worker): {ratio:.2f}  (goal >= 0.9 on CPU with one worker)")
     write_json(report, args.out)
     return 0

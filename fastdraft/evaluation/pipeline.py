@@ -141,12 +141,13 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this task
     target = load_model(target_dir, dtype=dtype, device=device)
     models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
-    # Each engine holds its own prepared copy of the target's weights (~4 bytes/param in fp32), so the
-    # target alone runs through the first pair's engine at gamma 0: the same code path, no extra copy.
-    pairs = {("engine", label): SpeculativeEngine(target, m, gamma=gamma) for label, m in models.items()}
-    if dynamic_gamma:
-        pairs.update({("engine-dynamic", label): SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=True)
-                      for label, m in models.items()})
+    # The target is prepared once (its decoder) and shared by every pair; the target alone runs through the
+    # first pair's engine at gamma 0: the same code path.
+    pairs, shared = {}, None
+    for method in ("engine", "engine-dynamic") if dynamic_gamma else ("engine",):
+        for label, m in models.items():
+            engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared)
+            pairs[(method, label)], shared = engine, engine.target
     alone = next(iter(pairs.values()))
     for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice)
         for g in (0, gamma):

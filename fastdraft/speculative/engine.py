@@ -92,13 +92,16 @@ class SpeculativeEngine:
         max_gamma: the upper bound for dynamic gamma.
         backend: "auto" (lean decoder for the Llama family, transformers otherwise), "lean" or "hf".
         kernels: linear kernels of the lean decoder: "auto" (oneDNN pre-packed on CPU fp32), "onednn", "torch".
+        target_decoder: `target_model` already prepared by another engine (`engine.target`): engines that pair
+            one target with several drafts share its prepared weights instead of holding a copy each.
     """
 
     def __init__(self, target_model: PreTrainedModel, draft_model: PreTrainedModel | None = None, gamma: int = 3,
-                 dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto"):
+                 dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto",
+                 target_decoder: Decoder | None = None):
         if gamma < 0 or max_gamma < 1:
             raise FastdraftError(f"gamma must be >= 0 and max_gamma >= 1 (got gamma={gamma}, max_gamma={max_gamma})")
-        self.target: Decoder = make_decoder(target_model, backend, kernels)
+        self.target: Decoder = target_decoder or make_decoder(target_model, backend, kernels)
         self.draft: Decoder | None = make_decoder(draft_model, backend, kernels) if draft_model is not None else None
         self.device = next(target_model.parameters()).device
         self.gamma, self.dynamic_gamma, self.max_gamma = gamma, dynamic_gamma, max(max_gamma, gamma)
