@@ -42,7 +42,7 @@ class Progress:
         now = time.perf_counter()
         if force or now - self._last >= self.every_s:
             self._last = now
-            print(self.line(), file=self.stream, flush=True)
+            self.emit(self.line())
 
     def line(self) -> str:
         parts = [f"[{self.label}] {self.count:,} {self.unit}"]
@@ -56,5 +56,11 @@ class Progress:
 
     def done(self) -> str:
         line = self.line() + f" | done in {_fmt_duration(self.elapsed)}"
-        print(line, file=self.stream, flush=True)
+        self.emit(line)
         return line
+
+    def emit(self, line: str) -> None:
+        """Write one line. Not `print`: Ray Train V2 patches `print` in its workers and tees it to the driver
+        a second time, which showed every progress line twice."""
+        self.stream.write(line + "\n")
+        self.stream.flush()

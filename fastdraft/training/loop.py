@@ -384,8 +384,8 @@ class _Meter:
         now = time.perf_counter()
         if self.rank == 0 and (now - self._last_print >= float(os.environ.get("FASTDRAFT_PROGRESS_S", "10")) or self.state.step == 1):
             self._last_print = now
-            print(f"{self.progress.line()} | step {self.state.step}/{self.cfg.total_steps} | loss {loss:.4f} | "
-                  f"lr {lr:.2e} | {self.progress.rate / self.world:,.0f} tok/s/worker", flush=True)
+            self.progress.emit(f"{self.progress.line()} | step {self.state.step}/{self.cfg.total_steps} | loss {loss:.4f} | "
+                               f"lr {lr:.2e} | {self.progress.rate / self.world:,.0f} tok/s/worker")
 
     def metrics(self, loss: float, grad_norm: float, lr: float) -> dict:
         rate = self.progress.rate
