@@ -280,7 +280,7 @@ class EvaluateConfig(Strict):
     wall_clock: bool = True
     dynamic_gamma: bool = False
     """Also run the engine with dynamic gamma (backs off when acceptance collapses), reported as its own rows
-    (method `engine-dynamic`, gamma = mean drafted tokens per pass). Costs one more prepared target per draft."""
+    (method `engine-dynamic`, gamma = mean drafted tokens per pass), timed in the same loop."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where the measurements run; `cuda` asks Ray for one GPU per measurement task."""
     cpus_per_task: float = Field(default=1.0, gt=0)

@@ -54,8 +54,6 @@ def check_counters(results, engine) -> None:
     assert engine.last_stats.emitted == total
 
 
-
-
 @pytest.fixture(scope="module")
 def tiny_target(tiny_target_dir):
     return load_model(tiny_target_dir, dtype=F64)

@@ -219,17 +219,13 @@ def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_cl
 
     cpus = min(cpus, ray.cluster_resources().get("CPU", 1.0))  # more than the cluster has would wait forever
     threads = max(1, int(cpus))
-
-    def measure_with_threads(*args):
-        return measure_job(*args, threads=threads)
-
-    measure = ray.remote(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)(measure_with_threads)
+    measure = ray.remote(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)(measure_job)
     results = {k: load_part(parts, name, key) for k, (name, key, _) in jobs.items()}
     todo = [k for k, r in results.items() if r is None]
-    refs = {} if wall_clock else {k: measure.remote(*jobs[k][2]) for k in todo}
+    refs = {} if wall_clock else {k: measure.remote(*jobs[k][2], threads=threads) for k in todo}
     for k in todo:
         name, key, args = jobs[k]
-        results[k] = save_part(parts, name, key, ray.get(refs[k] if k in refs else measure.remote(*args)))
+        results[k] = save_part(parts, name, key, ray.get(refs[k] if k in refs else measure.remote(*args, threads=threads)))
     return results
 
 
