@@ -21,7 +21,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -143,6 +143,9 @@ class ComputeConfig(Strict):
     torch_threads: int | None = Field(default=None, ge=1)
     """CPU training: torch threads per worker; default: one per CPU Ray reserved for it. More threads than
     reserved CPUs lets a lone worker use the whole machine while its few CPUs stay free for the data reads."""
+
+    SCHEDULING_ONLY: ClassVar[dict] = {"max_failures": True, "cpus_per_worker": True, "torch_threads": True}
+    """Fields that change how a run is scheduled, not what it computes: left out of a stage's identity."""
 
 
 class TrainStageConfig(Strict):

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from fastdraft.checkpoint import DraftMetadata, read_metadata
-from fastdraft.config import PretrainConfig, Recipe, TrainStageConfig
+from fastdraft.config import ComputeConfig, PretrainConfig, Recipe, TrainStageConfig
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
 from fastdraft.tokenizer import check_fingerprints
@@ -69,10 +69,7 @@ def initial_draft(recipe: Recipe, layout: RunLayout) -> Path:
 
 def stage_key(cfg: PretrainConfig, stage: TrainStageConfig, start: DraftMetadata, manifest: dict) -> str:
     """Identity of a stage's output: its settings, its starting draft and its data. Same key = same result."""
-    settings = cfg.model_dump(mode="json", exclude={"stages", "crash_at_step"})
-    settings["compute"].pop("max_failures", None)
-    settings["compute"].pop("cpus_per_worker", None)
-    settings["compute"].pop("torch_threads", None)
+    settings = cfg.model_dump(mode="json", exclude={"stages": True, "crash_at_step": True, "compute": ComputeConfig.SCHEDULING_ONLY})
     payload = {"stage": stage.model_dump(mode="json"), "settings": settings, "start": start.to_dict()["history"],
                "start_keys": start.extra.get("stage_keys", {}), "data": manifest.get("section_hash") or manifest.get("splits")}
     for record in payload["start"]:
