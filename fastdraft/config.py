@@ -215,6 +215,9 @@ class GenerateConfig(Strict):
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    """CPU engines: torch threads per actor; default: one per CPU Ray reserved for it. A lone actor may use
+    more threads than it reserves (the whole machine) while the rest stays free for Ray Data's own tasks."""
     gpus_per_actor: float = Field(default=0, ge=0)
     store_topk: int = Field(default=0, ge=0)
     """Store the target's top-k log-probs per response token (for token-level KD); 0 = off."""

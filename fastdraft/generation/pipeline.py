@@ -98,7 +98,7 @@ class GenerateActor:
         from fastdraft.tokenizer import load_tokenizer
 
         if device == "cpu":
-            torch.set_num_threads(max(1, threads))  # match the CPUs Ray reserved for this actor
+            torch.set_num_threads(max(1, threads))  # the recipe's torch_threads, else the CPUs Ray reserved
         self.backend = make_backend(engine, model, dtype=dtype, device=device, store_topk=store_topk,
                                     trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs)
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
@@ -149,7 +149,7 @@ def generate_on_ray(rows: list[dict], cfg: GenerateConfig, recipe: Recipe) -> It
         fn_constructor_kwargs=dict(
             engine=cfg.engine, model=recipe.target.model, dtype=recipe.target.dtype, device=device,
             store_topk=cfg.store_topk, trust_remote_code=recipe.target.trust_remote_code,
-            engine_kwargs=dict(cfg.engine_kwargs), threads=max(1, int(cfg.cpus_per_actor)),
+            engine_kwargs=dict(cfg.engine_kwargs), threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
         ),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=actor_pool(cfg),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
