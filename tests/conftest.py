@@ -7,10 +7,12 @@ small Llama models built from it, in seconds. A few integration tests use the em
 from __future__ import annotations
 
 import os
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,3 +180,23 @@ def ray_job(ray_head):
         return res.returncode, res.stdout + res.stderr
 
     return _submit
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_target_dir):
+    """A prepare + generate recipe on the tiny target (a 40-document corpus and 4 prompts), as a YAML file."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"note {i}: " + "the quick brown fox " * (i % 7 + 1)}) + "\n"
+                            for i in range(40)))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
+                               for w in ["cats", "rivers", "numbers", "trees"]))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "pipe", "workdir": str(tmp_path / "run"), "target": {"model": str(tiny_target_dir)},
+        "prepare": {"seq_len": 32, "validation_fraction": 0.1, "max_actors": 1, "cpus_per_actor": 0.5,
+                    "corpora": {"notes": {"sources": [{"name": "notes", "kind": "jsonl", "path": str(docs)}]}}},
+        "generate": {"prompts": [{"name": "p", "kind": "jsonl", "path": str(prompts), "format": "plain"}],
+                     "sampling": [{"temperature": 0.0, "max_new_tokens": 8}], "batch_size": 4, "cpus_per_actor": 0.5},
+    }))
+    return path

@@ -6,7 +6,6 @@ import json
 import pytest
 import yaml
 
-from test_pipeline import recipe_file  # noqa: F401  (fixture: a prepare + generate recipe on the tiny target)
 
 
 @pytest.mark.timeout(400)
@@ -28,7 +27,7 @@ def test_prepare_runs_as_a_ray_job(ray_job, tiny_tokenizer_dir, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_the_pipeline_runs_as_a_ray_job_then_skips_then_reruns_from_a_stage(ray_job, recipe_file):  # noqa: F811
+def test_the_pipeline_runs_as_a_ray_job_then_skips_then_reruns_from_a_stage(ray_job, recipe_file):
     code, out = ray_job("python", "jobs/pipeline.py", str(recipe_file))
     assert code == 0, out
     assert "prepare: done in" in out and "generate: done in" in out and "succeeded" in out

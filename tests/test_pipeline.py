@@ -7,32 +7,12 @@ embedded target is `test_demo.py`.
 import json
 
 import pytest
-import yaml
 
 from fastdraft.cli import main
 from fastdraft.config import load_recipe
 from fastdraft.pipeline import run_pipeline
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture
-def recipe_file(tmp_path, tiny_target_dir):
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": f"note {i}: " + "the quick brown fox " * (i % 7 + 1)}) + "\n"
-                            for i in range(40)))
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {w}."}) + "\n"
-                               for w in ["cats", "rivers", "numbers", "trees"]))
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "pipe", "workdir": str(tmp_path / "run"), "target": {"model": str(tiny_target_dir)},
-        "prepare": {"seq_len": 32, "validation_fraction": 0.1, "max_actors": 1, "cpus_per_actor": 0.5,
-                    "corpora": {"notes": {"sources": [{"name": "notes", "kind": "jsonl", "path": str(docs)}]}}},
-        "generate": {"prompts": [{"name": "p", "kind": "jsonl", "path": str(prompts), "format": "plain"}],
-                     "sampling": [{"temperature": 0.0, "max_new_tokens": 8}], "batch_size": 4, "cpus_per_actor": 0.5},
-    }))
-    return path
 
 
 def test_stages_run_then_skip_then_rerun_from_a_stage(ray_session, recipe_file, capsys):

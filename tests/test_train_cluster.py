@@ -25,8 +25,7 @@ import yaml
 
 from fastdraft.checkpoint import read_metadata
 from fastdraft.training.loop import read_log
-from test_train_pretrain import SEQ_LEN, recipe_for
-from train_fixtures import write_shards
+from train_fixtures import SEQ_LEN, recipe_for, write_shards
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,22 +14,12 @@ import pytest
 import torch
 
 from fastdraft.checkpoint import read_metadata
-from fastdraft.config import ComputeConfig, OptimConfig, recipe_from_dict
+from fastdraft.config import ComputeConfig, OptimConfig
 from fastdraft.errors import FastdraftError, MissingDependencyError, TokenizerMismatchError
 from fastdraft.training.backends import check_available, scaling_for, torch_config_for
 from fastdraft.training.loop import budget_row_lengths, loss_weights, lr_at, read_log, steps_for_budget
-from train_fixtures import write_shards
+from train_fixtures import SEQ_LEN, recipe_for, write_shards
 
-SEQ_LEN = 32
-
-
-def recipe_for(run_dir, target_dir, init=None, **pretrain):
-    base = {"stages": [{"name": "PT", "corpus": "pt", "tokens": 3000}], "micro_batch_size": 4,
-            "optim": {"lr": 3e-3, "warmup_steps": 2}, "compute": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},
-            "eval_every": 4, "eval_batches": 2, "ckpt_every": 4}
-    base.update(pretrain)
-    return recipe_from_dict({"name": "t", "workdir": str(run_dir), "target": {"model": str(target_dir)},
-                             "draft": {"init": str(init)} if init else {"layers": 1, "hidden": 64}, "pretrain": base})
 
 
 # ---------------------------------------------------------------------------------------------

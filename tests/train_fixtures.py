@@ -10,6 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+SEQ_LEN = 32  # rows of the pretraining tests' shards
+
 
 def write_shards(corpus_dir: Path, tokenizer_dir: Path, seq_len: int, train_rows: int, val_rows: int,
                  fingerprint: str | None = None, files: int = 2, offset_docs: int = 0) -> dict:
@@ -83,3 +85,15 @@ def write_alignment(directory: Path, target_dir: Path, prompts: int, new_tokens:
                 "section_hash": f"test-{prompts}-{new_tokens}-{topk}"}
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return manifest
+
+
+def recipe_for(run_dir, target_dir, init=None, **pretrain):
+    """A pretrain recipe on the tiny target: one 3,000-token PT stage on 2 workers unless `pretrain` says otherwise."""
+    from fastdraft.config import recipe_from_dict
+
+    base = {"stages": [{"name": "PT", "corpus": "pt", "tokens": 3000}], "micro_batch_size": 4,
+            "optim": {"lr": 3e-3, "warmup_steps": 2}, "compute": {"num_workers": 2, "cpus_per_worker": 0.5, "max_failures": 1},
+            "eval_every": 4, "eval_batches": 2, "ckpt_every": 4}
+    base.update(pretrain)
+    return recipe_from_dict({"name": "t", "workdir": str(run_dir), "target": {"model": str(target_dir)},
+                             "draft": {"init": str(init)} if init else {"layers": 1, "hidden": 64}, "pretrain": base})
