@@ -51,6 +51,18 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    SCHEDULING_ONLY: ClassVar[frozenset[str]] = frozenset()
+    """Fields that change how a stage is scheduled (CPUs, threads, actors, retries), not what it computes."""
+
+    def identity(self) -> dict:
+        """The section as JSON without its scheduling-only fields, at every depth: what decides its outputs
+        (stage keys and `Recipe.section_hash` use it, so changing threads or CPUs never reruns a stage)."""
+        data = self.model_dump(mode="json", exclude=set(self.SCHEDULING_ONLY))
+        for name, value in self:
+            if isinstance(value, Strict) and name in data:
+                data[name] = value.identity()
+        return data
+
 
 # --------------------------------------------------------------------------------------------
 # Models
@@ -144,8 +156,7 @@ class ComputeConfig(Strict):
     """CPU training: torch threads per worker; default: one per CPU Ray reserved for it. More threads than
     reserved CPUs lets a lone worker use the whole machine while its few CPUs stay free for the data reads."""
 
-    SCHEDULING_ONLY: ClassVar[dict] = {"max_failures": True, "cpus_per_worker": True, "torch_threads": True}
-    """Fields that change how a run is scheduled, not what it computes: left out of a stage's identity."""
+    SCHEDULING_ONLY = frozenset({"max_failures", "cpus_per_worker", "torch_threads"})
 
 
 class TrainStageConfig(Strict):
@@ -227,6 +238,8 @@ class GenerateConfig(Strict):
     runtime_env: dict[str, Any] | None = None
     """Ray runtime_env of the generation actors, e.g. `{pip: [vllm==0.33.0]}` or `{image_uri: ...}`: vLLM cannot
     share the CPU stack's environment."""
+
+    SCHEDULING_ONLY = frozenset({"min_actors", "max_actors", "cpus_per_actor", "torch_threads"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +363,8 @@ class Recipe(Strict):
 
 
 def _dump(value: Any) -> Any:
+    if isinstance(value, Strict):
+        return value.identity()
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 

@@ -81,3 +81,19 @@ def test_missing_section_is_named():
     changed = load_recipe(RECIPES / "demo.yaml", ["pretrain.optim.lr=1e-4"])
     assert recipe.section_hash("prepare") == changed.section_hash("prepare")
     assert recipe.section_hash("pretrain") != changed.section_hash("pretrain")
+
+
+def test_scheduling_fields_do_not_change_a_stage_identity():
+    """Threads, CPUs, actors and retries change how a stage runs, not its outputs: `fastdraft run` must not
+    redo a finished stage when only they change. Anything else does change the identity."""
+    from fastdraft.pipeline import demo_recipe
+
+    base = demo_recipe().section_hash("pretrain", "generate", "distill")
+    scheduling = demo_recipe(overrides=["pretrain.compute.torch_threads=1", "pretrain.compute.cpus_per_worker=0.5",
+                                        "distill.compute.max_failures=5", "generate.torch_threads=1",
+                                        "generate.max_actors=2", "generate.cpus_per_actor=0.5"])
+    assert scheduling.section_hash("pretrain", "generate", "distill") == base
+    assert "torch_threads" not in scheduling.pretrain.identity()["compute"]
+    for change in ("pretrain.optim.lr=1e-3", "pretrain.compute.num_workers=2", "generate.batch_size=8",
+                   "distill.epochs=1"):
+        assert demo_recipe(overrides=[change]).section_hash("pretrain", "generate", "distill") != base, change

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fastdraft.checkpoint import read_metadata
-from fastdraft.config import ComputeConfig, DistillConfig, Recipe
+from fastdraft.config import DistillConfig, Recipe
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
 from fastdraft.tokenizer import check_fingerprints
@@ -182,7 +182,7 @@ def run_distill(recipe: Recipe, **_options) -> dict:
     start = read_metadata(start_dir)
     topk_needed = cfg.loss != "ce"
     table, manifest = read_alignment(layout.alignment, start.tokenizer_fingerprint, f"draft {start_dir}", topk_needed)
-    key = hashlib.sha256(json.dumps({"distill": cfg.model_dump(mode="json", exclude={"crash_at_step": True, "compute": ComputeConfig.SCHEDULING_ONLY}), "start": start.to_dict()["stages"],
+    key = hashlib.sha256(json.dumps({"distill": {k: v for k, v in cfg.identity().items() if k != "crash_at_step"}, "start": start.to_dict()["stages"],
                                      "start_keys": start.extra.get("stage_keys", {}), "data": manifest.get("section_hash")},
                                     sort_keys=True).encode()).hexdigest()[:12]
     out = layout.draft("FT")

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 
 from fastdraft.checkpoint import DraftMetadata, read_metadata
-from fastdraft.config import ComputeConfig, PretrainConfig, Recipe, TrainStageConfig
+from fastdraft.config import PretrainConfig, Recipe, TrainStageConfig
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
 from fastdraft.tokenizer import check_fingerprints
@@ -69,7 +69,7 @@ def initial_draft(recipe: Recipe, layout: RunLayout) -> Path:
 
 def stage_key(cfg: PretrainConfig, stage: TrainStageConfig, start: DraftMetadata, manifest: dict) -> str:
     """Identity of a stage's output: its settings, its starting draft and its data. Same key = same result."""
-    settings = cfg.model_dump(mode="json", exclude={"stages": True, "crash_at_step": True, "compute": ComputeConfig.SCHEDULING_ONLY})
+    settings = {k: v for k, v in cfg.identity().items() if k not in ("stages", "crash_at_step")}
     payload = {"stage": stage.model_dump(mode="json"), "settings": settings, "start": start.to_dict()["history"],
                "start_keys": start.extra.get("stage_keys", {}), "data": manifest.get("section_hash") or manifest.get("splits")}
     for record in payload["start"]:
