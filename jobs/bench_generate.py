@@ -4,12 +4,15 @@
     python jobs/bench_generate.py --model /path/to/target --prompts 64 --batch-size 32 --max-new-tokens 128
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/bench_generate.py
 
-Three ways to answer the same prompts greedily with the same `max_new_tokens` (loop and batched are run
-interleaved, chunk by chunk, so both see the same load on a shared machine):
+Four ways to answer the same prompts greedily with the same `max_new_tokens` (loop, batched and lean are run
+interleaved, chunk by chunk, so all see the same load on a shared machine):
   loop     transformers `model.generate` one prompt at a time (the plain baseline)
-  batched  fastdraft's TransformersBackend: batches of `--batch-size`, left padding, one KV cache per batch
-  ray      the whole generate stage (`run_generate`): Ray Data actor pool, Parquet parts, manifest;
-           wall time includes the actor's start and model load (reported separately when the stage prints it)
+  batched  fastdraft's TransformersBackend (`generate.engine: transformers`): batches of `--batch-size`, left
+           padding, one KV cache per batch
+  lean     fastdraft's LeanBackend (`generate.engine: lean`): the same batches through the engine's own decoder,
+           a KV cache with one length per row (no padding computed), finished rows leave the batch
+  ray      the whole generate stage (`run_generate`, engine `--ray-engine`): Ray Data actor pool, Parquet parts,
+           manifest; wall time includes the actor's start and model load
 Tokens are the responses' real tokens (padding after a stop is not counted). Prints a table and writes JSON
 (`--out`, default runs/bench/bench_generate.json). The issue's goal: batched >= 4x loop at batch 16 on CPU.
 """
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the working d
 import torch  # noqa: E402
 
 from fastdraft.config import PromptSourceConfig, recipe_from_dict  # noqa: E402
-from fastdraft.generation.backends import TransformersBackend  # noqa: E402
+from fastdraft.generation.backends import LeanBackend, TransformersBackend  # noqa: E402
 from fastdraft.generation.prompts import PromptEncoder, load_prompts  # noqa: E402
 from fastdraft.speculative.types import SamplingParams  # noqa: E402
 from jobs.benchlib import write_json  # noqa: E402
@@ -49,35 +52,38 @@ def loop_generate(backend: TransformersBackend, prompts: list[list[int]], max_ne
 
 
 def batched_generate(backend: TransformersBackend, prompts: list[list[int]], max_new_tokens: int) -> int:
-    """fastdraft's batched engine on the whole chunk at once."""
+    """A fastdraft backend on the whole chunk at once."""
     outs = backend.generate([(ids, SamplingParams(max_new_tokens=max_new_tokens)) for ids in prompts])
     return sum(len(o.token_ids) for o in outs)
 
 
-def bench_in_process(backend: TransformersBackend, prompts: list[list[int]], max_new_tokens: int, batch_size: int) -> dict:
-    """Loop vs batched, interleaved chunk by chunk so that both see the same load on a shared machine."""
-    totals = {"loop": [0.0, 0], "batched": [0.0, 0]}
+def bench_in_process(backends: dict[str, TransformersBackend], prompts: list[list[int]], max_new_tokens: int,
+                     batch_size: int) -> dict:
+    """Loop vs the batched backends, interleaved chunk by chunk so that all see the same load on a shared machine."""
+    modes = {"loop": (loop_generate, backends["batched"]), **{name: (batched_generate, b) for name, b in backends.items()}}
+    totals = {name: [0.0, 0] for name in modes}
     ordered = sorted(prompts, key=len)  # as the pipeline plans them: similar lengths share a batch
     for i in range(0, len(ordered), batch_size):
         chunk = ordered[i:i + batch_size]
-        for name, fn in (("loop", loop_generate), ("batched", batched_generate)):
+        for name, (fn, backend) in modes.items():
             start = time.perf_counter()
             tokens = fn(backend, chunk, max_new_tokens)
             totals[name][0] += time.perf_counter() - start
             totals[name][1] += tokens
-        print(f"[bench] chunk {i // batch_size + 1}: loop {totals['loop'][0]:.1f} s, batched {totals['batched'][0]:.1f} s so far",
+        print(f"[bench] chunk {i // batch_size + 1}: " + ", ".join(f"{n} {t[0]:.1f} s" for n, t in totals.items()) + " so far",
               flush=True)
     return {name: tuple(v) for name, v in totals.items()}
 
 
-def bench_ray(model: str, n_prompts: int, max_new_tokens: int, batch_size: int, cpus: float, workdir: Path) -> tuple[float, int]:
+def bench_ray(model: str, n_prompts: int, max_new_tokens: int, batch_size: int, cpus: float, workdir: Path,
+              engine: str) -> tuple[float, int]:
     from fastdraft.generation.pipeline import run_generate
     from fastdraft.raycluster import ensure_ray
 
     ensure_ray()
     recipe = recipe_from_dict({
         "name": "bench-generate", "workdir": str(workdir), "target": {"model": model},
-        "generate": {"prompts": [{"name": "code", "kind": "stdlib_code", "limit": n_prompts}],
+        "generate": {"engine": engine, "prompts": [{"name": "code", "kind": "stdlib_code", "limit": n_prompts}],
                      "sampling": [{"temperature": 0.0, "max_new_tokens": max_new_tokens}], "max_prompt_tokens": 512,
                      "batch_size": batch_size, "min_actors": 1, "max_actors": 1, "cpus_per_actor": cpus},
     })
@@ -95,21 +101,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (and the Ray actor's CPUs); more than the free cores makes OpenMP crawl")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ray"], help="leave the Ray pipeline out")
+    parser.add_argument("--ray-engine", default="lean", choices=["transformers", "lean"], help="the Ray stage's engine")
     parser.add_argument("--out", default="runs/bench/bench_generate.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    backend = TransformersBackend(args.model)
+    backends = {"batched": TransformersBackend(args.model), "lean": LeanBackend(args.model)}
     source = PromptSourceConfig(name="code", kind="stdlib_code", limit=args.prompts)
-    prompts = [p.prompt_ids for p in load_prompts(source, PromptEncoder(backend.tokenizer, 512))[0]]
+    prompts = [p.prompt_ids for p in load_prompts(source, PromptEncoder(backends["batched"].tokenizer, 512))[0]]
     print(f"[bench] {len(prompts)} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} tokens, "
           f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}, {args.threads} threads", flush=True)
 
     results = {}
-    measured = bench_in_process(backend, prompts, args.max_new_tokens, args.batch_size)
+    measured = bench_in_process(backends, prompts, args.max_new_tokens, args.batch_size)
     if "ray" not in args.skip:
         measured["ray"] = bench_ray(args.model, args.prompts, args.max_new_tokens, args.batch_size, args.threads,
-                                    Path(tempfile.mkdtemp(prefix="bench-generate-")))
+                                    Path(tempfile.mkdtemp(prefix="bench-generate-")), args.ray_engine)
     for name, (seconds, tokens) in measured.items():
         results[name] = {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2)}
     base = results.get("loop", {}).get("tokens_per_s")
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         print(f"{name:<9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_loop'] or 0:>7.2f}x")
     report = {"model": args.model, "prompts": len(prompts), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+              "ray_engine": args.ray_engine,
               "threads": args.threads, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "device": "cpu", "results": results}
     write_json(report, args.out)

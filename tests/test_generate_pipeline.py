@@ -6,6 +6,7 @@ Specification:
 - the actor pool stays within min_actors..max_actors;
 - a job killed mid-run and rerun completes the set with exactly the keys of an uninterrupted run, no duplicates;
 - bad settings are refused before anything is written; a finished set is never mixed with other settings;
+- the lean engine (fastdraft's own decoder) answers exactly like the transformers engine, top-k log-probs too;
 - the vLLM engine runs through the same actors (a fake vllm stands in, shipped with a runtime_env);
 - SmolLM2 (the embedded target) answers chat-templated prompts and writes its own Magpie prompts.
 """
@@ -28,7 +29,7 @@ import yaml
 
 from fastdraft.config import recipe_from_dict
 from fastdraft.errors import FastdraftError, MissingDependencyError, RecipeError
-from fastdraft.generation.backends import TransformersBackend, cut_at_stop
+from fastdraft.generation.backends import LeanBackend, TransformersBackend, cut_at_stop
 from fastdraft.generation.pipeline import actor_pool, run_generate
 from fastdraft.generation.prompts import stable_seed
 from fastdraft.speculative.types import SamplingParams
@@ -143,6 +144,53 @@ def test_sampled_rows_are_seeded_by_their_key(full_run, target):
     r = sampled[5]
     again = target.generate([(r["prompt_ids"], SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=16, seed=r["seed"]))])
     assert again[0].token_ids == r["response_ids"]  # the key alone decides the sample
+
+
+@pytest.mark.timeout(300)
+def test_lean_backend_answers_exactly_like_the_transformers_backend(target, tiny_target_dir):
+    """Prompts of different lengths in one batch (no padding in the lean cache), greedy and sampled rows with
+    their own seeds, a stop token that ends some rows early (they leave the batch), and top-k log-probs."""
+    lean = LeanBackend(tiny_target_dir, store_topk=3)
+    reference = TransformersBackend(tiny_target_dir, store_topk=3)
+    prompts = [[1, 5, 9, 14], [1, 7], [1, 30, 31, 32, 33, 34, 35, 36, 37], [1, 60, 61], [1, 99, 98, 97, 96]]
+    greedy = reference.generate([(ids, SamplingParams(max_new_tokens=12)) for ids in prompts])
+    stop = greedy[0].token_ids[3]  # a token that ends at least the first row early
+    settings = [SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)),
+                SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_new_tokens=12, stop_token_ids=(stop,))]
+    for params in settings:
+        requests = [(ids, SamplingParams(**{**params.__dict__, "seed": 100 + i})) for i, ids in enumerate(prompts)]
+        want, got = reference.generate(requests), lean.generate(requests)
+        assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
+        assert "stop" in {g.finish_reason for g in got} and "length" in {g.finish_reason for g in got}
+        for g, w in zip(got, want):
+            assert len(g.topk_ids) == len(g.token_ids) and g.topk_ids == w.topk_ids
+            assert torch.allclose(torch.tensor(g.topk_logprobs), torch.tensor(w.topk_logprobs), atol=1e-4)
+
+
+def test_lean_engine_refuses_a_model_it_cannot_run(tmp_path, tiny_tokenizer_dir):
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(tiny_tokenizer_dir, gpt2)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", vocab_size=512, n_layer=1, n_embd=32, n_head=2)).save_pretrained(gpt2)
+    with pytest.raises(FastdraftError, match="generate.engine 'lean' cannot run .*gpt2.*use engine 'transformers'"):
+        LeanBackend(gpt2)
+
+
+@pytest.mark.timeout(300)
+def test_lean_engine_through_the_actor_pool_writes_the_same_alignment_set(full_run, tmp_path, tiny_target_dir, prompts_file):
+    _, _, table = full_run
+    recipe, _ = tiny_recipe(tmp_path / "lean", tiny_target_dir, prompts_file, engine="lean", max_actors=1)
+    run_generate(recipe)
+    manifest = json.loads((recipe.run_dir / "alignment" / "manifest.json").read_text())
+    assert manifest["engine"] == "lean" and manifest["complete"] is True
+
+    def answers(t):
+        return sorted((r["key"], r["response_ids"], r["finish_reason"]) for r in t.to_pylist())
+
+    assert answers(read_rows(recipe.run_dir)) == answers(table)
 
 
 @pytest.mark.timeout(300)

@@ -38,7 +38,7 @@ WHERE_RUN = {
     "serve run apps/serve_demo.yaml": "test_demo.py::test_readme_serve_run_and_curl_answer_with_the_demo_pair",
     "curl localhost:8000/v1/chat/completions": "test_demo.py::test_readme_serve_run_and_curl_answer_with_the_demo_pair",
     "python jobs/bench_prepare.py": "test_benchmarks.py::test_bench_prepare_compares_the_pipeline_with_a_plain_loop_at_two_sizes",
-    "python jobs/bench_generate.py": "test_benchmarks.py::test_bench_generate_times_the_loop_the_batch_and_the_ray_pipeline",
+    "python jobs/bench_generate.py": "test_benchmarks.py::test_bench_generate_times_the_loop_both_batched_engines_and_the_ray_pipeline",
     "python jobs/bench_train.py": "test_benchmarks.py::test_bench_train_compares_ray_train_with_a_plain_loop",
     "python -m jobs.bench_engine": "test_speculative_bench.py::test_bench_engine_agreeing_pair_smoke",
     "python jobs/bench_serve.py": "test_benchmarks.py::test_bench_serve_measures_speculative_and_target_alone_over_http",

@@ -5,7 +5,8 @@
 
 1. Drafts: `evaluate.drafts`, or the run's `drafts/PT`, `drafts/CP`, `drafts/FT` that exist; each must
    speak the target's exact tokenizer (refused otherwise, naming both sides).
-2. One Ray task per task x decoding (`measure_job`). For each prompt, the target alone (fastdraft's
+2. One part per task x decoding (`measure_job`), run by `Measurer` actors that load the models once and
+   measure part after part (with timings, one actor: parts never share the cores). For each prompt, the target alone (fastdraft's
    engine with no draft) writes the continuation, timed; then each draft's pair at the headline gamma,
    timed right after on the same cores, batch 1, same max tokens and decoding settings: exact counters,
    wall-clock speedup, and under greedy decoding a check that the output is identical. Then the gamma
@@ -24,6 +25,7 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from fastdraft.config import EvaluateConfig, Recipe
 from fastdraft.errors import FastdraftError
@@ -121,7 +123,7 @@ class _Timed:
 
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
                 gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
-                device: str = "cpu", threads: int | None = None) -> dict:
+                device: str = "cpu", load: Callable | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
@@ -130,17 +132,15 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
 
     Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}} (+ "engine-dynamic" when
     `dynamic_gamma`: the same pairs with the engine choosing gamma each round, timed in the same loop).
+    `load(path, dtype=, device=)` loads a model (default `checkpoint.load_model`; `Measurer` passes its cache).
     """
     from fastdraft.checkpoint import load_model
     from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
     from fastdraft.speculative.engine import SpeculativeEngine
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)  # the CPUs Ray reserved for this task
-    target = load_model(target_dir, dtype=dtype, device=device)
-    models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
+    load = load or load_model
+    target = load(target_dir, dtype=dtype, device=device)
+    models = {label: load(path, dtype=dtype, device=device) for label, path in drafts.items()}
     # The target is prepared once (its decoder) and shared by every pair; the target alone runs through the
     # first pair's engine at gamma 0: the same code path.
     pairs, shared = {}, None
@@ -208,24 +208,49 @@ def save_part(parts: Path, name: str, key: dict, result: dict) -> dict:
     return result
 
 
+class Measurer:
+    """A Ray actor that measures part after part, loading each model once (not once per part)."""
+
+    def __init__(self, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor
+        self.threads, self.models = threads, {}
+
+    def load(self, path: str, dtype: str, device: str):
+        from fastdraft.checkpoint import load_model
+
+        if (path, dtype, device) not in self.models:
+            self.models[(path, dtype, device)] = load_model(path, dtype=dtype, device=device)
+        return self.models[(path, dtype, device)]
+
+    def measure(self, *args) -> dict:
+        return measure_job(*args, load=self.load)
+
+
 def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_clock: bool,
                 device: str = "cpu", cpus: float = 1.0) -> dict[tuple, dict]:
-    """Run `measure_job` for every (task, decoding) not finished before, as Ray tasks of `cpus` CPUs each.
+    """Run `measure_job` for every (task, decoding) not finished before, on `Measurer` actors of `cpus` CPUs.
 
-    Wall-clock timings must not share the cores with other measurements, so with timings the parts run
-    one at a time; without, all at once (Ray spreads them over the cluster's CPUs).
+    Wall-clock timings must not share the cores with other measurements, so with timings one actor runs
+    the parts one at a time; without, as many actors as the cluster's CPUs hold run them side by side.
+    Each part is saved as soon as it is back.
     """
     import ray
+    from ray.util import ActorPool
 
-    cpus = min(cpus, ray.cluster_resources().get("CPU", 1.0))  # more than the cluster has would wait forever
-    threads = max(1, int(cpus))
-    measure = ray.remote(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)(measure_job)
     results = {k: load_part(parts, name, key) for k, (name, key, _) in jobs.items()}
     todo = [k for k, r in results.items() if r is None]
-    refs = {} if wall_clock else {k: measure.remote(*jobs[k][2], threads=threads) for k in todo}
-    for k in todo:
-        name, key, args = jobs[k]
-        results[k] = save_part(parts, name, key, ray.get(refs[k] if k in refs else measure.remote(*args, threads=threads)))
+    if not todo:
+        return results
+    total = ray.cluster_resources().get("CPU", 1.0)
+    cpus = min(cpus, total)  # more than the cluster has would wait forever
+    size = 1 if wall_clock else max(1, min(len(todo), int(total // cpus)))
+    actor = ray.remote(num_cpus=cpus, num_gpus=1 if device == "cuda" else 0)(Measurer)
+    pool = ActorPool([actor.remote(max(1, int(cpus))) for _ in range(size)])
+    for k, result in zip(todo, pool.map(lambda a, k: a.measure.remote(*jobs[k][2]), todo)):
+        name, key, _ = jobs[k]
+        results[k] = save_part(parts, name, key, result)
     return results
 
 

@@ -4,9 +4,13 @@
     outs = backend.generate([(prompt_ids, SamplingParams(temperature=0.6, max_new_tokens=128, seed=7))])
     outs[0].token_ids, outs[0].finish_reason        # ends with the stop token when finish_reason == "stop"
 
-- `TransformersBackend`: batched `model.generate` with left padding and a KV cache, any device (runs here).
-  Sampling draws each row from its own `torch.Generator` seeded by `SamplingParams.seed` (see
-  `PerRowSampler`), so a row's sample depends on its key, not on which rows share its batch.
+- `TransformersBackend`: batched `model.generate` with left padding and a KV cache, any device, any causal LM.
+- `LeanBackend`: the same batches through fastdraft's own decoder (the speculative engine's `LeanDecoder`,
+  Llama family: SmolLM2, Llama, Mistral, Qwen, Phi-3): one KV cache with a length per row, so no padding
+  is computed and finished rows leave the batch; oneDNN linears on CPU. About 2x transformers here
+  (`python jobs/bench_generate.py`).
+  Both draw each sampled row from its own `torch.Generator` seeded by `SamplingParams.seed`
+  (`draw_per_row`), so a row's sample depends on its key, not on which rows share its batch.
 - `VLLMBackend`: vLLM's offline `LLM.generate` for GPU clusters. vLLM pins torch/transformers versions
   that cannot share this project's CPU stack, so it is imported lazily and lives in its own environment
   (a cluster image, or `generate.runtime_env` for the Ray Data actors); a clear `MissingDependencyError`
@@ -27,6 +31,7 @@ from typing import Any, Protocol
 import torch
 
 from fastdraft.errors import FastdraftError, require
+from fastdraft.speculative.decoders import right_pad
 from fastdraft.speculative.types import SamplingParams
 
 Request = tuple[list[int], SamplingParams]
@@ -64,9 +69,11 @@ def make_backend(
     """Build the engine named in the recipe (`generate.engine`)."""
     if engine == "transformers":
         return TransformersBackend(model_dir, dtype, device, store_topk, trust_remote_code)
+    if engine == "lean":
+        return LeanBackend(model_dir, dtype, device, store_topk, trust_remote_code)
     if engine == "vllm":
         return VLLMBackend(model_dir, dtype, store_topk, trust_remote_code, engine_kwargs or {})
-    raise FastdraftError(f"generate.engine: unknown engine {engine!r}; expected 'transformers' or 'vllm'")
+    raise FastdraftError(f"generate.engine: unknown engine {engine!r}; expected 'transformers', 'lean' or 'vllm'")
 
 
 def stop_token_ids(generation_config: Any, tokenizer: Any) -> tuple[int, ...]:
@@ -106,6 +113,23 @@ def filter_logits(scores: torch.Tensor, temperature: float, top_k: int, top_p: f
     return scores
 
 
+def row_generators(params: Sequence[SamplingParams], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per row, seeded by the row's own seed (0 when unset)."""
+    return [torch.Generator(device=device).manual_seed(int(q.seed if q.seed is not None else 0)) for q in params]
+
+
+def draw_per_row(scores: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row [B], row i drawn from the filtered distribution with generators[i] alone."""
+    probs = torch.softmax(filter_logits(scores, params.temperature, params.top_k, params.top_p), dim=-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+def topk_logprobs(scores: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The model's own (temperature 1) top-k log-probs of each row of scores [N, V]."""
+    top = torch.log_softmax(scores.float(), dim=-1).topk(k, dim=-1)
+    return top.indices.tolist(), top.values.tolist()
+
+
 class PerRowSampler:
     """A logits processor that samples each row with its own seeded generator.
 
@@ -116,14 +140,12 @@ class PerRowSampler:
 
     def __init__(self, params: SamplingParams, seeds: Sequence[int], device: torch.device | str = "cpu"):
         self.params = params
-        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        self.generators = row_generators([replace(params, seed=s) for s in seeds], device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        p = self.params
-        probs = torch.softmax(filter_logits(scores, p.temperature, p.top_k, p.top_p), dim=-1)
-        picked = torch.stack([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        picked = draw_per_row(scores, self.params, self.generators)
         out = torch.full_like(scores, float("-inf"))
-        return out.scatter(1, picked, 0.0)
+        return out.scatter(1, picked[:, None], 0.0)
 
 
 class TransformersBackend:
@@ -198,9 +220,64 @@ class TransformersBackend:
         """The target's own (temperature 1) top-k log-probs at each of the row's n response positions."""
         if n == 0:
             return [], []
-        steps = torch.stack([logits[t][row] for t in range(n)]).float()
-        top = torch.log_softmax(steps, dim=-1).topk(self.store_topk, dim=-1)
-        return top.indices.tolist(), top.values.tolist()
+        return topk_logprobs(torch.stack([logits[t][row] for t in range(n)]), self.store_topk)
+
+
+class LeanBackend(TransformersBackend):
+    """The same batches through fastdraft's `LeanDecoder` (Llama family), with a ragged KV cache.
+
+    Each row keeps its own length in the cache (no left padding, nothing computed for padding), and a row
+    that stops leaves the batch, so the last long answers do not drag finished rows along. Greedy rows take
+    the argmax, sampled rows draw from their own seeded generator, exactly as `TransformersBackend` does;
+    the decoder's logits match transformers' (tests/test_speculative_engine.py), so both backends give the
+    same answers up to float rounding.
+    """
+
+    name = "lean"
+
+    def __init__(
+        self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu", store_topk: int = 0,
+        trust_remote_code: bool = False,
+    ):
+        from fastdraft.speculative.decoders import lean_unsupported_reason, make_decoder
+
+        super().__init__(model_dir, dtype, device, store_topk, trust_remote_code)
+        reason = lean_unsupported_reason(self.model)
+        if reason:
+            raise FastdraftError(f"generate.engine 'lean' cannot run {model_dir}: {reason}; use engine 'transformers'")
+        self.decoder = make_decoder(self.model, "lean")
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generated]:
+        p, k = params[0], self.store_topk
+        stop_ids = set(self.stop_ids) | set(p.stop_token_ids)
+        cache = self.decoder.new_cache(len(prompts), max(map(len, prompts)) + p.max_new_tokens)
+        outs = [Generated([], "length", [] if k else None, [] if k else None) for _ in prompts]
+        live = list(range(len(prompts)))  # live[r]: the request in cache row r
+        generators = None if p.greedy else row_generators(params, self.device)
+        logits = self.decoder.forward(cache, right_pad(prompts, self.device), [0] * len(prompts), [len(q) - 1 for q in prompts])
+        while True:
+            tokens = logits.argmax(dim=-1) if p.greedy else draw_per_row(logits, p, generators)
+            top = topk_logprobs(logits, k) if k else None
+            keep = []
+            for r, (i, token) in enumerate(zip(live, tokens.tolist())):
+                out = outs[i]
+                out.token_ids.append(token)
+                if top:
+                    out.topk_ids.append(top[0][r])
+                    out.topk_logprobs.append(top[1][r])
+                if token in stop_ids:
+                    out.finish_reason = "stop"
+                elif len(out.token_ids) < p.max_new_tokens:
+                    keep.append(r)
+            if not keep:
+                return outs
+            if len(keep) < len(live):  # finished rows leave the batch (and the cache)
+                cache.keep_rows(keep)
+                live, tokens = [live[r] for r in keep], tokens[keep]
+                generators = None if generators is None else [generators[r] for r in keep]
+            offsets = [len(prompts[i]) + len(outs[i].token_ids) - 1 for i in live]
+            logits = self.decoder.forward(cache, tokens[:, None], offsets, [0] * len(live))
 
 
 # --------------------------------------------------------------------------------------------

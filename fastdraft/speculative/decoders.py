@@ -41,6 +41,12 @@ class Decoder(Protocol):
     def forward(self, cache, ids: torch.Tensor, offsets: list[int], logits_at: LogitsAt) -> torch.Tensor | None: ...
 
 
+def right_pad(seqs: list[list[int]], device: torch.device | str) -> torch.Tensor:
+    """Right-pad token lists into [B, T] (padding positions are past each row's length: never attended)."""
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+
+
 def count_params(model: PreTrainedModel) -> int:
     """Parameters (tied embeddings counted once), the `c` of MBSU = tau / (1 + gamma * c)."""
     return sum(p.numel() for p in model.parameters())

@@ -28,7 +28,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fastdraft.errors import FastdraftError
-from fastdraft.speculative.decoders import Decoder, make_decoder
+from fastdraft.speculative.decoders import Decoder, make_decoder, right_pad
 from fastdraft.speculative.gamma import GammaController
 from fastdraft.speculative.sampling import greedy_accept, rejection_accept, sample, warp_probs
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
@@ -71,12 +71,6 @@ class _Batch:
     def remaining(self, row: int) -> int:
         s = self.rows[row]
         return self.params.max_new_tokens - (len(self.tokens[s]) - self.prompt_len[s])
-
-
-def _pad(seqs: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Right-pad token lists into [B, T] (padding positions are past each row's length: never attended)."""
-    width = max(len(s) for s in seqs)
-    return torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
 
 
 class SpeculativeEngine:
@@ -185,9 +179,9 @@ class SpeculativeEngine:
         # Prefill all but the last prompt token: the first round's verification pass feeds that one.
         prefix = [p[:-1] for p in prompts]
         if any(prefix):
-            self.target.forward(target_cache, _pad(prefix, self.device), [0] * len(prompts), None)
+            self.target.forward(target_cache, right_pad(prefix, self.device), [0] * len(prompts), None)
             if draft_cache is not None:
-                self.draft.forward(draft_cache, _pad(prefix, self.device), [0] * len(prompts), None)
+                self.draft.forward(draft_cache, right_pad(prefix, self.device), [0] * len(prompts), None)
         prefill_s = timer.lap()
         for r in batch.results:
             r.stats.prefill_s = prefill_s / len(prompts)
@@ -229,7 +223,7 @@ class SpeculativeEngine:
         # Rows needing fewer start earlier and rewrite entries they already hold, so all rows share a width.
         width = max(c - d for c, d in zip(committed, batch.draft_len))
         starts = [max(0, c - width) for c in committed]
-        ids = _pad([batch.tokens[s][st:] for s, st in zip(batch.rows, starts)], self.device)
+        ids = right_pad([batch.tokens[s][st:] for s, st in zip(batch.rows, starts)], self.device)
         logits = self.draft.forward(cache, ids, starts, [c - 1 - st for c, st in zip(committed, starts)])
         tokens, probs = [], []
         for i in range(g):
