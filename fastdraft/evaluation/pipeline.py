@@ -25,7 +25,6 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 from fastdraft.config import EvaluateConfig, Recipe
 from fastdraft.errors import FastdraftError
@@ -121,9 +120,31 @@ class _Timed:
         return result
 
 
+def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_gamma: bool, dtype: str, device: str,
+                  warm_prompt: list[int], params: SamplingParams) -> tuple:
+    """(target, {label: draft}, {(method, label): engine}), every engine warmed up on `warm_prompt`.
+
+    The target is prepared once (its decoder) and shared by every pair; the target alone runs through the
+    first pair's engine at gamma 0: the same code path."""
+    from fastdraft.checkpoint import load_model
+    from fastdraft.speculative.engine import SpeculativeEngine
+
+    target = load_model(target_dir, dtype=dtype, device=device)
+    models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
+    pairs, shared = {}, None
+    for method in ("engine", "engine-dynamic") if dynamic_gamma else ("engine",):
+        for label, m in models.items():
+            engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared)
+            pairs[(method, label)], shared = engine, engine.target
+    for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice)
+        for g in (0, gamma):
+            engine.generate([warm_prompt], replace(params, max_new_tokens=4), gamma=g)
+    return target, models, pairs
+
+
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
                 gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
-                device: str = "cpu", load: Callable | None = None) -> dict:
+                device: str = "cpu", cache: dict | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
@@ -132,26 +153,16 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
 
     Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}} (+ "engine-dynamic" when
     `dynamic_gamma`: the same pairs with the engine choosing gamma each round, timed in the same loop).
-    `load(path, dtype=, device=)` loads a model (default `checkpoint.load_model`; `Measurer` passes its cache).
+    `cache` keeps the loaded models and warmed-up engines between parts (`Measurer` passes its own).
     """
-    from fastdraft.checkpoint import load_model
     from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
-    from fastdraft.speculative.engine import SpeculativeEngine
 
-    load = load or load_model
-    target = load(target_dir, dtype=dtype, device=device)
-    models = {label: load(path, dtype=dtype, device=device) for label, path in drafts.items()}
-    # The target is prepared once (its decoder) and shared by every pair; the target alone runs through the
-    # first pair's engine at gamma 0: the same code path.
-    pairs, shared = {}, None
-    for method in ("engine", "engine-dynamic") if dynamic_gamma else ("engine",):
-        for label, m in models.items():
-            engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared)
-            pairs[(method, label)], shared = engine, engine.target
+    key = (target_dir, tuple(sorted(drafts.items())), gamma, dynamic_gamma, dtype, device)
+    cache = {} if cache is None else cache
+    if key not in cache:
+        cache[key] = prepare_pairs(target_dir, drafts, gamma, dynamic_gamma, dtype, device, task.prompts[0].ids, params)
+    target, models, pairs = cache[key]
     alone = next(iter(pairs.values()))
-    for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice)
-        for g in (0, gamma):
-            engine.generate([task.prompts[0].ids], replace(params, max_new_tokens=4), gamma=g)
     timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
     betas: dict[str, list[list[float]]] = {label: [] for label in models}
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
@@ -209,23 +220,16 @@ def save_part(parts: Path, name: str, key: dict, result: dict) -> dict:
 
 
 class Measurer:
-    """A Ray actor that measures part after part, loading each model once (not once per part)."""
+    """A Ray actor that measures part after part, loading and warming up the pairs once (not once per part)."""
 
     def __init__(self, threads: int):
         import torch
 
         torch.set_num_threads(threads)  # the CPUs Ray reserved for this actor
-        self.threads, self.models = threads, {}
-
-    def load(self, path: str, dtype: str, device: str):
-        from fastdraft.checkpoint import load_model
-
-        if (path, dtype, device) not in self.models:
-            self.models[(path, dtype, device)] = load_model(path, dtype=dtype, device=device)
-        return self.models[(path, dtype, device)]
+        self.cache: dict = {}
 
     def measure(self, *args) -> dict:
-        return measure_job(*args, load=self.load)
+        return measure_job(*args, cache=self.cache)
 
 
 def measure_all(jobs: dict[tuple, tuple[str, dict, tuple]], parts: Path, wall_clock: bool,
