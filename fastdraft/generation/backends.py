@@ -7,7 +7,7 @@
 - `TransformersBackend`: batched `model.generate` with left padding and a KV cache, any device, any causal LM.
 - `LeanBackend`: the same batches through fastdraft's own decoder (the speculative engine's `LeanDecoder`,
   Llama family: SmolLM2, Llama, Mistral, Qwen, Phi-3): one KV cache with a length per row, so no padding
-  is computed and finished rows leave the batch; oneDNN linears on CPU. About 2x transformers here
+  is computed and finished rows leave the batch; oneDNN linears on CPU. 1.45x transformers measured here
   (`python jobs/bench_generate.py`).
   Both draw each sampled row from its own `torch.Generator` seeded by `SamplingParams.seed`
   (`draw_per_row`), so a row's sample depends on its key, not on which rows share its batch.
