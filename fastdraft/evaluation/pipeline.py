@@ -6,12 +6,13 @@
 1. Drafts: `evaluate.drafts`, or the run's `drafts/PT`, `drafts/CP`, `drafts/FT` that exist; each must
    speak the target's exact tokenizer (refused otherwise, naming both sides).
 2. One part per task x decoding (`measure_job`), run by `Measurer` actors that load the models once and
-   measure part after part (with timings, one actor: parts never share the cores). For each prompt, the target alone (fastdraft's
+   measure part after part. For each prompt, the target alone (fastdraft's
    engine with no draft) writes the continuation, timed; then each draft's pair at the headline gamma,
    timed right after on the same cores, batch 1, same max tokens and decoding settings: exact counters,
    wall-clock speedup, and under greedy decoding a check that the output is identical. Then the gamma
    sweep: every draft reads the continuations teacher-forced, giving exact greedy / expected sampled
-   counters for every gamma at once (`acceptance.py`). With timings the parts run one at a time.
+   counters for every gamma at once (`acceptance.py`). With timings one actor runs the parts one at a time
+   (never sharing the cores); without, several run side by side.
 3. `RunLayout.eval`: report.json, report.md, report.html and PNG plots (`report.py`); a table on stdout.
 
 Finished parts are cached under `eval/parts/` keyed by the recipe's evaluate section and the models'
@@ -101,7 +102,7 @@ def stop_tokens(target_dir: Path) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------
-# Work units (run as Ray tasks)
+# Work units (run on Measurer actors)
 # --------------------------------------------------------------------------------------------
 class _Timed:
     """One engine's runs over a task: summed counters, seconds and tokens."""
