@@ -89,7 +89,7 @@ def test_scheduling_fields_do_not_change_a_stage_identity():
     from fastdraft.pipeline import demo_recipe
 
     base = demo_recipe().section_hash("pretrain", "generate", "distill")
-    scheduling = demo_recipe(overrides=["pretrain.compute.torch_threads=1", "pretrain.compute.cpus_per_worker=0.5",
+    scheduling = demo_recipe(overrides=["pretrain.compute.torch_threads=1", "pretrain.in_memory_mb=0", "pretrain.compute.cpus_per_worker=0.5",
                                         "distill.compute.max_failures=5", "generate.torch_threads=1",
                                         "generate.max_actors=2", "generate.cpus_per_actor=0.5"])
     assert scheduling.section_hash("pretrain", "generate", "distill") == base

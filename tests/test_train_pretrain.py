@@ -119,26 +119,20 @@ def pretrained(tmp_path_factory, tiny_target_dir, ray_session):
     run = tmp_path_factory.mktemp("pretrain") / "run"
     write_shards(run / "data/pt", tiny_target_dir, SEQ_LEN, 160, 8)
     write_shards(run / "data/cp", tiny_target_dir, SEQ_LEN, 64, 8, offset_docs=300)
-    recipe = recipe_for(run, tiny_target_dir, crash_at_step=6,
+    recipe = recipe_for(run, tiny_target_dir, crash_at_step=6, in_memory_mb=0,
                         stages=[{"name": "PT", "corpus": "pt", "tokens": PT_TOKENS}, {"name": "CP", "corpus": "cp", "tokens": CP_TOKENS}])
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pretrain, "IN_MEMORY_BYTES", 0)
-        return recipe, pretrain.run_pretrain(recipe)
+    return recipe, pretrain.run_pretrain(recipe)
 
 
 @pytest.mark.timeout(300)
-def test_small_corpora_go_through_memory_with_the_same_rows_in_the_same_order(tmp_path, tiny_target_dir, ray_session,
-                                                                               monkeypatch):
-    import ray.data
-
+def test_small_corpora_go_through_memory_with_the_same_rows_in_the_same_order(tmp_path, tiny_target_dir, ray_session):
     from fastdraft.training import pretrain
 
-    # as Ray Train reads them (loop.fit sets preserve_order: a resumed worker must see the same rows)
-    monkeypatch.setattr(ray.data.DataContext.get_current().execution_options, "preserve_order", True)
     write_shards(tmp_path / "pt", tiny_target_dir, SEQ_LEN, 160, 8)
-    in_memory = pretrain.train_dataset(tmp_path / "pt/train")
-    monkeypatch.setattr(pretrain, "IN_MEMORY_BYTES", 0)
-    streamed = pretrain.train_dataset(tmp_path / "pt/train")
+    in_memory = pretrain.train_dataset(tmp_path / "pt/train", in_memory_mb=64)
+    streamed = pretrain.train_dataset(tmp_path / "pt/train", in_memory_mb=0)
+    for ds in (in_memory, streamed):  # as Ray Train reads them (loop.fit: a resumed worker must see the same rows)
+        ds.context.execution_options.preserve_order = True
     rows = [[int(t) for t in r["input_ids"]] for r in in_memory.iter_rows()]
     assert len(rows) > 8 and rows == [[int(t) for t in r["input_ids"]] for r in streamed.iter_rows()]
     assert "ReadFiles" in streamed.stats() and "ReadFiles" not in in_memory.stats()  # read tasks vs blocks in memory

@@ -77,13 +77,9 @@ def stage_key(cfg: PretrainConfig, stage: TrainStageConfig, start: DraftMetadata
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-# Shards smaller than this in all are read here and handed to Ray Data in memory: streaming them costs
-# read tasks whose start (a process importing Ray Data) took 9 s of a 2-step run on 2 cores.
-IN_MEMORY_BYTES = 64 << 20
-
-
-def train_dataset(train_dir: Path):
-    """The training rows as a Ray Dataset: streamed from the shards, or (small corpora) from memory.
+def train_dataset(train_dir: Path, in_memory_mb: int):
+    """The training rows as a Ray Dataset: streamed from the shards, or from memory when they total at most
+    `in_memory_mb` MiB (`pretrain.in_memory_mb`: streaming starts read tasks, seconds each on a small machine).
 
     Either way one block per shard, in file order, so a resumed run sees the same rows in the same order.
     """
@@ -91,7 +87,7 @@ def train_dataset(train_dir: Path):
     import ray.data
 
     files = sorted(train_dir.glob("part-*.parquet"))
-    if sum(f.stat().st_size for f in files) > IN_MEMORY_BYTES:
+    if sum(f.stat().st_size for f in files) > in_memory_mb << 20:
         return ray.data.read_parquet([str(f) for f in files], columns=["input_ids"])
     return ray.data.from_arrow([pq.read_table(f, columns=["input_ids"]) for f in files])
 
@@ -100,7 +96,7 @@ def stage_data(corpus_dir: Path, cfg: PretrainConfig) -> tuple[dict, list]:
     """The training dataset and the first validation micro-batches (read here: they are few)."""
     import pyarrow.parquet as pq
 
-    datasets = {"train": train_dataset(corpus_dir / "train")}
+    datasets = {"train": train_dataset(corpus_dir / "train", cfg.in_memory_mb)}
     val_files = sorted((corpus_dir / "validation").glob("part-*.parquet"))
     rows, tables = cfg.micro_batch_size * cfg.eval_batches, []
     for f in val_files:
