@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from fastdraft.errors import FastdraftError
+from fastdraft.speculative import native
 from fastdraft.speculative.kvcache import StaticKVCache
 
 LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -92,6 +93,11 @@ class _Layer:
         self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
 
 
+def native_available(weight: torch.Tensor) -> bool:
+    """fastdraft's own small-batch fp32 CPU linear (`native/`): needs a C compiler the first time."""
+    return native.unavailable_reason(weight) is None
+
+
 def onednn_available(weight: torch.Tensor) -> bool:
     """oneDNN's pre-packed fp32 linear: CPU float32 weights, a PyTorch built with mkldnn."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -122,6 +128,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
+KERNELS = ("auto", "native", "onednn", "torch")
+
+
+def choose_kernels(kernels: str, weight: torch.Tensor) -> str:
+    """The linear kernels for weights like `weight`: "auto" takes native, else oneDNN, else torch's F.linear."""
+    if kernels not in KERNELS:
+        raise FastdraftError(f"unknown kernels {kernels!r} (expected one of {', '.join(KERNELS)})")
+    if kernels == "native" and not native_available(weight):
+        raise FastdraftError(f"the native kernels cannot run here: {native.unavailable_reason(weight)}")
+    if kernels == "onednn" and not onednn_available(weight):
+        raise FastdraftError("oneDNN kernels need float32 weights on CPU and a PyTorch built with mkldnn")
+    if kernels != "auto":
+        return kernels
+    return "native" if native_available(weight) else "onednn" if onednn_available(weight) else "torch"
+
+
 class LeanDecoder:
     """A Llama-family forward over an HF model's weights, with a per-sequence-length static KV cache."""
 
@@ -145,14 +167,13 @@ class LeanDecoder:
             self.layers = [_Layer(layer) for layer in base.layers]
         self.embed, self.norm, self.head = weight, base.norm.weight, model.lm_head.weight
         self.rotary = base.rotary_emb
-        if kernels not in ("auto", "onednn", "torch"):
-            raise FastdraftError(f"unknown kernels {kernels!r} (expected 'auto', 'onednn' or 'torch')")
-        if kernels == "onednn" and not onednn_available(weight):
-            raise FastdraftError("oneDNN kernels need float32 weights on CPU and a PyTorch built with mkldnn")
-        self.kernels = "onednn" if kernels != "torch" and onednn_available(weight) else "torch"
-        self.linear = F.linear
+        self.kernels = choose_kernels(kernels, weight)
+        self.linear = {"native": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
+        if self.kernels == "native":  # the kernel reads plain row-major weights: make sure they are
+            for layer in self.layers:
+                layer.wqkv, layer.wo, layer.wgu, layer.wd = (w.contiguous() for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
+            self.head = self.head.contiguous()
         if self.kernels == "onednn":
-            self.linear = _onednn_linear
             for layer in self.layers:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (_pack(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
             self.head = _pack(self.head)
@@ -254,7 +275,8 @@ class HFDecoder:
 def make_decoder(model: PreTrainedModel, backend: str = "auto", kernels: str = "auto") -> Decoder:
     """`backend`: "lean" (fast, Llama family), "hf" (any causal LM), "auto" (lean where it applies).
 
-    `kernels` (lean only): "onednn" (pre-packed fp32 CPU linears), "torch" (F.linear), "auto" (oneDNN where it applies).
+    `kernels` (lean only): "native" (fastdraft's small-batch fp32 CPU kernel), "onednn" (pre-packed fp32 CPU
+    linears), "torch" (F.linear), "auto" (native, else oneDNN, where they apply).
     """
     if backend not in ("auto", "lean", "hf"):
         raise FastdraftError(f"unknown decoder backend {backend!r} (expected 'auto', 'lean' or 'hf')")

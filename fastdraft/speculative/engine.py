@@ -85,7 +85,7 @@ class SpeculativeEngine:
             explicit gamma of 0 still means the target alone. Report it separately from static gamma.
         max_gamma: the upper bound for dynamic gamma.
         backend: "auto" (lean decoder for the Llama family, transformers otherwise), "lean" or "hf".
-        kernels: linear kernels of the lean decoder: "auto" (oneDNN pre-packed on CPU fp32), "onednn", "torch".
+        kernels: linear kernels of the lean decoder: "auto" (native, else oneDNN, on CPU fp32), "native", "onednn", "torch".
         target_decoder: `target_model` already prepared by another engine (`engine.target`): engines that pair
             one target with several drafts share its prepared weights instead of holding a copy each.
     """
