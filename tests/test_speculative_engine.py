@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fastdraft.checkpoint import load_model
 from fastdraft.errors import FastdraftError, TokenizerMismatchError
@@ -16,6 +16,7 @@ from fastdraft.speculative.decoders import HFDecoder, LeanDecoder
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.pairs import agreeing_pair
 from fastdraft.speculative.types import SamplingParams
+from spec_fixtures import check_counters, hf_greedy, make_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models gain nothing from two threads
 
@@ -34,26 +35,6 @@ def random_llama(vocab: int, hidden: int, layers: int, seed: int, dtype=F64, hea
     return model
 
 
-def hf_greedy(model, prompt: list[int], max_new: int, stop: int) -> list[int]:
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=0)
-    with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), generation_config=cfg)
-    return out[0, len(prompt):].tolist()
-
-
-def check_counters(results, engine) -> None:
-    total = 0
-    for r in results:
-        s = r.stats
-        assert s.emitted == len(r.token_ids)
-        assert s.emitted + s.truncated == s.accepted + s.target_passes
-        assert s.drafted == sum(s.per_position_drafted) and s.accepted == sum(s.per_position_accepted)
-        assert all(a <= d for a, d in zip(s.per_position_accepted, s.per_position_drafted))
-        assert all(x >= y for x, y in zip(s.per_position_accepted, s.per_position_accepted[1:]))  # prefix acceptance
-        total += s.emitted
-    assert engine.last_stats.emitted == total
-
-
 @pytest.fixture(scope="module")
 def tiny_target(tiny_target_dir):
     return load_model(tiny_target_dir, dtype=F64)
@@ -70,12 +51,6 @@ def pairs(tiny_target, tiny_draft_dir):
         "factory": (tiny_target, load_model(tiny_draft_dir, dtype=F64)),
         "agreeing": (agree_t, agree_d),
     }
-
-
-def make_prompts(n: int, seed: int, vocab: int = 512) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 def test_lean_forward_matches_transformers_logits(tiny_target, pairs):

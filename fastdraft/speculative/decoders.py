@@ -214,7 +214,11 @@ class LeanDecoder:
             raise FastdraftError(f"KV cache overflow: {kv_len} positions > capacity {cache.capacity}")
         self._ensure_rope(kv_len)
         pos = torch.tensor(offsets, device=self.device)[:, None] + torch.arange(t, device=self.device)
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, head_dim]
+        first = offsets[0]
+        if all(o == first for o in offsets):  # aligned rows (batch 1 always): views, no gather
+            cos, sin = self.cos[first:first + t][None, :, None], self.sin[first:first + t][None, :, None]
+        else:
+            cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, head_dim]
         mask = self._mask(offsets, t, kv_len, pos)
         nq, nkv = self.heads, self.kv_heads
         linear = self.linear
@@ -239,7 +243,11 @@ class LeanDecoder:
         if logits_at is None:
             return None
         if logits_at != "all":
-            x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
+            at = logits_at[0]
+            if all(i == at for i in logits_at):  # one position for every row (a decode step): a view
+                x = x[:, at]
+            else:
+                x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
         return linear(_rms_norm(x, self.norm, self.eps), self.head, None)
 
 

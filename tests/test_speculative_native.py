@@ -1,0 +1,128 @@
+"""The native small-batch linear kernel: same numbers as F.linear, same greedy output as transformers.
+
+It is what the lean decoder runs on CPU float32 by default (`kernels="auto"`), so the speculative engine's
+lossless guarantee is checked again here in float32, with the kernel in the loop, against transformers'
+own `generate`; and without a C compiler the decoder says so and falls back to oneDNN.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdraft.errors import FastdraftError
+from fastdraft.speculative import native
+from fastdraft.speculative.decoders import LeanDecoder
+from fastdraft.speculative.engine import SpeculativeEngine
+from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
+from fastdraft.speculative.types import SamplingParams
+from spec_fixtures import check_counters, hf_greedy, make_prompts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_the_kernel_builds_here():
+    """CI machines have a C compiler: the default path must be the native one, not a silent fallback."""
+    assert native.unavailable_reason() is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_linear_matches_float64_reference(threads):
+    """Rows 1..16 (past MAX_ROWS it hands over to F.linear), ragged N and K (tails), with and without bias."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        for n, k in [(1, 16), (37, 100), (1000, 768), (5, 17), (64, 2048)]:
+            w = torch.randn(n, k, generator=g)
+            b = torch.randn(n, generator=g)
+            for m in (1, 2, 5, 6, 7, 9, 12, 13, 16):
+                x = torch.randn(3, m, k, generator=g)[1]  # a view into a larger tensor
+                for bias in (None, b):
+                    ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+                    ours = native.linear(x, w, bias)
+                    assert ours.shape == (m, n) and ours.dtype == torch.float32
+                    err = ((ours.double() - ref).abs().max() / ref.abs().max()).item()
+                    assert err < 1e-5, f"m={m} n={n} k={k} bias={bias is not None}: relative error {err:.2e}"
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def float32_pairs():
+    target, draft = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
+                                  intermediate=352, seed=5, dtype=torch.float32)
+    return {"agreeing": (target, draft), "random": (target, disagreeing_copy(draft))}
+
+
+def test_native_lean_forward_matches_transformers_logits(float32_pairs):
+    target, _ = float32_pairs["agreeing"]
+    lean = LeanDecoder(target)
+    assert lean.kernels == "native"
+    ids = torch.arange(5, 25)[None]
+    with torch.inference_mode():
+        ours = torch.cat([lean.forward(cache := lean.new_cache(1, 64), ids[:, :12], [0], "all"),
+                          lean.forward(cache, ids[:, 12:], [12], "all")], dim=1)  # prefill, then a 8-token verify
+        ref = target(ids).logits
+    diff = (ours - ref).abs().max().item()
+    print(f"native lean vs transformers, float32: max abs logit difference {diff:.2e}")
+    assert diff < 1e-4
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["agreeing", "random"])
+def test_native_greedy_equals_transformers_generate_in_float32(float32_pairs, pair):
+    """Float32 with the native kernel in the loop: gamma 1..8, batch 1 and 6, a stop token mid-block."""
+    target, draft = float32_pairs[pair]
+    engine = SpeculativeEngine(target, draft)
+    assert engine.target.kernels == engine.draft.kernels == "native"
+    prompts = make_prompts(6, seed=11)
+    stop = hf_greedy(target, prompts[0], 30, stop=2)[7]
+    refs = [hf_greedy(target, p, 30, stop=stop) for p in prompts]
+    params = SamplingParams(max_new_tokens=30, stop_token_ids=(stop,))
+    for gamma in range(1, 9):
+        batched = engine.generate(prompts, params, gamma=gamma)
+        assert [r.token_ids for r in batched] == refs, f"gamma {gamma}, batch {len(prompts)}"
+        check_counters(batched, engine)
+        single = engine.generate(prompts[gamma % 6:gamma % 6 + 1], params, gamma=gamma)
+        assert single[0].token_ids == refs[gamma % 6], f"gamma {gamma}, batch 1"
+    rate = engine.generate(prompts, params, gamma=4)
+    accepted = sum(r.stats.accepted for r in rate) / sum(r.stats.drafted for r in rate)
+    assert accepted > 0.9 if pair == "agreeing" else accepted < 0.2
+
+
+def test_without_a_compiler_the_decoder_says_why_and_uses_onednn(tmp_path):
+    """No C compiler (and nothing built yet): 'auto' falls back to oneDNN, 'native' is refused with the reason."""
+    code = (
+        "import torch\n"
+        "from fastdraft.speculative import native\n"
+        "from fastdraft.speculative.decoders import LeanDecoder\n"
+        "from fastdraft.speculative.pairs import agreeing_pair\n"
+        "from fastdraft.errors import FastdraftError\n"
+        "t, _ = agreeing_pair(vocab_size=64, hidden=64, layers=1, heads=1, kv_heads=1, intermediate=64)\n"
+        "print('reason:', native.unavailable_reason())\n"
+        "print('auto:', LeanDecoder(t).kernels)\n"
+        "try:\n"
+        "    LeanDecoder(t, 'native')\n"
+        "except FastdraftError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    env = {**os.environ, "CC": "no-such-compiler-cc", "FASTDRAFT_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "reason: no C compiler ('no-such-compiler-cc' not on PATH; set $CC)" in out.stdout
+    assert "auto: onednn" in out.stdout
+    assert "refused: the native kernels cannot run here: no C compiler" in out.stdout
+
+
+def test_native_kernels_refuse_other_dtypes():
+    target, _ = agreeing_pair(vocab_size=64, hidden=64, layers=1, heads=1, kv_heads=1, intermediate=64,
+                              dtype=torch.float64)
+    assert LeanDecoder(target).kernels == "torch"
+    with pytest.raises(FastdraftError, match="float32 on CPU"):
+        LeanDecoder(target, "native")
