@@ -1,4 +1,5 @@
-"""The whole chain from one recipe: prepare -> pretrain -> generate -> distill -> evaluate.
+"""The whole chain from one recipe, as a job graph: prepare -> pretrain -> distill -> evaluate, with generate
+alongside prepare and pretrain (it needs only the target), joining at distill.
 
     fastdraft run RECIPE [--from STAGE]        # any recipe (also: ray job submit ... python jobs/pipeline.py RECIPE)
     fastdraft demo [--quick]                   # the embedded default target, offline
@@ -6,15 +7,21 @@
 Each stage's outputs are recorded in `<workdir>/pipeline.json` with the recipe sections they depend on
 (their hash) and the target's tokenizer fingerprint. A stage whose record matches and whose outputs exist
 is skipped and says so. A stage whose inputs changed, or `--from STAGE`, moves the outputs of that stage and
-every later one aside (to `<workdir>/superseded/<time>/`, nothing is deleted) and runs again. A failing stage
-stops the chain with its own error.
+of every stage downstream of it aside (to `<workdir>/superseded/<time>/`, nothing is deleted) and runs again.
+
+A stage starts as soon as the stages it reads from are done, so independent stages run at the same time
+(on a cluster: generation on the engine actors while the draft trains; on 2 cores: one's start-up hides
+behind the other's compute). A failing stage stops the chain with its own error: nothing starts after it,
+and a stage already running alongside finishes and is recorded, so a rerun skips it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from fastdraft.config import Recipe, load_recipe
@@ -30,6 +37,10 @@ DEPENDS_ON = {
     "distill": ("prepare", "draft", "pretrain", "generate", "distill"),
     "evaluate": ("prepare", "draft", "pretrain", "generate", "distill", "evaluate"),
 }
+
+
+# The stages whose outputs each stage reads (the stages among its sections): the edges of the job graph.
+UPSTREAM = {stage: tuple(s for s in ORDER if s in sections and s != stage) for stage, sections in DEPENDS_ON.items()}
 
 
 def stage_outputs(recipe: Recipe, stage: str) -> list[Path]:
@@ -53,17 +64,19 @@ class PipelineRecord:
     def __init__(self, path: Path):
         self.path = path
         self.stages: dict[str, dict] = json.loads(path.read_text()).get("stages", {}) if path.is_file() else {}
+        self._lock = threading.Lock()  # stages running side by side record from their own threads
 
     def matches(self, stage: str, key: str) -> bool:
         entry = self.stages.get(stage, {})
         return entry.get("status") == "done" and entry.get("key") == key
 
     def set(self, stage: str, **entry) -> None:
-        self.stages[stage] = entry
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
-        tmp.replace(self.path)
+        with self._lock:
+            self.stages[stage] = entry
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".json.partial")
+            tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
+            tmp.replace(self.path)
 
 
 def supersede(recipe: Recipe, stages: list[str]) -> Path | None:
@@ -91,6 +104,29 @@ def _target_fingerprint(recipe: Recipe) -> str:
     return tokenizer_fingerprint(load_tokenizer(resolve_model_path(recipe.target.model), recipe.target.trust_remote_code))
 
 
+def plan_stages(recipe: Recipe, stages: list[str], record: PipelineRecord, fingerprint: str,
+                from_stage: str | None) -> dict[str, tuple[str, str]]:
+    """stage -> (key, decision): "skip", "run" (no finished outputs yet) or "rerun: <why>" (outputs move aside)."""
+    plan: dict[str, tuple[str, str]] = {}
+    for stage in stages:  # ORDER is a topological order of the graph
+        key = f"{recipe.section_hash(*DEPENDS_ON[stage])}/{fingerprint}"
+        redone = [u for u in UPSTREAM[stage] if u in plan and plan[u][1] != "skip"]
+        if stage == from_stage:
+            decision = "rerun: --from"
+        elif record.stages.get(stage, {}).get("key") not in (None, key):
+            decision = "rerun: its recipe sections or the target changed"
+        elif redone and (stage in record.stages or any(p.exists() for p in stage_outputs(recipe, stage))):
+            decision = f"rerun: {redone[-1]} runs again before it"  # its outputs came from the old inputs
+        elif redone:
+            decision = "run"
+        elif record.matches(stage, key) and stage_outputs(recipe, stage)[0].exists():  # its main output
+            decision = "skip"
+        else:
+            decision = "run"
+        plan[stage] = (key, decision)
+    return plan
+
+
 def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> dict:
     """Run every stage the recipe has a section for, skipping those whose outputs exist and match."""
     from fastdraft.cli import resolve_stage
@@ -104,21 +140,18 @@ def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> d
     fingerprint = _target_fingerprint(recipe)
     record = PipelineRecord(recipe.run_dir / "pipeline.json")
     print(f"[pipeline] {recipe.name}: {' -> '.join(stages)} in {recipe.run_dir} (tokenizer {fingerprint})", flush=True)
+    plan = plan_stages(recipe, stages, record, fingerprint, from_stage)
     summary: dict[str, dict] = {}
-    rerun = False
-    for i, stage in enumerate(stages):
-        key = f"{recipe.section_hash(*DEPENDS_ON[stage])}/{fingerprint}"
-        outputs_exist = stage_outputs(recipe, stage)[0].exists()  # its main output (data/, drafts/init, ...)
-        if stage == from_stage or (not rerun and record.stages.get(stage, {}).get("key") not in (None, key)):
-            why = "--from" if stage == from_stage else "its recipe sections or the target changed"
-            print(f"[pipeline] {stage}: rerunning ({why})", flush=True)
-            supersede(recipe, stages[i:])
-            rerun = True
-        elif not rerun and record.matches(stage, key) and outputs_exist:
+    for stage, (key, decision) in plan.items():
+        if decision == "skip":
             print(f"[pipeline] {stage}: outputs exist and match (key {key}); skipping", flush=True)
             summary[stage] = {"skipped": True, **record.stages[stage].get("summary", {})}
-            continue
-        print(f"[pipeline] {stage}: starting", flush=True)
+        elif decision.startswith("rerun"):
+            print(f"[pipeline] {stage}: rerunning ({decision.removeprefix('rerun: ')})", flush=True)
+    supersede(recipe, [s for s, (_, d) in plan.items() if d.startswith("rerun")])
+
+    def run_stage(stage: str) -> dict:
+        key = plan[stage][0]
         start = time.time()
         record.set(stage, status="running", key=key, started=time.strftime("%Y-%m-%dT%H:%M:%S"))
         try:
@@ -129,9 +162,51 @@ def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> d
             raise
         seconds = round(time.time() - start, 1)
         record.set(stage, status="done", key=key, seconds=seconds, summary=result)
-        summary[stage] = {**result, "seconds": seconds}
         print(f"[pipeline] {stage}: done in {seconds:.0f}s", flush=True)
+        return {**result, "seconds": seconds}
+
+    pending = [s for s, (_, d) in plan.items() if d != "skip"]
+    if pending:
+        from fastdraft.raycluster import ensure_ray
+
+        ensure_ray()  # here, in the main thread (Ray's signal handlers), not in the first stage's thread
+    done = {s for s, (_, d) in plan.items() if d == "skip"}
+    running: dict[Future, str] = {}
+    failures: list[tuple[str, BaseException]] = []
+    with ThreadPoolExecutor(max_workers=max(1, len(pending)), thread_name_prefix="stage") as pool:
+        try:
+            while pending or running:
+                ready = [] if failures else [s for s in pending if all(u in done for u in UPSTREAM[s] if u in plan)]
+                for stage in ready:
+                    alongside = sorted(running.values())
+                    print(f"[pipeline] {stage}: starting" + (f" (alongside {', '.join(alongside)})" if alongside else ""),
+                          flush=True)
+                    pending.remove(stage)
+                    running[pool.submit(run_stage, stage)] = stage
+                if not running:
+                    break
+                for future in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    stage = running.pop(future)
+                    if future.exception() is not None:
+                        failures.append((stage, future.exception()))
+                    else:
+                        done.add(stage)
+                        summary[stage] = future.result()
+        except KeyboardInterrupt:
+            _abort(running.values())
+            raise
+    if failures:
+        raise failures[0][1]
     return summary
+
+
+def _abort(stages) -> None:
+    """Ctrl-C while stages run in their threads: stop their Ray work (the threads then end with an error)."""
+    print(f"[pipeline] interrupted; stopping {', '.join(sorted(stages)) or 'nothing'}", flush=True)
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 # --------------------------------------------------------------------------------------------

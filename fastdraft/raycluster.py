@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+
+_INIT_LOCK = threading.Lock()  # the pipeline starts independent stages in threads: one ray.init between them
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -13,8 +16,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """
     import ray
 
-    if ray.is_initialized():
-        return
+    with _INIT_LOCK:
+        if not ray.is_initialized():
+            _init(ray, num_cpus)
+
+
+def _init(ray, num_cpus: int | None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     kwargs = {}
     if not os.environ.get("RAY_ADDRESS"):

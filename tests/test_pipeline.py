@@ -1,4 +1,4 @@
-"""`fastdraft run RECIPE`: stages run in order, finished ones are skipped, `--from` and changed sections rerun.
+"""`fastdraft run RECIPE`: stages run as a graph, finished ones are skipped, `--from` and changed sections rerun.
 
 Uses a recipe with the two cheapest stages (prepare, generate) on the tiny target; the whole chain on the
 embedded target is `test_demo.py`.
@@ -19,6 +19,9 @@ def test_stages_run_then_skip_then_rerun_from_a_stage(ray_session, recipe_file, 
     recipe = load_recipe(recipe_file)
     first = run_pipeline(recipe)
     assert set(first) == {"prepare", "generate"} and not first["prepare"].get("skipped")
+    out = capsys.readouterr().out
+    assert "generate: starting (alongside prepare)" in out  # independent stages run at the same time
+    assert "rerunning" not in out  # a first run runs; nothing to move aside
     record = json.loads((recipe.run_dir / "pipeline.json").read_text())["stages"]
     assert record["prepare"]["status"] == record["generate"]["status"] == "done"
     alignment = sorted(p.name for p in (recipe.run_dir / "alignment").iterdir())
@@ -49,10 +52,14 @@ def test_a_failing_stage_stops_the_chain_with_its_own_error(ray_session, recipe_
     bad = load_recipe(recipe_file, [f"prepare.corpora.notes.sources.0.path={tmp_path / 'missing.jsonl'}"])
     assert main(["run", str(recipe_file), "--set", f"prepare.corpora.notes.sources.0.path={tmp_path / 'missing.jsonl'}"]) == 2
     captured = capsys.readouterr()
-    assert "prepare: failed" in captured.out and "generate: starting" not in captured.out
-    assert "missing.jsonl" in captured.err
+    assert "prepare: failed" in captured.out and "missing.jsonl" in captured.err
+    # generate reads nothing of prepare's: it ran alongside, finished, and is recorded, so a rerun skips it.
+    assert "generate: starting (alongside prepare)" in captured.out
     record = json.loads((bad.run_dir / "pipeline.json").read_text())["stages"]
-    assert record["prepare"]["status"] == "failed" and "generate" not in record
+    assert record["prepare"]["status"] == "failed" and record["generate"]["status"] == "done"
+    assert main(["run", str(recipe_file)]) == 0  # the path fixed (the recipe's own): prepare runs, generate is kept
+    out = capsys.readouterr().out
+    assert "prepare: starting" in out and "generate: outputs exist and match" in out
 
 
 def test_from_a_stage_the_recipe_lacks_is_an_error(recipe_file, capsys):
