@@ -126,3 +126,18 @@ def test_native_kernels_refuse_other_dtypes():
     assert LeanDecoder(target).kernels == "torch"
     with pytest.raises(FastdraftError, match="float32 on CPU"):
         LeanDecoder(target, "native")
+
+
+def test_float32_rms_norm_is_bit_identical_to_transformers():
+    """The lean decoder's float32 norm is torch's fused rms_norm: the same bits as transformers' LlamaRMSNorm."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from fastdraft.speculative.decoders import _rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 1, 768), (2, 7, 576), (3, 64)]:
+        norm = LlamaRMSNorm(shape[-1], eps=1e-5)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1], generator=g))
+            x = 3 * torch.randn(shape, generator=g)
+            assert torch.equal(_rms_norm(x, norm.weight, 1e-5), norm(x))
