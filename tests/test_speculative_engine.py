@@ -14,7 +14,7 @@ from fastdraft.checkpoint import load_model
 from fastdraft.errors import FastdraftError, TokenizerMismatchError
 from fastdraft.speculative.decoders import HFDecoder, LeanDecoder
 from fastdraft.speculative.engine import SpeculativeEngine
-from fastdraft.speculative.pairs import agreeing_pair
+from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
 from fastdraft.speculative.types import SamplingParams
 from spec_fixtures import check_counters, hf_greedy, make_prompts
 
@@ -43,13 +43,17 @@ def tiny_target(tiny_target_dir):
 @pytest.fixture(scope="module")
 def pairs(tiny_target, tiny_draft_dir):
     """name -> (target, draft): a random draft (mostly rejections), the factory's untrained draft,
-    and an agreeing pair (mostly acceptances)."""
+    and an agreeing pair (mostly acceptances); the "-float32" pairs run the native CPU kernel in the loop."""
     agree_t, agree_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
                                      intermediate=256, seed=3, dtype=F64)
+    f32_t, f32_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
+                                 intermediate=352, seed=5, dtype=torch.float32)
     return {
         "random": (tiny_target, random_llama(tiny_target.config.vocab_size, 64, 1, seed=7)),
         "factory": (tiny_target, load_model(tiny_draft_dir, dtype=F64)),
         "agreeing": (agree_t, agree_d),
+        "agreeing-float32": (f32_t, f32_d),
+        "random-float32": (f32_t, disagreeing_copy(f32_d)),
     }
 
 
@@ -71,11 +75,12 @@ def test_lean_forward_matches_transformers_logits(tiny_target, pairs):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pair", ["random", "agreeing"])
+@pytest.mark.parametrize("pair", ["random", "agreeing", "random-float32", "agreeing-float32"])
 def test_greedy_equals_transformers_generate(pairs, pair):
     """Token for token equal to the target's greedy `generate`, gamma 1..8, batch 1 and 8, stops mid-block."""
     target, draft = pairs[pair]
     engine = SpeculativeEngine(target, draft)
+    assert engine.target.kernels == ("native" if pair.endswith("float32") else "torch")
     prompts = make_prompts(8, seed=1)
     free = [hf_greedy(target, p, 37, stop=2) for p in prompts]
     stop = free[0][9]  # a token the target emits mid-output: stops land inside draft blocks
@@ -98,7 +103,7 @@ def test_greedy_equals_transformers_generate(pairs, pair):
                 checked += 1
     assert checked >= 100
     mean = sum(acceptance) / len(acceptance)
-    assert mean < 0.3 if pair == "random" else mean > 0.9, f"{pair} draft acceptance {mean:.2f}"
+    assert mean < 0.3 if pair.startswith("random") else mean > 0.9, f"{pair} draft acceptance {mean:.2f}"
 
 
 def test_target_alone_same_loop(pairs):
