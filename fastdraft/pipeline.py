@@ -115,10 +115,9 @@ def plan_stages(recipe: Recipe, stages: list[str], record: PipelineRecord, finge
             decision = "rerun: --from"
         elif record.stages.get(stage, {}).get("key") not in (None, key):
             decision = "rerun: its recipe sections or the target changed"
-        elif redone and (stage in record.stages or any(p.exists() for p in stage_outputs(recipe, stage))):
-            decision = f"rerun: {redone[-1]} runs again before it"  # its outputs came from the old inputs
-        elif redone:
-            decision = "run"
+        elif redone:  # outputs it may have came from the old inputs: move them aside
+            had_outputs = stage in record.stages or any(p.exists() for p in stage_outputs(recipe, stage))
+            decision = f"rerun: {redone[-1]} runs again before it" if had_outputs else "run"
         elif record.matches(stage, key) and stage_outputs(recipe, stage)[0].exists():  # its main output
             decision = "skip"
         else:

@@ -93,11 +93,6 @@ class _Layer:
         self.k_norm = attn.k_norm.weight if hasattr(attn, "k_norm") else None
 
 
-def native_available(weight: torch.Tensor) -> bool:
-    """fastdraft's own small-batch fp32 CPU linear (`native/`): needs a C compiler the first time."""
-    return native.unavailable_reason(weight) is None
-
-
 def onednn_available(weight: torch.Tensor) -> bool:
     """oneDNN's pre-packed fp32 linear: CPU float32 weights, a PyTorch built with mkldnn."""
     return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
@@ -137,13 +132,17 @@ def choose_kernels(kernels: str, weight: torch.Tensor) -> str:
     """The linear kernels for weights like `weight`: "auto" takes native, else oneDNN, else torch's F.linear."""
     if kernels not in KERNELS:
         raise FastdraftError(f"unknown kernels {kernels!r} (expected one of {', '.join(KERNELS)})")
-    if kernels == "native" and not native_available(weight):
-        raise FastdraftError(f"the native kernels cannot run here: {native.unavailable_reason(weight)}")
+    if kernels in ("auto", "native"):  # fastdraft's own small-batch fp32 CPU linear (`native/`), built on first use
+        reason = native.unavailable_reason(weight)
+        if reason is None:
+            return "native"
+        if kernels == "native":
+            raise FastdraftError(f"the native kernels cannot run here: {reason}")
     if kernels == "onednn" and not onednn_available(weight):
         raise FastdraftError("oneDNN kernels need float32 weights on CPU and a PyTorch built with mkldnn")
     if kernels != "auto":
         return kernels
-    return "native" if native_available(weight) else "onednn" if onednn_available(weight) else "torch"
+    return "onednn" if onednn_available(weight) else "torch"
 
 
 class LeanDecoder:
