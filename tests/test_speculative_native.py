@@ -30,7 +30,7 @@ def test_the_kernel_builds_here():
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_linear_matches_float64_reference(threads):
-    """Rows 1..16 (past MAX_ROWS it hands over to F.linear), ragged N and K (tails), with and without bias."""
+    """Rows 1..MAX_ROWS + 1 (past MAX_ROWS it hands over to F.linear), ragged N and K (tails), with and without bias."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -38,7 +38,7 @@ def test_native_linear_matches_float64_reference(threads):
         for n, k in [(1, 16), (37, 100), (1000, 768), (5, 17), (64, 2048)]:
             w = torch.randn(n, k, generator=g)
             b = torch.randn(n, generator=g)
-            for m in (1, 2, 5, 6, 7, 9, 12, 13, 16):
+            for m in (1, 2, 5, 6, 7, 9, 12, 13, 16, native.MAX_ROWS, native.MAX_ROWS + 1):
                 x = torch.randn(3, m, k, generator=g)[1]  # a view into a larger tensor
                 for bias in (None, b):
                     ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())

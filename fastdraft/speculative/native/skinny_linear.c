@@ -2,51 +2,61 @@
  *
  * At M = 1..12 a linear layer is a stream over its weights: what matters is reading every weight once,
  * at full memory bandwidth, and using it for all M rows while it is in registers. oneDNN's and MKL's
- * general kernels re-read or re-pack per row block and cost 1.3-1.9x more at M = 6 than at M = 1 here
- * (2 cores, measured in jobs/bench_engine.py); this one costs about 1.2x.
+ * general kernels re-read or re-pack per row block and cost 1.3-3x more at M = 6 than at M = 1 on the
+ * 2-core machines we measure on (jobs/bench_engine.py); this one costs 1.0-1.2x.
  *
- * Shape of the loop: threads split the weight rows; each takes NR = 4 rows at a time and walks K in
- * 16-float vectors, keeping NR x MC accumulators in registers (MC <= 6 inputs per sweep; larger M sweeps
- * the same 4 rows again, now from L1/L2). Prefetching a few KB ahead keeps the memory stream busy.
- * GCC vector extensions: AVX-512 registers with -march=native on such CPUs, AVX2 pairs elsewhere.
+ * Shape of the loop: threads split the weight rows; each takes NR rows at a time and walks K one vector
+ * at a time, keeping NR x MC accumulators in registers (MC <= 6 inputs per sweep; larger M sweeps the
+ * same NR rows again, now from L1/L2). Prefetching 8 KB ahead keeps the memory stream busy.
+ * The tile must fit the register file, or the accumulators spill and every multiply-add goes through
+ * memory (measured on AMD Zen 3, AVX2: a 4 x 6 tile of 16-float vectors made M = 6 cost 5x M = 1):
+ *   AVX-512, 32 registers: 16-float vectors, NR = 4: 24 accumulators + 4 weights + 1 input;
+ *   otherwise (AVX2), 16 registers: 8-float vectors, NR = 2: 12 accumulators + 2 weights + 1 input.
+ * GCC vector extensions, compiled with -march=native for the CPU it runs on.
  */
 #include <stddef.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-
-#define NR 4         /* weight rows per tile */
-#define MC 6         /* input rows per sweep: NR * MC accumulators + MC inputs + 1 weight fit 32 registers */
+#if defined(__AVX512F__)
+#define VW 16
+#define NR 4
+#else
+#define VW 8
+#define NR 2
+#endif
+#define MC 6         /* input rows per sweep */
 #define AHEAD 2048   /* prefetch distance, in floats along each weight row stream */
 
-static inline __attribute__((always_inline)) float hsum(v16 v) {
-    v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    v4 c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-    return (c[0] + c[2]) + (c[1] + c[3]);
+typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));  /* aligned(4): rows need not be */
+
+static inline __attribute__((always_inline)) float hsum(vec v) {
+    float s = 0.f;
+    for (int i = 0; i < VW; i++) s += v[i];
+    return s;
 }
 
 /* nr weight rows x mc inputs; inlined with constant nr and mc so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, const float *w, const float *b, float *y,
                                                        int K, int N, const int nr, const int mc) {
-    v16 acc[NR][MC];
+    vec acc[NR][MC];
     for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mc; m++) acc[r][m] = (v16){0};
-    const int K16 = K & ~15;
-    for (int k = 0; k < K16; k += 16) {
-        v16 xv[MC];
-        for (int m = 0; m < mc; m++) xv[m] = *(const v16 *)(x + (size_t)m * K + k);
+        for (int m = 0; m < mc; m++) acc[r][m] = (vec){0};
+    const int KV = K & ~(VW - 1);
+    for (int k = 0; k < KV; k += VW) {
+        vec wv[NR];
         for (int r = 0; r < nr; r++) {
             const float *wr = w + (size_t)r * K + k;
             __builtin_prefetch(wr + AHEAD);
-            v16 wv = *(const v16 *)wr;
-            for (int m = 0; m < mc; m++) acc[r][m] += wv * xv[m];
+            wv[r] = *(const vec *)wr;
+        }
+        for (int m = 0; m < mc; m++) {
+            vec xv = *(const vec *)(x + (size_t)m * K + k);
+            for (int r = 0; r < nr; r++) acc[r][m] += wv[r] * xv;
         }
     }
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mc; m++) {
             float s = hsum(acc[r][m]);
-            for (int k = K16; k < K; k++) s += w[(size_t)r * K + k] * x[(size_t)m * K + k];
+            for (int k = KV; k < K; k++) s += w[(size_t)r * K + k] * x[(size_t)m * K + k];
             y[(size_t)m * N + r] = s + (b ? b[r] : 0.f);
         }
 }
