@@ -1,8 +1,9 @@
-"""The native small-batch linear kernel: same numbers as F.linear, same greedy output as transformers.
+"""The native CPU kernels: the small-batch linear gives F.linear's numbers, the one-call decoder layers give
+transformers' logits for every lean family, on ragged batches.
 
-It is what the lean decoder runs on CPU float32 by default (`kernels="auto"`). The engine's lossless greedy
-test runs it in the loop on float32 pairs (test_speculative_engine.py); here: its numbers, its logits, and
-without a C compiler the decoder says so and falls back to oneDNN.
+They are what the lean decoder runs on CPU float32 by default (`kernels="auto"`). The engine's lossless greedy
+test runs them in the loop on float32 pairs (test_speculative_engine.py); here: their numbers, their logits,
+and without a C compiler the decoder says so and falls back to oneDNN.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
 from fastdraft.errors import FastdraftError
 from fastdraft.speculative import native
-from fastdraft.speculative.decoders import LeanDecoder
+from fastdraft.speculative.decoders import LeanDecoder, right_pad
 from fastdraft.speculative.pairs import agreeing_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -62,6 +65,53 @@ def test_native_lean_forward_matches_transformers_logits():
         ref = target(ids).logits
     diff = (ours - ref).abs().max().item()
     print(f"native lean vs transformers, float32: max abs logit difference {diff:.2e}")
+    assert diff < 1e-4
+
+
+SMALL = dict(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0)
+FAMILIES = {  # what each one adds to the native path: plain GQA, biases on q|k|v, per-head q/k norms, fused weights
+    "llama": lambda: LlamaConfig(**SMALL),
+    "mistral": lambda: MistralConfig(**SMALL, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**SMALL),
+    "qwen3": lambda: Qwen3Config(**SMALL, head_dim=32),
+    "phi3": lambda: Phi3Config(**{**SMALL, "num_key_value_heads": 6}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
+    """Prefill three prompts of different lengths, then verify 4 tokens per row and decode 1, rows at different
+    positions: every logit within 1e-4 of transformers' own forward over each row's whole sequence."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
+    with torch.no_grad():  # make biases and norm weights non-trivial, so that a skipped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if "norm" in name else 0.0))
+    lean = LeanDecoder(model)
+    assert lean.native_layers is not None
+    g = torch.Generator().manual_seed(1)
+    rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 5, 12)]
+    cache = lean.new_cache(3, 64)
+    with torch.inference_mode():
+        lean.forward(cache, right_pad(rows, "cpu"), [0, 0, 0], None)  # 36 rows: the torch path fills the cache
+        steps = []
+        for width in (4, 1):  # 12 rows, then 3: the native path, ragged offsets
+            new = torch.randint(3, 300, (3, width), generator=g)
+            logits = lean.forward(cache, new, [len(r) for r in rows], "all")
+            rows = [r + n for r, n in zip(rows, new.tolist())]
+            steps.append((width, logits))
+        diff = 0.0
+        for width, logits in steps:
+            for b, r in enumerate(rows):
+                upto = len(r) - (1 if width == 4 else 0)  # the 4-wide step ended one token before the end
+                ref = model(torch.tensor([r[:upto]])).logits[0, -width:]
+                diff = max(diff, (logits[b] - ref).abs().max().item())
+        single = lean.forward(lean.new_cache(1, 64), torch.tensor([rows[0][:10]]), [0], "all")  # native prefill
+        diff = max(diff, (single[0] - model(torch.tensor([rows[0][:10]])).logits[0]).abs().max().item())
+    print(f"{family}: native decoder layers vs transformers, float32, max abs logit difference {diff:.2e}")
     assert diff < 1e-4
 
 

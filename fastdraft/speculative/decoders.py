@@ -170,10 +170,14 @@ class LeanDecoder:
         self.rotary = base.rotary_emb
         self.kernels = choose_kernels(kernels, weight)
         self.linear = {"native": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
-        if self.kernels == "native":  # the kernel reads plain row-major weights: make sure they are
+        self.native_layers = None
+        if self.kernels == "native":  # the kernels read plain row-major weights: make sure they are
             for layer in self.layers:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (w.contiguous() for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
             self.head = self.head.contiguous()
+            # Decode and verification passes (few rows) run all layers in one native call; prefill stays in torch.
+            self.native_layers = native.DecoderLayers(self.layers, self.heads, self.kv_heads, self.head_dim, self.eps,
+                                                      self.scale)
         if self.kernels == "onednn":
             for layer in self.layers:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (_pack(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
@@ -214,6 +218,25 @@ class LeanDecoder:
         if kv_len > cache.capacity:
             raise FastdraftError(f"KV cache overflow: {kv_len} positions > capacity {cache.capacity}")
         self._ensure_rope(kv_len)
+        x = F.embedding(ids, self.embed)
+        if self.native_layers is not None and b * t <= native.MAX_ROWS:
+            self.native_layers(x.view(b * t, -1), t, offsets, self.cos, self.sin, cache.k, cache.v)
+        else:
+            x = self._layers_forward(cache, x, offsets)
+        if logits_at is None:
+            return None
+        if logits_at != "all":
+            at = logits_at[0]
+            if all(i == at for i in logits_at):  # one position for every row (a decode step): a view
+                x = x[:, at]
+            else:
+                x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
+        return self.linear(_rms_norm(x, self.norm, self.eps), self.head, None)
+
+    def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
+        """The decoder layers as torch ops (every kernel choice, any number of rows): x [B, T, hidden] in, out."""
+        b, t = x.shape[:2]
+        kv_len = max(offsets) + t
         pos = torch.tensor(offsets, device=self.device)[:, None] + torch.arange(t, device=self.device)
         first = offsets[0]
         if all(o == first for o in offsets):  # aligned rows (batch 1 always): views, no gather
@@ -223,7 +246,6 @@ class LeanDecoder:
         mask = self._mask(offsets, t, kv_len, pos)
         nq, nkv = self.heads, self.kv_heads
         linear = self.linear
-        x = F.embedding(ids, self.embed)
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, self.eps)
             qkv = linear(h, layer.wqkv, layer.bqkv).view(b, t, nq + 2 * nkv, self.head_dim)
@@ -241,15 +263,7 @@ class LeanDecoder:
             h = _rms_norm(x, layer.ln2, self.eps)
             gate, up = linear(h, layer.wgu, None).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.wd, None)
-        if logits_at is None:
-            return None
-        if logits_at != "all":
-            at = logits_at[0]
-            if all(i == at for i in logits_at):  # one position for every row (a decode step): a view
-                x = x[:, at]
-            else:
-                x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
-        return linear(_rms_norm(x, self.norm, self.eps), self.head, None)
+        return x
 
 
 class HFDecoder:

@@ -1,13 +1,18 @@
-"""fastdraft's own small-batch float32 linear for CPU (`skinny_linear.c`), compiled once, loaded with ctypes.
+"""fastdraft's own float32 CPU kernels for the few rows of a decode or verification pass, compiled once, loaded
+with ctypes.
 
-Decoding and verification multiply 1 to ~9 rows by every weight matrix: a stream over the weights. The C
-kernel reads each weight once and uses it for all rows (see the comment in `skinny_linear.c`); measured on
-2 cores, a 12-layer 768-wide stack took 15-17 ms at 1 row and 18-21 ms at 6 (oneDNN pre-packed: 18-19 and
-23-25 ms; MKL through F.linear: 16-17 and 30-33 ms). Above `MAX_ROWS` rows (prefill, big batches) MKL is
-faster and `linear` hands over to F.linear on the same weights, so no second copy of them is kept.
+- `linear` (`skinny_linear.c`): decoding and verification multiply 1 to ~24 rows by every weight matrix, a
+  stream over the weights. The kernel reads each weight once and uses it for all rows, with a register tile
+  sized for the CPU's vector registers. Measured on 2 cores (AMD Zen 3, AVX2), a 12-layer 768-wide stack:
+  18.6 ms at 1 row and 18.7 at 6 (oneDNN pre-packed: 27.7 and 34.6; MKL through F.linear: 37.3 and 74.9).
+  Above `MAX_ROWS` rows (prefill, big batches) it hands over to F.linear on the same weights, so no second
+  copy of them is kept.
+- `DecoderLayers` (`decoder_layers.c`): every decoder layer of a Llama-family model in one call: norms,
+  rope, KV-cache writes, attention and SiLU as plain loops around the same linear kernel, because at a few
+  rows the ~25 small tensor ops of a layer cost more in dispatch than in arithmetic.
 
-It is built with the system C compiler (`$CC`, default `cc`) the first time it is used, for this CPU
-(-march=native), into `$FASTDRAFT_CACHE/native/`; the file name carries a hash of the source, the compiler
+Both are built with the system C compiler (`$CC`, default `cc`) the first time they are used, for this CPU
+(-march=native), into `$FASTDRAFT_CACHE/native/`; the file name carries a hash of the sources, the compiler
 and the CPU flags, so nodes that share a home directory never load a build made for another CPU. Without a
 compiler `unavailable_reason()` says why and the lean decoder uses oneDNN instead.
 """
@@ -26,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("skinny_linear.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("skinny_linear.c", "decoder_layers.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 MAX_ROWS = 24  # crossover with MKL: 12-16 rows on an AVX-512 Xeon; on AMD Zen 3 (AVX2) the kernel is still 2.4x MKL at 24
 
@@ -40,18 +45,18 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, _cpu_flags(), *FLAGS]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES), compiler, version, _cpu_flags(), *FLAGS]).encode()).hexdigest()
     from fastdraft.assets import cache_dir
 
-    out = cache_dir() / "native" / f"skinny_linear-{key[:16]}.so"
+    out = cache_dir() / "native" / f"fastdraft_native-{key[:16]}.so"
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # build aside, then rename: concurrent builders are safe
         built = Path(tmp) / out.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{compiler} failed on {', '.join(f.name for f in SOURCES)}: {proc.stderr.strip()[-500:]}")
         os.replace(built, out)
     return out
 
@@ -68,7 +73,20 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"could not build the native kernel: {exc}"
     lib.skinny_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.skinny_linear.restype = None
+    lib.decoder_layers.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                   ctypes.c_int] + [ctypes.c_void_p] * 6
+    lib.decoder_layers.restype = None
     return lib, None
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("wqkv", "bqkv", "wo", "bo", "wgu", "wd", "ln1", "ln2", "q_norm", "k_norm")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layer", ctypes.POINTER(_Layer))]
 
 
 def unavailable_reason(weight: torch.Tensor | None = None) -> str | None:
@@ -90,3 +108,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     _library()[0].skinny_linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
                                 y.data_ptr(), rows, n, k)
     return y
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class DecoderLayers:
+    """Every decoder layer of a lean decoder in one native call (`decoder_layers.c`), for up to MAX_ROWS rows.
+
+    `layers` are the lean decoder's own (`decoders._Layer`: fused q|k|v and gate|up weights, row-major float32);
+    they are referenced, not copied.
+    """
+
+    def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
+        names = [name for name, _ in _Layer._fields_]
+        self._weights = [[getattr(layer, name) for name in names] for layer in layers]  # keeps them alive
+        for row in self._weights:
+            for w in row:
+                if w is not None and not (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu"):
+                    raise ValueError("native decoder layers need contiguous float32 CPU weights")
+        self._layers = (_Layer * len(layers))(*(_Layer(*map(_ptr, row)) for row in self._weights))
+        self.hidden, self.heads, self.kv_heads, self.head_dim = layers[0].ln1.shape[0], heads, kv_heads, head_dim
+        self.intermediate = layers[0].wd.shape[1]
+        self._model = _Model(len(layers), self.hidden, heads, kv_heads, head_dim, self.intermediate, eps, scale,
+                             self._layers)
+
+    def __call__(self, x: torch.Tensor, t: int, offsets: list[int], cos: torch.Tensor, sin_signed: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Run all layers on x [B * T, hidden] in place; row b's T tokens sit at positions offsets[b] + 0..T-1.
+
+        cos / sin_signed: [positions, head_dim] rope tables; k_cache, v_cache: [layers, B, kv_heads, capacity, head_dim].
+        """
+        rows, b = x.shape[0], len(offsets)
+        if not (x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1] == b
+                and rows == b * t and cos.is_contiguous() and sin_signed.is_contiguous()):
+            raise ValueError("native decoder layers: contiguous x [B*T, hidden] and caches [layers, B, ...] expected")
+        kv_len = max(offsets) + t
+        empty = functools.partial(torch.empty, dtype=torch.float32)
+        h, qkv = empty(rows, self.hidden), empty(rows, (self.heads + 2 * self.kv_heads) * self.head_dim)
+        att, gu, act = empty(rows, self.heads * self.head_dim), empty(rows, 2 * self.intermediate), empty(rows, self.intermediate)
+        scores = empty(rows * self.heads, kv_len)
+        offs = (ctypes.c_int * b)(*offsets)
+        _library()[0].decoder_layers(ctypes.byref(self._model), x.data_ptr(), b, t, offs, cos.data_ptr(),
+                                     sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[3],
+                                     kv_len, h.data_ptr(), qkv.data_ptr(), att.data_ptr(), gu.data_ptr(),
+                                     act.data_ptr(), scores.data_ptr())

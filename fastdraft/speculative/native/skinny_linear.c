@@ -1,4 +1,4 @@
-/* y[M, N] = x[M, K] . W[N, K]^T (+ b[N]) in float32, for the few rows of a decode or verification pass.
+/* y[M, N] (+)= x[M, K] . W[N, K]^T (+ b[N]) in float32, for the few rows of a decode or verification pass.
  *
  * At M = 1..12 a linear layer is a stream over its weights: what matters is reading every weight once,
  * at full memory bandwidth, and using it for all M rows while it is in registers. oneDNN's and MKL's
@@ -36,7 +36,7 @@ static inline __attribute__((always_inline)) float hsum(vec v) {
 
 /* nr weight rows x mc inputs; inlined with constant nr and mc so that the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void tile(const float *x, const float *w, const float *b, float *y,
-                                                       int K, int N, const int nr, const int mc) {
+                                                       int K, int N, const int nr, const int mc, int accumulate) {
     vec acc[NR][MC];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mc; m++) acc[r][m] = (vec){0};
@@ -57,17 +57,19 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
         for (int m = 0; m < mc; m++) {
             float s = hsum(acc[r][m]);
             for (int k = KV; k < K; k++) s += w[(size_t)r * K + k] * x[(size_t)m * K + k];
-            y[(size_t)m * N + r] = s + (b ? b[r] : 0.f);
+            float *out = y + (size_t)m * N + r;
+            *out = (accumulate ? *out : 0.f) + (s + (b ? b[r] : 0.f));  /* the residual add: x + linear(a) */
         }
 }
 
-static void rows(const float *x, const float *w, const float *b, float *y, int K, int N, int nr, int mc) {
-#define CASE(M) case M: if (nr == NR) tile(x, w, b, y, K, N, NR, M); else tile(x, w, b, y, K, N, 1, M); break;
+static void rows(const float *x, const float *w, const float *b, float *y, int K, int N, int nr, int mc, int acc) {
+#define CASE(M) case M: if (nr == NR) tile(x, w, b, y, K, N, NR, M, acc); else tile(x, w, b, y, K, N, 1, M, acc); break;
     switch (mc) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) }
 #undef CASE
 }
 
-void skinny_linear(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
+/* accumulate = 1: y += x . W^T + b (y is read), e.g. a residual stream; 0: y = x . W^T + b */
+void skinny_linear_into(const float *x, const float *w, const float *b, float *y, int M, int N, int K, int accumulate) {
     const int tiles = (N + NR - 1) / NR;
 #pragma omp parallel for schedule(static)
     for (int t = 0; t < tiles; t++) {
@@ -75,12 +77,16 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
         if (N - n0 >= NR) {
             for (int m0 = 0; m0 < M; m0 += MC)
                 rows(x + (size_t)m0 * K, w + (size_t)n0 * K, b ? b + n0 : 0, y + (size_t)m0 * N + n0, K, N, NR,
-                     M - m0 < MC ? M - m0 : MC);
+                     M - m0 < MC ? M - m0 : MC, accumulate);
         } else {  /* the last N % NR rows, one at a time */
             for (int n = n0; n < N; n++)
                 for (int m0 = 0; m0 < M; m0 += MC)
                     rows(x + (size_t)m0 * K, w + (size_t)n * K, b ? b + n : 0, y + (size_t)m0 * N + n, K, N, 1,
-                         M - m0 < MC ? M - m0 : MC);
+                         M - m0 < MC ? M - m0 : MC, accumulate);
         }
     }
+}
+
+void skinny_linear(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
+    skinny_linear_into(x, w, b, y, M, N, K, 0);
 }
