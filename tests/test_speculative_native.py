@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3C
 
 from fastdraft.errors import FastdraftError
 from fastdraft.speculative import native
-from fastdraft.speculative.decoders import LeanDecoder, right_pad
+from fastdraft.speculative.decoders import NATIVE_PASS_ROWS, LeanDecoder, right_pad
 from fastdraft.speculative.pairs import agreeing_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -83,7 +83,8 @@ FAMILIES = {  # what each one adds to the native path: plain GQA, biases on q|k|
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
     """Prefill three prompts of different lengths, then verify 4 tokens per row and decode 1, rows at different
-    positions: every logit within 1e-4 of transformers' own forward over each row's whole sequence."""
+    positions; and one long prompt through torch's ops, then a native verification: every logit within 1e-4 of
+    transformers' own forward over each row's whole sequence."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(FAMILIES[family](), dtype=torch.float32).eval()
     with torch.no_grad():  # make biases and norm weights non-trivial, so that a skipped one shows
@@ -96,7 +97,7 @@ def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
     rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 5, 12)]
     cache = lean.new_cache(3, 64)
     with torch.inference_mode():
-        lean.forward(cache, right_pad(rows, "cpu"), [0, 0, 0], None)  # 36 rows: the torch path fills the cache
+        lean.forward(cache, right_pad(rows, "cpu"), [0, 0, 0], None)  # 36 rows: native, in chunks of 8 tokens
         steps = []
         for width in (4, 1):  # 12 rows, then 3: the native path, ragged offsets
             new = torch.randint(3, 300, (3, width), generator=g)
@@ -109,8 +110,12 @@ def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
                 upto = len(r) - (1 if width == 4 else 0)  # the 4-wide step ended one token before the end
                 ref = model(torch.tensor([r[:upto]])).logits[0, -width:]
                 diff = max(diff, (logits[b] - ref).abs().max().item())
-        single = lean.forward(lean.new_cache(1, 64), torch.tensor([rows[0][:10]]), [0], "all")  # native prefill
-        diff = max(diff, (single[0] - model(torch.tensor([rows[0][:10]])).logits[0]).abs().max().item())
+        # one row: a prefill past NATIVE_PASS_ROWS (torch's ops fill the cache), then a native 4-token verification
+        long = torch.randint(3, 300, (1, NATIVE_PASS_ROWS + 10), generator=g)
+        single = lean.new_cache(1, 128)
+        ours = torch.cat([lean.forward(single, long[:, :-4], [0], "all"),
+                          lean.forward(single, long[:, -4:], [long.shape[1] - 4], "all")], dim=1)
+        diff = max(diff, (ours - model(long).logits).abs().max().item())
     print(f"{family}: native decoder layers vs transformers, float32, max abs logit difference {diff:.2e}")
     assert diff < 1e-4
 

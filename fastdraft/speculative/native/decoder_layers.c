@@ -72,10 +72,25 @@ static float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-static void axpy(float *y, float a, const float *x, int n) {  /* y += a * x */
-    int k = 0;
-    for (; k + VW <= n; k += VW) *(vec *)(y + k) += a * *(const vec *)(x + k);
-    for (; k < n; k++) y[k] += a * x[k];
+/* out[hd] = sum_j w[j] * V[j, :], with 4 vectors of out in registers across j (not a load and store per key) */
+static void weighted_sum(const float *w, const float *V, int n, int hd, float *out) {
+    int d = 0;
+    for (; d + 4 * VW <= hd; d += 4 * VW) {
+        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int j = 0; j < n; j++) {
+            const float *v = V + (size_t)j * hd + d;
+            a0 += w[j] * *(const vec *)v;
+            a1 += w[j] * *(const vec *)(v + VW);
+            a2 += w[j] * *(const vec *)(v + 2 * VW);
+            a3 += w[j] * *(const vec *)(v + 3 * VW);
+        }
+        *(vec *)(out + d) = a0, *(vec *)(out + d + VW) = a1, *(vec *)(out + d + 2 * VW) = a2, *(vec *)(out + d + 3 * VW) = a3;
+    }
+    for (; d < hd; d++) {
+        float a = 0.f;
+        for (int j = 0; j < n; j++) a += w[j] * V[(size_t)j * hd + d];
+        out[d] = a;
+    }
 }
 
 static void rms_norm(const float *x, const float *w, float *y, int n, float eps) {
@@ -139,8 +154,7 @@ void decoder_layers(const Model *m, float *x, int B, int T, const int *offsets, 
             exp_inplace(s, visible);
             float total = 0.f;
             for (int j = 0; j < visible; j++) total += s[j];
-            for (int d = 0; d < hd; d++) out[d] = 0.f;
-            for (int j = 0; j < visible; j++) axpy(out, s[j], Vb + (size_t)j * hd, hd);
+            weighted_sum(s, Vb, visible, hd, out);
             for (int d = 0; d < hd; d++) out[d] /= total;
         }
         skinny_linear_into(att, L->wo, L->bo, x, R, D, nq * hd, 1);  /* x += o_proj(att) */
