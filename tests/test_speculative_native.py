@@ -120,6 +120,25 @@ def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
     assert diff < 1e-4
 
 
+def test_native_decoder_layers_take_batches_wider_than_a_call():
+    """MAX_ROWS + 6 sequences at different positions: each native call takes a slice of the cache's rows."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), dtype=torch.float32).eval()
+    lean = LeanDecoder(model)
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (native.MAX_ROWS + 6,), generator=g)]
+    cache = lean.new_cache(len(rows), 32)
+    with torch.inference_mode():
+        lean.forward(cache, right_pad(rows, "cpu"), [0] * len(rows), None)  # past NATIVE_PASS_ROWS: torch's ops
+        for width in (2, 1):  # 60 rows, then 30: native, a slice of sequences per call
+            new = torch.randint(3, 300, (len(rows), width), generator=g)
+            logits = lean.forward(cache, new, [len(r) for r in rows], "all")
+            rows = [r + n for r, n in zip(rows, new.tolist())]
+            diff = max((logits[b] - model(torch.tensor([r])).logits[0, -width:]).abs().max().item()
+                       for b, r in enumerate(rows))
+            assert diff < 1e-4, f"width {width}: max abs logit difference {diff:.2e}"
+
+
 def test_without_a_compiler_the_decoder_says_why_and_uses_onednn(tmp_path):
     """No C compiler (and nothing built yet): 'auto' falls back to oneDNN, 'native' is refused with the reason."""
     code = (

@@ -239,16 +239,15 @@ class LeanBackend(TransformersBackend):
         self, model_dir: str | Path, dtype: str = "float32", device: str = "cpu", store_topk: int = 0,
         trust_remote_code: bool = False,
     ):
-        from fastdraft.speculative.decoders import lean_unsupported_reason, make_decoder, onednn_available
+        from fastdraft.speculative.decoders import lean_unsupported_reason, make_decoder
 
         super().__init__(model_dir, dtype, device, store_topk, trust_remote_code)
         reason = lean_unsupported_reason(self.model)
         if reason:
             raise FastdraftError(f"generate.engine 'lean' cannot run {model_dir}: {reason}; use engine 'transformers'")
-        # Whole batches (16 rows and more) per step: oneDNN's pre-packed kernels beat the native one there
-        # (SmolLM2, one step at 16 rows: 71 vs 91 ms; the native kernel is for the engine's 1-12 rows).
-        wide = "onednn" if onednn_available(self.model.lm_head.weight) else "auto"
-        self.decoder = make_decoder(self.model, "lean", kernels=wide)
+        # The decoder's default kernels: on CPU float32 the native decoder layers (SmolLM2, one decode step on
+        # 2 cores, ms, native / oneDNN: batch 8 52 / 103, 16 80 / 132, 24 112 / 152; 32 223 / 201, 64 345 / 311).
+        self.decoder = make_decoder(self.model, "lean")
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generated]:

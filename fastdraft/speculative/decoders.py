@@ -223,16 +223,20 @@ class LeanDecoder:
             raise FastdraftError(f"KV cache overflow: {kv_len} positions > capacity {cache.capacity}")
         self._ensure_rope(kv_len)
         x = F.embedding(ids, self.embed)
-        step = native.MAX_ROWS // b  # tokens per native call
-        if self.native_layers is not None and step >= 1 and b * t <= NATIVE_PASS_ROWS:
-            for i in range(0, t, step):  # a longer pass (a short prefill) in chunks: the cache fills as it goes
-                chunk = view = x[:, i:i + step]
-                if not view.is_contiguous():
-                    chunk = view.contiguous()
-                self.native_layers(chunk.view(-1, chunk.shape[-1]), chunk.shape[1], [o + i for o in offsets], self.cos,
-                                   self.sin, cache.k, cache.v)
-                if chunk is not view:
-                    view.copy_(chunk)
+        if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS:
+            # In chunks of about MAX_ROWS rows: a short prefill by tokens (the cache fills as it goes), a wide
+            # batch by sequences.
+            seqs = min(b, native.MAX_ROWS)
+            tokens = max(1, native.MAX_ROWS // seqs)
+            for s0 in range(0, b, seqs):
+                for i in range(0, t, tokens):
+                    chunk = view = x[s0:s0 + seqs, i:i + tokens]
+                    if not view.is_contiguous():
+                        chunk = view.contiguous()
+                    self.native_layers(chunk.view(-1, chunk.shape[-1]), chunk.shape[1],
+                                       [o + i for o in offsets[s0:s0 + seqs]], self.cos, self.sin, cache.k, cache.v, s0)
+                    if chunk is not view:
+                        view.copy_(chunk)
         else:
             x = self._layers_forward(cache, x, offsets)
         if logits_at is None:

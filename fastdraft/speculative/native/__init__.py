@@ -75,7 +75,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     lib.skinny_linear.restype = None
     lib.decoder_layers.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_int] + [ctypes.c_void_p] * 6
+                                   ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6
     lib.decoder_layers.restype = None
     return lib, None
 
@@ -135,22 +135,25 @@ class DecoderLayers:
                              self._layers)
 
     def __call__(self, x: torch.Tensor, t: int, offsets: list[int], cos: torch.Tensor, sin_signed: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, first_row: int = 0) -> None:
         """Run all layers on x [B * T, hidden] in place; row b's T tokens sit at positions offsets[b] + 0..T-1.
 
-        cos / sin_signed: [positions, head_dim] rope tables; k_cache, v_cache: [layers, B, kv_heads, capacity, head_dim].
+        cos / sin_signed: [positions, head_dim] rope tables; k_cache, v_cache: [layers, batch, kv_heads, capacity,
+        head_dim], of which x's B rows are rows first_row .. first_row + B - 1.
         """
         rows, b = x.shape[0], len(offsets)
-        if not (x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[1] == b
-                and rows == b * t and cos.is_contiguous() and sin_signed.is_contiguous()):
-            raise ValueError("native decoder layers: contiguous x [B*T, hidden] and caches [layers, B, ...] expected")
+        if not (x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and first_row + b <= k_cache.shape[1] and rows == b * t and cos.is_contiguous()
+                and sin_signed.is_contiguous()):
+            raise ValueError("native decoder layers: contiguous x [B*T, hidden] and caches [layers, >= B, ...] expected")
         kv_len = max(offsets) + t
         empty = functools.partial(torch.empty, dtype=torch.float32)
         h, qkv = empty(rows, self.hidden), empty(rows, (self.heads + 2 * self.kv_heads) * self.head_dim)
         att, gu, act = empty(rows, self.heads * self.head_dim), empty(rows, 2 * self.intermediate), empty(rows, self.intermediate)
         scores = empty(rows * self.heads, kv_len)
         offs = (ctypes.c_int * b)(*offsets)
+        skip = first_row * k_cache.stride(1) * k_cache.element_size()
         _library()[0].decoder_layers(ctypes.byref(self._model), x.data_ptr(), b, t, offs, cos.data_ptr(),
-                                     sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[3],
-                                     kv_len, h.data_ptr(), qkv.data_ptr(), att.data_ptr(), gu.data_ptr(),
+                                     sin_signed.data_ptr(), k_cache.data_ptr() + skip, v_cache.data_ptr() + skip,
+                                     k_cache.shape[1], k_cache.shape[3], kv_len, h.data_ptr(), qkv.data_ptr(), att.data_ptr(), gu.data_ptr(),
                                      act.data_ptr(), scores.data_ptr())

@@ -109,11 +109,12 @@ static void rope(float *x, const float *cos, const float *sin_signed, int n) {
 }
 
 void decoder_layers(const Model *m, float *x, int B, int T, const int *offsets, const float *cos, const float *sin_signed,
-                    float *kcache, float *vcache, int capacity, int kv_len,
+                    float *kcache, float *vcache, int cache_batch, int capacity, int kv_len,
                     float *h, float *qkv, float *att, float *gu, float *act, float *scores) {
     const int R = B * T, D = m->hidden, nq = m->heads, nkv = m->kv_heads, hd = m->head_dim, I = m->intermediate;
     const int QKV = (nq + 2 * nkv) * hd, group = nq / nkv;
-    const size_t layer_stride = (size_t)B * nkv * capacity * hd;
+    /* the B rows may be a slice of a larger cache: kcache points at the first one's entries */
+    const size_t layer_stride = (size_t)cache_batch * nkv * capacity * hd;
     for (int l = 0; l < m->layers; l++) {
         const Layer *L = &m->layer[l];
         float *K = kcache + l * layer_stride, *V = vcache + l * layer_stride;
