@@ -4,7 +4,9 @@
 the same arithmetic as transformers, minus the per-module Python overhead: fused QKV and gate/up
 projections, a rope table computed once by the model's own rotary module, a preallocated KV cache with
 one length per sequence (`StaticKVCache`), so a batch whose rows accepted different numbers of tokens
-runs in one pass. Its logits are checked against transformers' in the tests (max abs difference).
+runs in one pass. On CPU float32, passes of a few rows (decode, verification, short prefills) run all layers
+in one call of fastdraft's native library (`native/`); longer ones, and other dtypes and devices, run the
+same layers as torch ops. Its logits are checked against transformers' in the tests (max abs difference).
 
 `HFDecoder` is the fallback for anything else: the model's own forward with a `DynamicCache`, cropped
 on rejection; it runs one sequence at a time.
@@ -179,7 +181,7 @@ class LeanDecoder:
             for layer in self.layers:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (w.contiguous() for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
             self.head = self.head.contiguous()
-            # Decode and verification passes (few rows) run all layers in one native call; prefill stays in torch.
+            # Passes of up to NATIVE_PASS_ROWS rows (decode, verification, short prefills) run natively.
             self.native_layers = native.DecoderLayers(self.layers, self.heads, self.kv_heads, self.head_dim, self.eps,
                                                       self.scale)
         if self.kernels == "onednn":
@@ -224,19 +226,7 @@ class LeanDecoder:
         self._ensure_rope(kv_len)
         x = F.embedding(ids, self.embed)
         if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS:
-            # In chunks of about MAX_ROWS rows: a short prefill by tokens (the cache fills as it goes), a wide
-            # batch by sequences.
-            seqs = min(b, native.MAX_ROWS)
-            tokens = max(1, native.MAX_ROWS // seqs)
-            for s0 in range(0, b, seqs):
-                for i in range(0, t, tokens):
-                    chunk = view = x[s0:s0 + seqs, i:i + tokens]
-                    if not view.is_contiguous():
-                        chunk = view.contiguous()
-                    self.native_layers(chunk.view(-1, chunk.shape[-1]), chunk.shape[1],
-                                       [o + i for o in offsets[s0:s0 + seqs]], self.cos, self.sin, cache.k, cache.v, s0)
-                    if chunk is not view:
-                        view.copy_(chunk)
+            self._native_layers_forward(cache, x, offsets)
         else:
             x = self._layers_forward(cache, x, offsets)
         if logits_at is None:
@@ -248,6 +238,22 @@ class LeanDecoder:
             else:
                 x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
         return self.linear(_rms_norm(x, self.norm, self.eps), self.head, None)
+
+    def _native_layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> None:
+        """The decoder layers in native calls of about MAX_ROWS rows each, on x [B, T, hidden] in place: a short
+        prefill in chunks of tokens (the cache fills as it goes), a wide batch in slices of sequences."""
+        b, t = x.shape[:2]
+        seqs = min(b, native.MAX_ROWS)
+        tokens = max(1, native.MAX_ROWS // seqs)
+        for s0 in range(0, b, seqs):
+            for i in range(0, t, tokens):
+                chunk = view = x[s0:s0 + seqs, i:i + tokens]
+                if not view.is_contiguous():
+                    chunk = view.contiguous()
+                self.native_layers(chunk.view(-1, chunk.shape[-1]), chunk.shape[1], [o + i for o in offsets[s0:s0 + seqs]],
+                                   self.cos, self.sin, cache.k, cache.v, first_row=s0)
+                if chunk is not view:
+                    view.copy_(chunk)
 
     def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         """The decoder layers as torch ops (every kernel choice, any number of rows): x [B, T, hidden] in, out."""
