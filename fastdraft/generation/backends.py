@@ -7,8 +7,8 @@
 - `TransformersBackend`: batched `model.generate` with left padding and a KV cache, any device, any causal LM.
 - `LeanBackend`: the same batches through fastdraft's own decoder (the speculative engine's `LeanDecoder`,
   Llama family: SmolLM2, Llama, Mistral, Qwen, Phi-3): one KV cache with a length per row, so no padding
-  is computed and finished rows leave the batch; oneDNN linears on CPU. 1.45x transformers measured here
-  (`python jobs/bench_generate.py`, 32 prompts of up to 1,994 tokens).
+  is computed and finished rows leave the batch; native kernels on CPU (float32). 1.45x transformers measured
+  with its earlier oneDNN kernels (`python jobs/bench_generate.py`, 32 prompts of up to 1,994 tokens).
   Both draw each sampled row from its own `torch.Generator` seeded by `SamplingParams.seed`
   (`draw_per_row`), so a row's sample depends on its key, not on which rows share its batch.
 - `VLLMBackend`: vLLM's offline `LLM.generate` for GPU clusters. vLLM pins torch/transformers versions
@@ -247,6 +247,7 @@ class LeanBackend(TransformersBackend):
             raise FastdraftError(f"generate.engine 'lean' cannot run {model_dir}: {reason}; use engine 'transformers'")
         # The decoder's default kernels: on CPU float32 the native decoder layers (SmolLM2, one decode step on
         # 2 cores, ms, native / oneDNN: batch 8 52 / 103, 16 80 / 132, 24 112 / 152; 32 223 / 201, 64 345 / 311).
+        # Long prefills lose a little (16 x 200 tokens: 9.0-9.3 s vs 7.8-9.0), which 128 decode steps repay.
         self.decoder = make_decoder(self.model, "lean")
 
     @torch.inference_mode()

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCES = [Path(__file__).with_name(name) for name in ("skinny_linear.c", "decoder_layers.c")]
+FILES = sorted(Path(__file__).parent.glob("*.[ch]"))  # the sources and their shared header: all in the build hash
+SOURCES = [f for f in FILES if f.suffix == ".c"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
 MAX_ROWS = 24  # crossover with MKL: 12-16 rows on an AVX-512 Xeon; on AMD Zen 3 (AVX2) the kernel is still 2.4x MKL at 24
 
@@ -45,7 +46,7 @@ def _cpu_flags() -> str:
 
 def _build(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES), compiler, version, _cpu_flags(), *FLAGS]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in FILES), compiler, version, _cpu_flags(), *FLAGS]).encode()).hexdigest()
     from fastdraft.assets import cache_dir
 
     out = cache_dir() / "native" / f"fastdraft_native-{key[:16]}.so"
@@ -71,22 +72,22 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         return None, f"could not build the native kernel: {exc}"
-    lib.skinny_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-    lib.skinny_linear.restype = None
-    lib.decoder_layers.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    lib.skinny_linear_into.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    lib.skinny_linear_into.restype = None
+    lib.decoder_layers.argtypes = [ctypes.POINTER(_CModel), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                    ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6
     lib.decoder_layers.restype = None
     return lib, None
 
 
-class _Layer(ctypes.Structure):
+class _CLayer(ctypes.Structure):  # decoder_layers.c: Layer
     _fields_ = [(name, ctypes.c_void_p) for name in ("wqkv", "bqkv", "wo", "bo", "wgu", "wd", "ln1", "ln2", "q_norm", "k_norm")]
 
 
-class _Model(ctypes.Structure):
+class _CModel(ctypes.Structure):  # decoder_layers.c: Model
     _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layer", ctypes.POINTER(_Layer))]
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layer", ctypes.POINTER(_CLayer))]
 
 
 def unavailable_reason(weight: torch.Tensor | None = None) -> str | None:
@@ -105,8 +106,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     x = x.contiguous()
     n = weight.shape[0]
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    _library()[0].skinny_linear(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                                y.data_ptr(), rows, n, k)
+    _library()[0].skinny_linear_into(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), rows, n, k, 0)
     return y
 
 
@@ -115,23 +115,24 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class DecoderLayers:
-    """Every decoder layer of a lean decoder in one native call (`decoder_layers.c`), for up to MAX_ROWS rows.
+    """Every decoder layer of a lean decoder in one native call (`decoder_layers.c`). Any number of rows is
+    correct; the decoder sends about MAX_ROWS per call, where the linear kernel is at its best.
 
     `layers` are the lean decoder's own (`decoders._Layer`: fused q|k|v and gate|up weights, row-major float32);
     they are referenced, not copied.
     """
 
     def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
-        names = [name for name, _ in _Layer._fields_]
+        names = [name for name, _ in _CLayer._fields_]
         self._weights = [[getattr(layer, name) for name in names] for layer in layers]  # keeps them alive
         for row in self._weights:
             for w in row:
                 if w is not None and not (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu"):
                     raise ValueError("native decoder layers need contiguous float32 CPU weights")
-        self._layers = (_Layer * len(layers))(*(_Layer(*map(_ptr, row)) for row in self._weights))
+        self._layers = (_CLayer * len(layers))(*(_CLayer(*map(_ptr, row)) for row in self._weights))
         self.hidden, self.heads, self.kv_heads, self.head_dim = layers[0].ln1.shape[0], heads, kv_heads, head_dim
         self.intermediate = layers[0].wd.shape[1]
-        self._model = _Model(len(layers), self.hidden, heads, kv_heads, head_dim, self.intermediate, eps, scale,
+        self._model = _CModel(len(layers), self.hidden, heads, kv_heads, head_dim, self.intermediate, eps, scale,
                              self._layers)
 
     def __call__(self, x: torch.Tensor, t: int, offsets: list[int], cos: torch.Tensor, sin_signed: torch.Tensor,
@@ -155,5 +156,5 @@ class DecoderLayers:
         skip = first_row * k_cache.stride(1) * k_cache.element_size()
         _library()[0].decoder_layers(ctypes.byref(self._model), x.data_ptr(), b, t, offs, cos.data_ptr(),
                                      sin_signed.data_ptr(), k_cache.data_ptr() + skip, v_cache.data_ptr() + skip,
-                                     k_cache.shape[1], k_cache.shape[3], kv_len, h.data_ptr(), qkv.data_ptr(), att.data_ptr(), gu.data_ptr(),
-                                     act.data_ptr(), scores.data_ptr())
+                                     k_cache.shape[1], k_cache.shape[3], kv_len, h.data_ptr(), qkv.data_ptr(),
+                                     att.data_ptr(), gu.data_ptr(), act.data_ptr(), scores.data_ptr())

@@ -14,6 +14,8 @@
 #include <math.h>
 #include <stddef.h>
 
+#include "simd.h"
+
 void skinny_linear_into(const float *x, const float *w, const float *b, float *y, int M, int N, int K, int accumulate);
 
 typedef struct {
@@ -26,14 +28,6 @@ typedef struct {
     const Layer *layer;
 } Model;
 
-#if defined(__AVX512F__)
-#define VW 16
-#else
-#define VW 8
-#endif
-typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));
-
-typedef int ivec __attribute__((vector_size(VW * 4), aligned(4)));
 
 /* e^x for VW floats at once: Cephes' expf (range reduction by ln 2, degree-6 polynomial, ~1 ulp), because
  * the scalar expf of libm, one call per score and per SiLU, was a fifth of a 6-token pass's non-linear time.

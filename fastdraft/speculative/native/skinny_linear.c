@@ -1,6 +1,6 @@
 /* y[M, N] (+)= x[M, K] . W[N, K]^T (+ b[N]) in float32, for the few rows of a decode or verification pass.
  *
- * At M = 1..12 a linear layer is a stream over its weights: what matters is reading every weight once,
+ * At M = 1..24 a linear layer is a stream over its weights: what matters is reading every weight once,
  * at full memory bandwidth, and using it for all M rows while it is in registers. oneDNN's and MKL's
  * general kernels re-read or re-pack per row block and cost 1.3-3x more at M = 6 than at M = 1 on the
  * 2-core machines we measure on (jobs/bench_engine.py); this one costs 1.0-1.2x.
@@ -12,21 +12,14 @@
  * memory (measured on AMD Zen 3, AVX2: a 4 x 6 tile of 16-float vectors made M = 6 cost 5x M = 1):
  *   AVX-512, 32 registers: 16-float vectors, NR = 4: 24 accumulators + 4 weights + 1 input;
  *   otherwise (AVX2), 16 registers: 8-float vectors, NR = 2: 12 accumulators + 2 weights + 1 input.
- * GCC vector extensions, compiled with -march=native for the CPU it runs on.
  */
 #include <stddef.h>
 
-#if defined(__AVX512F__)
-#define VW 16
-#define NR 4
-#else
-#define VW 8
-#define NR 2
-#endif
-#define MC 6         /* input rows per sweep */
-#define AHEAD 2048   /* prefetch distance, in floats along each weight row stream */
+#include "simd.h"
 
-typedef float vec __attribute__((vector_size(VW * 4), aligned(4)));  /* aligned(4): rows need not be */
+#define NR (VW == 16 ? 4 : 2)  /* weight rows per tile */
+#define MC 6                    /* input rows per sweep */
+#define AHEAD 2048              /* prefetch distance, in floats along each weight row stream */
 
 static inline __attribute__((always_inline)) float hsum(vec v) {
     float s = 0.f;
@@ -85,8 +78,4 @@ void skinny_linear_into(const float *x, const float *w, const float *b, float *y
                          M - m0 < MC ? M - m0 : MC, accumulate);
         }
     }
-}
-
-void skinny_linear(const float *x, const float *w, const float *b, float *y, int M, int N, int K) {
-    skinny_linear_into(x, w, b, y, M, N, K, 0);
 }
