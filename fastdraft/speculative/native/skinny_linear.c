@@ -43,6 +43,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, const flo
         }
         for (int m = 0; m < mc; m++) {
             vec xv = *(const vec *)(x + (size_t)m * K + k);
+            /* x in a register, used for nr multiply-adds; left alone, GCC folds it into each of them as a
+             * memory operand: nr loads instead of one, and at M = 6 the load ports, not the FMAs, set the pace */
+            if (nr > 1) __asm__("" : "+v"(xv));
             for (int r = 0; r < nr; r++) acc[r][m] += wv[r] * xv;
         }
     }
