@@ -97,7 +97,7 @@ def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
     rows = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 5, 12)]
     cache = lean.new_cache(3, 64)
     with torch.inference_mode():
-        lean.forward(cache, right_pad(rows, "cpu"), [0, 0, 0], None)  # 36 rows: native, in chunks of 8 tokens
+        lean.forward(cache, right_pad(rows, "cpu"), [0, 0, 0], None)  # 36 rows: native
         steps = []
         for width in (4, 1):  # 12 rows, then 3: the native path, ragged offsets
             new = torch.randint(3, 300, (3, width), generator=g)
@@ -120,17 +120,17 @@ def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
     assert diff < 1e-4
 
 
-def test_native_decoder_layers_take_batches_wider_than_a_call():
-    """MAX_ROWS + 6 sequences at different positions: each native call takes a slice of the cache's rows."""
+def test_native_decoder_layers_take_wide_ragged_batches():
+    """30 sequences at different positions (a generation batch): 60 rows, then 30, each pass one native call."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), dtype=torch.float32).eval()
     lean = LeanDecoder(model)
     g = torch.Generator().manual_seed(2)
-    rows = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (native.MAX_ROWS + 6,), generator=g)]
+    rows = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (30,), generator=g)]
     cache = lean.new_cache(len(rows), 32)
     with torch.inference_mode():
         lean.forward(cache, right_pad(rows, "cpu"), [0] * len(rows), None)  # past NATIVE_PASS_ROWS: torch's ops
-        for width in (2, 1):  # 60 rows, then 30: native, a slice of sequences per call
+        for width in (2, 1):  # 60 rows, then 30: native
             new = torch.randint(3, 300, (len(rows), width), generator=g)
             logits = lean.forward(cache, new, [len(r) for r in rows], "all")
             rows = [r + n for r, n in zip(rows, new.tolist())]
@@ -184,3 +184,13 @@ def test_float32_rms_norm_is_bit_identical_to_transformers():
             norm.weight.copy_(torch.randn(shape[-1], generator=g))
             x = 3 * torch.randn(shape, generator=g)
             assert torch.equal(_rms_norm(x, norm.weight, 1e-5), norm(x))
+
+
+def test_native_forward_refuses_token_ids_outside_the_embedding_table():
+    """A draft whose table is smaller than the ids it is fed (tables padded differently) gets F.embedding's error,
+    never a read past the table."""
+    target, _ = agreeing_pair(vocab_size=64, hidden=64, layers=1, heads=1, kv_heads=1, intermediate=64)
+    lean = LeanDecoder(target)
+    assert lean.native_layers is not None
+    with torch.inference_mode(), pytest.raises(IndexError, match=r"token id 64 is outside the embedding table \(64 rows\)"):
+        lean.forward(lean.new_cache(1, 8), torch.tensor([[3, 64]]), [0], "all")

@@ -32,9 +32,10 @@ LEAN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # tables that do not depend on the sequence length
 
 LogitsAt = str | list[int] | None
-# Passes of up to this many rows (batch x tokens) run through the native decoder layers, in chunks of
-# native.MAX_ROWS rows; longer prefills go to torch's kernels, which win at scale. Measured on 2 cores (82M
-# target, prefill ms, torch / native): 31 rows 126 / 78, 64 rows 155 / 139, 80 rows 164 / 173, 200 rows 343 / 470.
+# Passes of up to this many rows (batch x tokens) run through the native decoder layers in one call (one read of
+# the weights); longer prefills go to torch's kernels, which win at scale. Measured on 2 cores (82M target, prefill
+# ms, torch / native in calls of 24 rows): 31 rows 126 / 78, 64 rows 155 / 139, 80 rows 164 / 173, 200 rows 343 / 470;
+# in one call (AMD Zen 3): 31 rows 47 against 53 in calls of 24, 64 rows 99 against 105.
 NATIVE_PASS_ROWS = 64
 
 
@@ -182,8 +183,8 @@ class LeanDecoder:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (w.contiguous() for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
             self.head = self.head.contiguous()
             # Passes of up to NATIVE_PASS_ROWS rows (decode, verification, short prefills) run natively.
-            self.native_layers = native.DecoderLayers(self.layers, self.heads, self.kv_heads, self.head_dim, self.eps,
-                                                      self.scale)
+            self.native_layers = native.DecoderLayers(self.layers, self.embed.contiguous(), self.norm.contiguous(), self.heads,
+                                                      self.kv_heads, self.head_dim, self.eps, self.scale)
         if self.kernels == "onednn":
             for layer in self.layers:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (_pack(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
@@ -224,11 +225,10 @@ class LeanDecoder:
         if kv_len > cache.capacity:
             raise FastdraftError(f"KV cache overflow: {kv_len} positions > capacity {cache.capacity}")
         self._ensure_rope(kv_len)
-        x = F.embedding(ids, self.embed)
         if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS:
-            self._native_layers_forward(cache, x, offsets)
+            x = self.native_layers(ids.contiguous(), offsets, self.cos, self.sin, cache.k, cache.v)
         else:
-            x = self._layers_forward(cache, x, offsets)
+            x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets)
         if logits_at is None:
             return None
         if logits_at != "all":
@@ -237,26 +237,11 @@ class LeanDecoder:
                 x = x[:, at]
             else:
                 x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
-        return self.linear(_rms_norm(x, self.norm, self.eps), self.head, None)
-
-    def _native_layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> None:
-        """The decoder layers in native calls of about MAX_ROWS rows each, on x [B, T, hidden] in place: a short
-        prefill in chunks of tokens (the cache fills as it goes), a wide batch in slices of sequences."""
-        b, t = x.shape[:2]
-        seqs = min(b, native.MAX_ROWS)
-        tokens = max(1, native.MAX_ROWS // seqs)
-        for s0 in range(0, b, seqs):
-            for i in range(0, t, tokens):
-                chunk = view = x[s0:s0 + seqs, i:i + tokens]
-                if not view.is_contiguous():
-                    chunk = view.contiguous()
-                self.native_layers(chunk.view(-1, chunk.shape[-1]), chunk.shape[1], [o + i for o in offsets[s0:s0 + seqs]],
-                                   self.cos, self.sin, cache.k, cache.v, first_row=s0)
-                if chunk is not view:
-                    view.copy_(chunk)
+        return self.linear(x, self.head, None)
 
     def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-        """The decoder layers as torch ops (every kernel choice, any number of rows): x [B, T, hidden] in, out."""
+        """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows): embeddings
+        x [B, T, hidden] in, final-normed hidden states out."""
         b, t = x.shape[:2]
         kv_len = max(offsets) + t
         pos = torch.tensor(offsets, device=self.device)[:, None] + torch.arange(t, device=self.device)
@@ -285,7 +270,7 @@ class LeanDecoder:
             h = _rms_norm(x, layer.ln2, self.eps)
             gate, up = linear(h, layer.wgu, None).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, layer.wd, None)
-        return x
+        return _rms_norm(x, self.norm, self.eps)
 
 
 class HFDecoder:

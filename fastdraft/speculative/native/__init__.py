@@ -74,10 +74,10 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"could not build the native kernel: {exc}"
     lib.skinny_linear_into.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.skinny_linear_into.restype = None
-    lib.decoder_layers.argtypes = [ctypes.POINTER(_CModel), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+    lib.decoder_layers.argtypes = [ctypes.POINTER(_CModel), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 6
-    lib.decoder_layers.restype = None
+                                   ctypes.c_int] + [ctypes.c_void_p] * 6
+    lib.decoder_layers.restype = ctypes.c_int
     return lib, None
 
 
@@ -86,8 +86,9 @@ class _CLayer(ctypes.Structure):  # decoder_layers.c: Layer
 
 
 class _CModel(ctypes.Structure):  # decoder_layers.c: Model
-    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")] + [
-        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layer", ctypes.POINTER(_CLayer))]
+    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layer", ctypes.POINTER(_CLayer)),
+        ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p)]
 
 
 def unavailable_reason(weight: torch.Tensor | None = None) -> str | None:
@@ -115,46 +116,51 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class DecoderLayers:
-    """Every decoder layer of a lean decoder in one native call (`decoder_layers.c`). Any number of rows is
-    correct; the decoder sends about MAX_ROWS per call, where the linear kernel is at its best.
+    """A lean decoder's body in one native call (`decoder_layers.c`): token embeddings, every decoder layer, the final
+    norm, for any number of rows; the decoder sends it passes of up to `decoders.NATIVE_PASS_ROWS` rows (decode,
+    verification, short prefills) and applies the head itself to the rows it wants.
 
     `layers` are the lean decoder's own (`decoders._Layer`: fused q|k|v and gate|up weights, row-major float32);
-    they are referenced, not copied.
+    they, `embed` and `norm` are referenced, not copied.
     """
 
-    def __init__(self, layers: list, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float):
+    def __init__(self, layers: list, embed: torch.Tensor, norm: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                 eps: float, scale: float):
         names = [name for name, _ in _CLayer._fields_]
-        self._weights = [[getattr(layer, name) for name in names] for layer in layers]  # keeps them alive
+        self._weights = [[getattr(layer, name) for name in names] for layer in layers] + [[embed, norm]]  # kept alive
         for row in self._weights:
             for w in row:
                 if w is not None and not (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu"):
                     raise ValueError("native decoder layers need contiguous float32 CPU weights")
-        self._layers = (_CLayer * len(layers))(*(_CLayer(*map(_ptr, row)) for row in self._weights))
-        self.hidden, self.heads, self.kv_heads, self.head_dim = layers[0].ln1.shape[0], heads, kv_heads, head_dim
+        self._layers = (_CLayer * len(layers))(*(_CLayer(*map(_ptr, row)) for row in self._weights[:-1]))
+        self.hidden, self.heads, self.kv_heads, self.head_dim = embed.shape[1], heads, kv_heads, head_dim
         self.intermediate = layers[0].wd.shape[1]
-        self._model = _CModel(len(layers), self.hidden, heads, kv_heads, head_dim, self.intermediate, eps, scale,
-                             self._layers)
+        self._model = _CModel(len(layers), self.hidden, heads, kv_heads, head_dim, self.intermediate, embed.shape[0], eps,
+                              scale, self._layers, embed.data_ptr(), norm.data_ptr())
 
-    def __call__(self, x: torch.Tensor, t: int, offsets: list[int], cos: torch.Tensor, sin_signed: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, first_row: int = 0) -> None:
-        """Run all layers on x [B * T, hidden] in place; row b's T tokens sit at positions offsets[b] + 0..T-1.
+    def __call__(self, ids: torch.Tensor, offsets: list[int], cos: torch.Tensor, sin_signed: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, hidden] of ids [B, T], row b's tokens at positions offsets[b] + 0..T-1;
+        their keys and values are written to the caches.
 
-        cos / sin_signed: [positions, head_dim] rope tables; k_cache, v_cache: [layers, batch, kv_heads, capacity,
-        head_dim], of which x's B rows are rows first_row .. first_row + B - 1.
+        cos / sin_signed: [positions, head_dim] rope tables; k_cache, v_cache: [layers, B, kv_heads, capacity, head_dim].
         """
-        rows, b = x.shape[0], len(offsets)
-        if not (x.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
-                and first_row + b <= k_cache.shape[1] and rows == b * t and cos.is_contiguous()
-                and sin_signed.is_contiguous()):
-            raise ValueError("native decoder layers: contiguous x [B*T, hidden] and caches [layers, >= B, ...] expected")
-        kv_len = max(offsets) + t
+        b, t = ids.shape
+        if not (ids.is_contiguous() and ids.dtype == torch.long and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and k_cache.shape[1] == b == len(offsets) and cos.is_contiguous() and sin_signed.is_contiguous()):
+            raise ValueError("native decoder layers: contiguous int64 ids [B, T] and caches [layers, B, ...] expected")
+        rows, kv_len = b * t, max(offsets) + t
         empty = functools.partial(torch.empty, dtype=torch.float32)
-        h, qkv = empty(rows, self.hidden), empty(rows, (self.heads + 2 * self.kv_heads) * self.head_dim)
+        x, h = empty(b, t, self.hidden), empty(rows, self.hidden)
+        qkv = empty(rows, (self.heads + 2 * self.kv_heads) * self.head_dim)
         att, gu, act = empty(rows, self.heads * self.head_dim), empty(rows, 2 * self.intermediate), empty(rows, self.intermediate)
         scores = empty(rows * self.heads, kv_len)
         offs = (ctypes.c_int * b)(*offsets)
-        skip = first_row * k_cache.stride(1) * k_cache.element_size()
-        _library()[0].decoder_layers(ctypes.byref(self._model), x.data_ptr(), b, t, offs, cos.data_ptr(),
-                                     sin_signed.data_ptr(), k_cache.data_ptr() + skip, v_cache.data_ptr() + skip,
-                                     k_cache.shape[1], k_cache.shape[3], kv_len, h.data_ptr(), qkv.data_ptr(),
-                                     att.data_ptr(), gu.data_ptr(), act.data_ptr(), scores.data_ptr())
+        bad = _library()[0].decoder_layers(ctypes.byref(self._model), ids.data_ptr(), x.data_ptr(), b, t, offs,
+                                           cos.data_ptr(), sin_signed.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                                           k_cache.shape[3], kv_len, h.data_ptr(), qkv.data_ptr(), att.data_ptr(),
+                                           gu.data_ptr(), act.data_ptr(), scores.data_ptr())
+        if bad:  # as F.embedding would: an id past the table is an error, never a read out of bounds
+            raise IndexError(f"token id {ids.view(-1)[bad - 1].item()} is outside the embedding table "
+                             f"({self._model.vocab} rows)")
+        return x
