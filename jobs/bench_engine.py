@@ -14,11 +14,15 @@ Pairs (issue 7):
             "perfect draft" (the ceiling).
 Rows: transformers target alone (`generate`), transformers assisted generation (constant
 `num_assistant_tokens`, confidence threshold 0), fastdraft gamma 0 (target alone, same loop), static gammas
-and dynamic gamma. Every configuration runs once per repeat, interleaved, and the median is kept, so a
-busy machine slows all rows alike. Reported: ms/token, tokens/s, speedup vs both target-alone rows, vs
-assisted generation at the same gamma, AR, tau, MBSU = tau / (1 + gamma * c) (the memory-bound bound),
-efficiency = speedup / MBSU, and where the engine's time goes (draft / verify / overhead). Greedy
-outputs are checked against transformers' (`same` column).
+and dynamic gamma. Every configuration runs once per repeat, interleaved, in reverse order every other repeat
+(a machine that slows down or speeds up during the run favours no row); ratios between rows are taken
+within each repeat and their median is reported. Reported: ms/token (wall clock, prefill included),
+tokens/s, speedup vs both target-alone rows, vs assisted generation at the same gamma, AR, tau,
+MBSU = tau / (1 + gamma * c) (the memory-bound bound), efficiency = speedup / MBSU, wall clock, and
+`dec`, the same efficiency over the decode phase alone (the engine's own draft + verify + overhead seconds:
+MBSU bounds decoding, while the prefill is the same work in both rows and compute-bound), and where the
+engine's time goes (draft / verify / overhead). Greedy outputs are checked against transformers' (`same`
+column).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Row:
     c: float = 0.0
     draft: str = ""
     times: list[float] = field(default_factory=list)
+    decode_times: list[float] = field(default_factory=list)  # engine rows: seconds per token outside the prefill
     stats: SpecStats = field(default_factory=SpecStats)
     outputs: list[list[int]] = field(default_factory=list)
 
@@ -137,7 +142,7 @@ def measure(rows: list[Row], prompts: list[list[int]], repeats: int, max_new: in
     for row in rows:
         row.run(prompts[0][:8])
     for rep in range(repeats):
-        for row in rows:
+        for row in rows if rep % 2 == 0 else rows[::-1]:
             start = time.perf_counter()
             stats, outputs = SpecStats(), []
             for prompt in prompts:
@@ -145,15 +150,21 @@ def measure(rows: list[Row], prompts: list[list[int]], repeats: int, max_new: in
                 outputs.append(ids)
                 if s is not None:
                     stats += s
-            row.times.append((time.perf_counter() - start) / (max_new * len(prompts)))
+            tokens = max_new * len(prompts)
+            row.times.append((time.perf_counter() - start) / tokens)
+            row.decode_times.append((stats.draft_s + stats.verify_s + stats.overhead_s) / tokens)
             row.stats, row.outputs = stats, outputs
         print(f"  repeat {rep + 1}/{repeats} done", flush=True)
+
+
+def paired(base: list[float], times: list[float]) -> float:
+    """Median over repeats of base / times: each ratio compares two rows measured moments apart."""
+    return statistics.median(b / t for b, t in zip(base, times))
 
 
 def summarize(rows: list[Row]) -> list[dict]:
     base_hf = next(r for r in rows if r.name == "transformers target alone")
     base_fd = next(r for r in rows if r.name == "fastdraft target alone")
-    t_hf, t_fd = statistics.median(base_hf.times), statistics.median(base_fd.times)
     out = []
     for r in rows:
         t = statistics.median(r.times)
@@ -161,13 +172,19 @@ def summarize(rows: list[Row]) -> list[dict]:
         gamma = r.gamma if r.gamma is not None else (s.drafted / s.target_passes if s.target_passes else None)
         bound = s.tau / (1 + gamma * r.c) if s.target_passes and gamma is not None else None
         assisted = next((a for a in rows if a.name.startswith("transformers assisted") and r.draft and a.draft == r.draft), None)
+        speedup = paired(base_fd.times, r.times)
+        decode_speedup = paired(base_fd.decode_times, r.decode_times) if s.target_passes else None
         total = s.draft_s + s.verify_s + s.overhead_s
         out.append({
             "pair": r.pair, "config": r.name, "gamma": r.gamma, "mean_gamma": gamma, "ms_per_token": t * 1e3,
-            "tokens_per_s": 1 / t, "speedup_vs_transformers_alone": t_hf / t, "speedup_vs_fastdraft_alone": t_fd / t,
-            "x_transformers_assisted": statistics.median(assisted.times) / t if assisted and r.gamma == assisted.gamma else None,
+            "tokens_per_s": 1 / t, "speedup_vs_transformers_alone": paired(base_hf.times, r.times),
+            "speedup_vs_fastdraft_alone": speedup,
+            "x_transformers_assisted": paired(assisted.times, r.times) if assisted and r.gamma == assisted.gamma else None,
             "acceptance_rate": s.acceptance_rate if s.drafted else None, "tau": s.tau if s.target_passes else None,
-            "c": r.c, "mbsu_bound": bound, "efficiency": (t_fd / t) / bound if bound else None,
+            "c": r.c, "mbsu_bound": bound, "efficiency": speedup / bound if bound else None,
+            "decode_ms_per_token": statistics.median(r.decode_times) * 1e3 if s.target_passes else None,
+            "decode_speedup_vs_fastdraft_alone": decode_speedup,
+            "decode_efficiency": decode_speedup / bound if bound and decode_speedup else None,
             "draft_share": s.draft_s / total if total else None, "verify_share": s.verify_s / total if total else None,
             "overhead_share": s.overhead_s / total if total else None,
             "same_output": r.outputs == base_hf.outputs, "times_s_per_token": r.times,
@@ -179,7 +196,7 @@ def print_table(results: list[dict]) -> None:
     def f(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) and v is not None else "-"
     head = (f"{'pair':9} {'config':42} {'g':>4} {'ms/tok':>7} {'tok/s':>6} {'xHF':>5} {'xFD':>5} {'xAsst':>5} "
-            f"{'AR':>5} {'tau':>5} {'MBSU':>5} {'eff':>5} {'draft':>5} {'verif':>5} {'ovh':>5} same")
+            f"{'AR':>5} {'tau':>5} {'MBSU':>5} {'eff':>5} {'dec':>5} {'draft':>5} {'verif':>5} {'ovh':>5} same")
     print(head)
     print("-" * len(head))
     for r in results:
@@ -187,7 +204,8 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['pair']:9} {r['config'][:42]:42} {g:>4} {f(r['ms_per_token'], '.1f'):>7} {f(r['tokens_per_s'], '.0f'):>6} "
               f"{f(r['speedup_vs_transformers_alone'], '.2f'):>5} {f(r['speedup_vs_fastdraft_alone'], '.2f'):>5} "
               f"{f(r['x_transformers_assisted'], '.2f'):>5} {f(r['acceptance_rate'], '.2f'):>5} {f(r['tau'], '.2f'):>5} "
-              f"{f(r['mbsu_bound'], '.2f'):>5} {f(r['efficiency'], '.2f'):>5} {f(r['draft_share'], '.0%'):>5} "
+              f"{f(r['mbsu_bound'], '.2f'):>5} {f(r['efficiency'], '.2f'):>5} {f(r['decode_efficiency'], '.2f'):>5} "
+              f"{f(r['draft_share'], '.0%'):>5} "
               f"{f(r['verify_share'], '.0%'):>5} {f(r['overhead_share'], '.0%'):>5} {'yes' if r['same_output'] else 'NO'}")
 
 

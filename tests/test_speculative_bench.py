@@ -26,5 +26,6 @@ def test_bench_engine_agreeing_pair_smoke(tmp_path):
     assert agree["acceptance_rate"] > 0.9 and agree["mbsu_bound"] > 1 and agree["efficiency"] > 0
     assert agree["x_transformers_assisted"] is not None
     assert rows["fastdraft, random draft/4"]["acceptance_rate"] < 0.5
-    for key in ("tokens_per_s", "speedup_vs_transformers_alone", "draft_share", "verify_share", "overhead_share"):
+    for key in ("tokens_per_s", "speedup_vs_transformers_alone", "decode_efficiency", "draft_share", "verify_share",
+                "overhead_share"):
         assert agree[key] is not None
