@@ -14,15 +14,18 @@ Pairs (issue 7):
             "perfect draft" (the ceiling).
 Rows: transformers target alone (`generate`), transformers assisted generation (constant
 `num_assistant_tokens`, confidence threshold 0), fastdraft gamma 0 (target alone, same loop), static gammas
-and dynamic gamma. Every configuration runs once per repeat, interleaved, in reverse order every other repeat
-(a machine that slows down or speeds up during the run favours no row); ratios between rows are taken
-within each repeat and their median is reported. Reported: ms/token (wall clock, prefill included),
-tokens/s, speedup vs both target-alone rows, vs assisted generation at the same gamma, AR, tau,
-MBSU = tau / (1 + gamma * c) (the memory-bound bound), efficiency = speedup / MBSU, wall clock, and
-`dec`, the same efficiency over the decode phase alone (the engine's own draft + verify + overhead seconds:
-MBSU bounds decoding, while the prefill is the same work in both rows and compute-bound), and where the
-engine's time goes (draft / verify / overhead). Greedy outputs are checked against transformers' (`same`
-column).
+and dynamic gamma; with the `openvino` extra installed, OpenVINO GenAI's target alone and its speculative
+pipeline (the same float32 weights exported to IR, f32 precision hints, constant `num_assistant_tokens`).
+
+Every configuration runs once per repeat, interleaved, in reverse order every other repeat (a machine that
+slows down or speeds up during the run favours no row); ratios between rows are taken within each repeat and
+their median is reported. Reported: ms/token (wall clock, prefill included), tokens/s, speedup vs both
+target-alone rows and vs the row's own target alone (xOwn), vs assisted generation at the same gamma, AR, tau,
+MBSU = tau / (1 + gamma * c) (the memory-bound bound), efficiency = xOwn / MBSU (transformers and OpenVINO rows
+have no counters: they take the bound of fastdraft's row with the same draft and gamma, whose greedy output is
+the same), `dec`, the same efficiency over the decode phase alone (the engine's own draft + verify + overhead
+seconds: MBSU bounds decoding, while the prefill is the same work in both rows and compute-bound), and where
+the engine's time goes (draft / verify / overhead). Greedy outputs are checked against transformers' (`same`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class Row:
     run: Callable[[list[int]], tuple[list[int], SpecStats | None]]
     c: float = 0.0
     draft: str = ""
+    alone: str = "fastdraft target alone"  # the row its speedup and efficiency are measured against
     times: list[float] = field(default_factory=list)
     decode_times: list[float] = field(default_factory=list)  # engine rows: seconds per token outside the prefill
     stats: SpecStats = field(default_factory=SpecStats)
@@ -88,20 +92,52 @@ def engine_runner(engine: SpeculativeEngine, max_new: int, gamma: int):
     return run
 
 
+def openvino_runner(pipeline, max_new: int, gamma: int = 0):
+    """OpenVINO GenAI's LLMPipeline (`fastdraft.speculative.openvino`), greedy, exactly max_new tokens."""
+    def run(prompt: list[int]):
+        return pipeline.generate(prompt, max_new, gamma), None
+    return run
+
+
 def rows_for_pair(pair: str, target, drafts: dict, gammas: list[int], hf_gamma: int, max_new: int,
-                  backend: str) -> list[Row]:
-    """All configurations of one target: HF alone, HF assisted, engine alone, engine x drafts x gammas."""
+                  backend: str, openvino_dir: Path | None = None, threads: int = 0) -> list[Row]:
+    """All configurations of one target: HF alone, HF assisted, engine alone, engine x drafts x gammas, and
+    OpenVINO GenAI alone and speculative (models exported under `openvino_dir`) when it is given."""
     alone = SpeculativeEngine(target, None, backend=backend)
-    rows = [Row(pair, "transformers target alone", None, hf_runner(target, max_new)),
+    rows = [Row(pair, "transformers target alone", None, hf_runner(target, max_new), alone="transformers target alone"),
             Row(pair, "fastdraft target alone", 0, engine_runner(alone, max_new, 0))]
-    for label, draft in drafts.items():
+    if openvino_dir is not None:
+        from fastdraft.speculative import openvino
+
+        print(f"[bench_engine] exporting the {pair} pair to OpenVINO IR under {openvino_dir}", flush=True)
+        target_ir = openvino.export_ir(target, openvino_dir / "target")
+        rows.append(Row(pair, "openvino target alone", None,
+                        openvino_runner(openvino.GenAIPipeline(target_ir, threads=threads), max_new),
+                        alone="openvino target alone"))
+    for i, (label, draft) in enumerate(drafts.items()):
         engine = SpeculativeEngine(target, draft, backend=backend)
         dynamic = SpeculativeEngine(target, draft, gamma=3, dynamic_gamma=True, max_gamma=max(gammas), backend=backend)
         c = engine.param_ratio
-        rows.append(Row(pair, f"transformers assisted, {label}", hf_gamma, hf_runner(target, max_new, draft, hf_gamma), c, label))
+        rows.append(Row(pair, f"transformers assisted, {label}", hf_gamma, hf_runner(target, max_new, draft, hf_gamma), c, label,
+                        alone="transformers target alone"))
+        if openvino_dir is not None:
+            pipeline = openvino.GenAIPipeline(target_ir, openvino.export_ir(draft, openvino_dir / f"draft{i}"), threads)
+            rows.append(Row(pair, f"openvino speculative, {label}", hf_gamma, openvino_runner(pipeline, max_new, hf_gamma), c,
+                            label, alone="openvino target alone"))
         rows += [Row(pair, f"fastdraft, {label}", g, engine_runner(engine, max_new, g), c, label) for g in gammas]
         rows.append(Row(pair, f"fastdraft dynamic, {label}", None, engine_runner(dynamic, max_new, 3), c, label))
     return rows
+
+
+def openvino_dir(args, pair: str) -> Path | None:
+    """Where to export the pair for the OpenVINO rows, or None without them (--openvino auto: when installed)."""
+    import importlib.util
+
+    if args.openvino == "no" or (args.openvino == "auto" and importlib.util.find_spec("openvino_genai") is None):
+        return None
+    if args.device != "cpu":
+        raise SystemExit("the OpenVINO rows run on CPU only (--openvino no with --device cuda)")
+    return Path(args.out).parent / "openvino" / pair
 
 
 def agreeing_rows(args) -> tuple[list[Row], list[list[int]]]:
@@ -115,7 +151,8 @@ def agreeing_rows(args) -> tuple[list[Row], list[list[int]]]:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, target.config.vocab_size, (32,), generator=g).tolist() for _ in range(args.prompts)]
     drafts = {"agreeing draft": draft, "random draft": random_draft}
-    return rows_for_pair("agreeing", target, drafts, args.gammas, args.hf_gamma, args.max_new_tokens, args.backend), prompts
+    return rows_for_pair("agreeing", target, drafts, args.gammas, args.hf_gamma, args.max_new_tokens, args.backend,
+                         openvino_dir(args, "agreeing"), args.threads), prompts
 
 
 def demo_rows(args) -> tuple[list[Row], list[list[int]]]:
@@ -134,7 +171,8 @@ def demo_rows(args) -> tuple[list[Row], list[list[int]]]:
     prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
                                        return_dict=False) for t in DEMO_PROMPTS[:args.prompts]]
     drafts = {label: load_model(draft_dir, device=args.device), "perfect draft (the target)": target}
-    return rows_for_pair("demo", target, drafts, args.gammas, args.hf_gamma, args.max_new_tokens, args.backend), prompts
+    return rows_for_pair("demo", target, drafts, args.gammas, args.hf_gamma, args.max_new_tokens, args.backend,
+                         openvino_dir(args, "demo"), args.threads), prompts
 
 
 def measure(rows: list[Row], prompts: list[list[int]], repeats: int, max_new: int) -> None:
@@ -169,19 +207,24 @@ def summarize(rows: list[Row]) -> list[dict]:
     for r in rows:
         t = statistics.median(r.times)
         s = r.stats
+        # The bound from the row's own counters, or (transformers, OpenVINO: no counters) from fastdraft's row with
+        # the same draft and gamma, which emits the same greedy tokens.
+        counted = r if s.target_passes else next((a for a in rows if a.name.startswith("fastdraft, ") and r.draft
+                                                  and a.draft == r.draft and a.gamma == r.gamma), None)
+        cs = counted.stats if counted else None
         gamma = r.gamma if r.gamma is not None else (s.drafted / s.target_passes if s.target_passes else None)
-        bound = s.tau / (1 + gamma * r.c) if s.target_passes and gamma is not None else None
+        bound = cs.tau / (1 + gamma * r.c) if cs and gamma is not None else None
         assisted = next((a for a in rows if a.name.startswith("transformers assisted") and r.draft and a.draft == r.draft), None)
-        speedup = paired(base_fd.times, r.times)
+        own = paired(next(a for a in rows if a.name == r.alone).times, r.times)
         decode_speedup = paired(base_fd.decode_times, r.decode_times) if s.target_passes else None
         total = s.draft_s + s.verify_s + s.overhead_s
         out.append({
             "pair": r.pair, "config": r.name, "gamma": r.gamma, "mean_gamma": gamma, "ms_per_token": t * 1e3,
             "tokens_per_s": 1 / t, "speedup_vs_transformers_alone": paired(base_hf.times, r.times),
-            "speedup_vs_fastdraft_alone": speedup,
+            "speedup_vs_fastdraft_alone": paired(base_fd.times, r.times), "speedup_vs_own_target_alone": own,
             "x_transformers_assisted": paired(assisted.times, r.times) if assisted and r.gamma == assisted.gamma else None,
             "acceptance_rate": s.acceptance_rate if s.drafted else None, "tau": s.tau if s.target_passes else None,
-            "c": r.c, "mbsu_bound": bound, "efficiency": speedup / bound if bound else None,
+            "c": r.c, "mbsu_bound": bound, "efficiency": own / bound if bound else None,
             "decode_ms_per_token": statistics.median(r.decode_times) * 1e3 if s.target_passes else None,
             "decode_speedup_vs_fastdraft_alone": decode_speedup,
             "decode_efficiency": decode_speedup / bound if bound and decode_speedup else None,
@@ -195,7 +238,7 @@ def summarize(rows: list[Row]) -> list[dict]:
 def print_table(results: list[dict]) -> None:
     def f(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) and v is not None else "-"
-    head = (f"{'pair':9} {'config':42} {'g':>4} {'ms/tok':>7} {'tok/s':>6} {'xHF':>5} {'xFD':>5} {'xAsst':>5} "
+    head = (f"{'pair':9} {'config':42} {'g':>4} {'ms/tok':>7} {'tok/s':>6} {'xHF':>5} {'xFD':>5} {'xOwn':>5} {'xAsst':>5} "
             f"{'AR':>5} {'tau':>5} {'MBSU':>5} {'eff':>5} {'dec':>5} {'draft':>5} {'verif':>5} {'ovh':>5} same")
     print(head)
     print("-" * len(head))
@@ -203,6 +246,7 @@ def print_table(results: list[dict]) -> None:
         g = f(r["gamma"], "d") if r["gamma"] is not None else f(r["mean_gamma"], ".1f")
         print(f"{r['pair']:9} {r['config'][:42]:42} {g:>4} {f(r['ms_per_token'], '.1f'):>7} {f(r['tokens_per_s'], '.0f'):>6} "
               f"{f(r['speedup_vs_transformers_alone'], '.2f'):>5} {f(r['speedup_vs_fastdraft_alone'], '.2f'):>5} "
+              f"{f(r['speedup_vs_own_target_alone'], '.2f'):>5} "
               f"{f(r['x_transformers_assisted'], '.2f'):>5} {f(r['acceptance_rate'], '.2f'):>5} {f(r['tau'], '.2f'):>5} "
               f"{f(r['mbsu_bound'], '.2f'):>5} {f(r['efficiency'], '.2f'):>5} {f(r['decode_efficiency'], '.2f'):>5} "
               f"{f(r['draft_share'], '.0%'):>5} "
@@ -223,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--agreeing-hidden", type=int, default=768, help="multiple of 64 (head size 64)")
     ap.add_argument("--agreeing-layers", type=int, default=12)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--openvino", choices=["auto", "yes", "no"], default="auto",
+                    help="OpenVINO GenAI rows (the `openvino` extra): auto = when it is installed")
     ap.add_argument("--backend", default="auto", help="engine decoder: auto | lean | hf")
     ap.add_argument("--demo-run", default="runs/demo", help="run dir whose drafts/{FT,CP,PT} the demo pair uses")
     ap.add_argument("--out", default="runs/bench/engine.json")

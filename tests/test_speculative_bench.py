@@ -1,4 +1,5 @@
-"""The engine benchmark job runs end to end (on a tiny agreeing pair) and reports what it promises.
+"""The engine benchmark job runs end to end (on a tiny agreeing pair, OpenVINO rows included) and reports what it
+promises.
 
 Speed itself is never asserted here (a shared 2-core machine); only that every row produced the same
 greedy tokens as transformers, that the agreeing pair agrees, and that the JSON carries the metrics.
@@ -18,13 +19,17 @@ def test_bench_engine_agreeing_pair_smoke(tmp_path):
     out = tmp_path / "engine.json"
     report = main(["--pair", "agreeing", "--agreeing-vocab", "512", "--agreeing-hidden", "128", "--agreeing-layers", "4",
                    "--max-new-tokens", "12", "--prompts", "1", "--repeats", "1", "--gammas", "2,4", "--hf-gamma", "4",
-                   "--out", str(out)])
+                   "--openvino", "yes", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     rows = {r["config"] + f"/{r['gamma']}": r for r in report["rows"]}
     assert all(r["same_output"] for r in report["rows"]), [r["config"] for r in report["rows"] if not r["same_output"]]
     agree = rows["fastdraft, agreeing draft/4"]
     assert agree["acceptance_rate"] > 0.9 and agree["mbsu_bound"] > 1 and agree["efficiency"] > 0
     assert agree["x_transformers_assisted"] is not None
+    # OpenVINO GenAI (the `openvino` extra), alone and speculative: same tokens, its own speedup and efficiency
+    assert rows["openvino target alone/None"]["speedup_vs_own_target_alone"] == 1
+    openvino = rows["openvino speculative, agreeing draft/4"]
+    assert openvino["mbsu_bound"] == agree["mbsu_bound"] and openvino["efficiency"] > 0
     assert rows["fastdraft, random draft/4"]["acceptance_rate"] < 0.5
     for key in ("tokens_per_s", "speedup_vs_transformers_alone", "decode_efficiency", "draft_share", "verify_share",
                 "overhead_share"):

@@ -7,9 +7,10 @@ with ctypes.
   18.6 ms at 1 row and 18.7 at 6 (oneDNN pre-packed: 27.7 and 34.6; MKL through F.linear: 37.3 and 74.9).
   Above `MAX_ROWS` rows (prefill, big batches) it hands over to F.linear on the same weights, so no second
   copy of them is kept.
-- `DecoderLayers` (`decoder_layers.c`): every decoder layer of a Llama-family model in one call: norms,
-  rope, KV-cache writes, attention and SiLU as plain loops around the same linear kernel, because at a few
-  rows the ~25 small tensor ops of a layer cost more in dispatch than in arithmetic.
+- `DecoderLayers` (`decoder_layers.c`): a Llama-family model's body in one call per pass: the token embeddings,
+  every decoder layer (norms, rope, KV-cache writes, attention and SiLU as plain loops around the same linear
+  kernel) and the final norm, because at a few rows the ~25 small tensor ops of a layer cost more in dispatch
+  than in arithmetic.
 
 Both are built with the system C compiler (`$CC`, default `cc`) the first time they are used, for this CPU
 (-march=native), into `$FASTDRAFT_CACHE/native/`; the file name carries a hash of the sources, the compiler
