@@ -125,8 +125,9 @@ class GenAIPipeline:
         """Greedy, exactly `max_new_tokens` new token ids (EOS ignored); `gamma` draft tokens per round, constant."""
         import numpy as np
 
-        cfg = self._genai.GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                           ignore_eos=True, do_sample=False)
+        # ignore_eos runs on past EOS like transformers without an eos_token_id; min_new_tokens would instead mask
+        # EOS out of the logits, and greedy output would part from the target's wherever EOS is its argmax.
+        cfg = self._genai.GenerationConfig(max_new_tokens=max_new_tokens, ignore_eos=True, do_sample=False)
         if self.speculative:
             cfg.num_assistant_tokens = gamma
         result = self._pipe.generate(_openvino().Tensor(np.array([prompt], dtype=np.int64)), cfg)

@@ -75,9 +75,8 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"could not build the native kernel: {exc}"
     lib.skinny_linear_into.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
     lib.skinny_linear_into.restype = None
-    lib.decoder_layers.argtypes = [ctypes.POINTER(_CModel), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                   ctypes.c_int] + [ctypes.c_void_p] * 6
+    lib.decoder_layers.argtypes = ([ctypes.POINTER(_CModel)] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
+                                   + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 6)
     lib.decoder_layers.restype = ctypes.c_int
     return lib, None
 
@@ -87,7 +86,8 @@ class _CLayer(ctypes.Structure):  # decoder_layers.c: Layer
 
 
 class _CModel(ctypes.Structure):  # decoder_layers.c: Model
-    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")] + [
+    _fields_ = [(name, ctypes.c_int) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate",
+                                                  "vocab")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layer", ctypes.POINTER(_CLayer)),
         ("embed", ctypes.c_void_p), ("norm", ctypes.c_void_p)]
 
