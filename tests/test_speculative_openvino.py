@@ -40,3 +40,11 @@ def test_export_refuses_a_model_that_is_not_float32(tmp_path):
                               dtype=torch.float64)
     with pytest.raises(FastdraftError, match="float32 IR from a float32 model, got torch.float64"):
         export_ir(target, tmp_path / "t")
+
+
+def test_export_refuses_a_folder_that_holds_something_else(tmp_path):
+    target, _ = agreeing_pair(vocab_size=64, hidden=64, layers=1, heads=1, kv_heads=1, intermediate=64)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FastdraftError, match="is not empty and holds no OpenVINO export"):
+        export_ir(target, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -49,7 +49,9 @@ class _WithExplicitCache(torch.nn.Module):
 
 
 def export_ir(model: PreTrainedModel, out_dir: str | Path) -> Path:
-    """Write `model` (a transformers causal LM) as a float32 stateful OpenVINO IR that GenAI's LLMPipeline loads."""
+    """Write `model` (a float32 transformers causal LM with a KV cache per layer: the Llama family) as a float32
+    stateful OpenVINO IR that GenAI's LLMPipeline loads. A previous export in `out_dir` is replaced; a folder
+    holding anything else is refused."""
     ov = _openvino()
     ops = require("openvino.opset13", "openvino", "OpenVINO export")
     from openvino._offline_transformations import apply_make_stateful_transformation
@@ -57,8 +59,11 @@ def export_ir(model: PreTrainedModel, out_dir: str | Path) -> Path:
     if next(model.parameters()).dtype != torch.float32:
         raise FastdraftError(f"export_ir writes float32 IR from a float32 model, got {next(model.parameters()).dtype}")
     out = Path(out_dir)
-    shutil.rmtree(out, ignore_errors=True)  # a folder of a previous export is replaced whole
-    out.mkdir(parents=True)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "openvino_model.xml").is_file():
+            raise FastdraftError(f"{out} is not empty and holds no OpenVINO export: choose an empty or new folder")
+        shutil.rmtree(out)  # a previous export is replaced whole
+    out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
