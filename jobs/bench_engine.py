@@ -129,7 +129,7 @@ def rows_for_pair(pair: str, target, drafts: dict, gammas: list[int], hf_gamma: 
     return rows
 
 
-def openvino_dir(args, pair: str) -> Path | None:
+def openvino_export_dir(args, pair: str) -> Path | None:
     """Where to export the pair for the OpenVINO rows, or None without them (--openvino auto: when installed)."""
     import importlib.util
 
@@ -152,7 +152,7 @@ def agreeing_rows(args) -> tuple[list[Row], list[list[int]]]:
     prompts = [torch.randint(3, target.config.vocab_size, (32,), generator=g).tolist() for _ in range(args.prompts)]
     drafts = {"agreeing draft": draft, "random draft": random_draft}
     return rows_for_pair("agreeing", target, drafts, args.gammas, args.hf_gamma, args.max_new_tokens, args.backend,
-                         openvino_dir(args, "agreeing"), args.threads), prompts
+                         openvino_export_dir(args, "agreeing"), args.threads), prompts
 
 
 def demo_rows(args) -> tuple[list[Row], list[list[int]]]:
@@ -172,7 +172,7 @@ def demo_rows(args) -> tuple[list[Row], list[list[int]]]:
                                        return_dict=False) for t in DEMO_PROMPTS[:args.prompts]]
     drafts = {label: load_model(draft_dir, device=args.device), "perfect draft (the target)": target}
     return rows_for_pair("demo", target, drafts, args.gammas, args.hf_gamma, args.max_new_tokens, args.backend,
-                         openvino_dir(args, "demo"), args.threads), prompts
+                         openvino_export_dir(args, "demo"), args.threads), prompts
 
 
 def measure(rows: list[Row], prompts: list[list[int]], repeats: int, max_new: int) -> None:
@@ -190,7 +190,7 @@ def measure(rows: list[Row], prompts: list[list[int]], repeats: int, max_new: in
                     stats += s
             tokens = max_new * len(prompts)
             row.times.append((time.perf_counter() - start) / tokens)
-            row.decode_times.append((stats.draft_s + stats.verify_s + stats.overhead_s) / tokens)
+            row.decode_times.append(stats.decode_s / tokens)
             row.stats, row.outputs = stats, outputs
         print(f"  repeat {rep + 1}/{repeats} done", flush=True)
 
@@ -217,7 +217,7 @@ def summarize(rows: list[Row]) -> list[dict]:
         assisted = next((a for a in rows if a.name.startswith("transformers assisted") and r.draft and a.draft == r.draft), None)
         own = paired(next(a for a in rows if a.name == r.alone).times, r.times)
         decode_speedup = paired(base_fd.decode_times, r.decode_times) if s.target_passes else None
-        total = s.draft_s + s.verify_s + s.overhead_s
+        total = s.decode_s
         out.append({
             "pair": r.pair, "config": r.name, "gamma": r.gamma, "mean_gamma": gamma, "ms_per_token": t * 1e3,
             "tokens_per_s": 1 / t, "speedup_vs_transformers_alone": paired(base_hf.times, r.times),

@@ -54,8 +54,13 @@ class SpecStats:
         return self.emitted / self.target_passes if self.target_passes else 0.0
 
     @property
+    def decode_s(self) -> float:
+        """Seconds after the prefill: drafting, verification and the loop's own work."""
+        return self.draft_s + self.verify_s + self.overhead_s
+
+    @property
     def total_s(self) -> float:
-        return self.draft_s + self.verify_s + self.overhead_s + self.prefill_s
+        return self.decode_s + self.prefill_s
 
     def __iadd__(self, other: "SpecStats") -> "SpecStats":
         self.drafted += other.drafted
