@@ -104,7 +104,7 @@ def resolve_model_path(spec: str) -> Path:
             f"model path not found: {spec} (fastdraft never downloads from the hub: pass a local directory "
             f"or {DEFAULT_TARGET})"
         )
-    return path
+    return path.absolute()  # absolute on the driver: Ray Train V2 workers run in another directory
 
 
 # --------------------------------------------------------------------------------------------

@@ -342,7 +342,9 @@ class ServeConfig(Strict):
 class Recipe(Strict):
     name: str
     workdir: str = "runs/${name}"
-    """Where every artifact of this recipe goes; `${name}` expands to the recipe name."""
+    """Where every artifact of this recipe goes; `${name}` expands to the recipe name. A relative path is made
+    absolute when the recipe loads (see `fastdraft.layout.resolve_workdir`: `$FASTDRAFT_OUTPUT_DIR`, else the
+    current directory; refused inside Ray's temporary copy of a `ray job submit --working-dir` upload)."""
     target: TargetConfig = TargetConfig()
     draft: DraftConfig = DraftConfig()
     prepare: PrepareConfig | None = None
@@ -352,9 +354,18 @@ class Recipe(Strict):
     evaluate: EvaluateConfig | None = None
     serve: ServeConfig | None = None
 
+    @model_validator(mode="after")
+    def _absolute_workdir(self):
+        # Resolved here, on the driver, once: Ray Train V2 changes its workers' working directory, so a
+        # relative path handed to a worker would name another directory (or none).
+        from fastdraft.layout import resolve_workdir
+
+        object.__setattr__(self, "workdir", str(resolve_workdir(self.workdir.replace("${name}", self.name))))
+        return self
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.workdir.replace("${name}", self.name))
+        return Path(self.workdir)
 
     def section(self, stage: str):
         """The config of one stage, or a RecipeError naming the missing section."""

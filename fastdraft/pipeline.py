@@ -269,7 +269,9 @@ def demo_summary(recipe: Recipe, quick: bool) -> str:
         lines += [f"report: {report_path}", f"        {layout.eval / 'report.html'}", *[f"        {p}" for p in pictures]]
     draft = final_draft(recipe)
     if draft is not None:
-        workdir = f" --set workdir={recipe.run_dir}" if str(recipe.run_dir) != "runs/demo" else ""
+        from fastdraft.layout import resolve_workdir
+
+        workdir = f" --set workdir={recipe.run_dir}" if recipe.run_dir != resolve_workdir("runs/demo") else ""
         quick_note = " --quick" if quick else ""
         lines += [f"final draft: {draft}",
                   f"serve it:    fastdraft serve jobs/recipes/demo.yaml{workdir}   (or: serve run apps.speculative:build_app "

@@ -9,6 +9,7 @@ the pre-trained one (PT) on the instruction prompts, the paper's claim, at its s
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,15 +22,29 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def fresh_checkout(dest: Path) -> Path:
+    """The repository's files as a fresh clone has them (tracked and not ignored: no runs/, no .venv)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory, smollm2_dir):
-    workdir = tmp_path_factory.mktemp("demo") / "run"
+    """`fastdraft demo --quick` exactly as the README writes it: from a fresh checkout's root, no --workdir, so
+    the recipe's relative workdir (runs/demo-quick) must reach Ray Train's workers, which run in another directory."""
+    checkout = fresh_checkout(tmp_path_factory.mktemp("clone"))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("RAY_ADDRESS", None)
-    res = subprocess.run([sys.executable, "-m", "fastdraft.cli", "demo", "--quick", "--workdir", str(workdir)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=2400)
+    env.pop("FASTDRAFT_OUTPUT_DIR", None)
+    fastdraft = str(Path(sys.executable).parent / "fastdraft")  # the venv's entry point, as after activating it
+    res = subprocess.run([fastdraft, "demo", "--quick"], cwd=checkout, env=env, capture_output=True, text=True, timeout=2400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return workdir, res.stdout
+    return checkout / "runs" / "demo-quick", res.stdout
 
 
 @pytest.mark.slow
