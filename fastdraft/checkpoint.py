@@ -132,6 +132,11 @@ def load_model(
         str(directory), dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=True,
         use_safetensors=not allow_pickle,
     )
+    meta_path = Path(directory) / METADATA_FILE
+    if meta_path.is_file():  # a draft whose output layer covers part of the vocabulary (fastdraft.models.SubsetHead)
+        from fastdraft.models import apply_head_tokens
+
+        apply_head_tokens(model, json.loads(meta_path.read_text()).get("extra", {}))
     return model.to(device).eval()
 
 

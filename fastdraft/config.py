@@ -81,7 +81,20 @@ class DraftConfig(Strict):
     layers: int | None = Field(default=None, ge=1)
     hidden: int | None = Field(default=None, ge=16)
     init: str | None = None
-    """An existing draft directory to start from instead of building one."""
+    """How the draft starts: `scratch` (default when unset: random weights in a scaled-down shape, the paper's
+    recipe), `target` (the target's first `layers` layers with its embeddings, final norm and head: acceptance
+    comes much sooner on a small budget; needs `layers`, keeps the target's width), or an existing draft
+    directory."""
+    head_tokens: Count | None = Field(default=None, ge=16)
+    """Output layer over only this many tokens, the most frequent in the training data (the alignment set's
+    responses first at distill); the draft proposes only those. Lossless: the target verifies with its full
+    distribution. On a small target the head is most of the draft's cost (49k x 576 of SmolLM2's 135M).
+    Unset: the whole vocabulary. Drafts keep the full embedding table, so every engine loads them as they are."""
+
+    @property
+    def init_dir(self) -> Path | None:
+        """The draft directory `init` names, or None when the draft is built (`scratch`, `target`)."""
+        return None if self.init in (None, "scratch", "target") else Path(self.init)
 
 
 # --------------------------------------------------------------------------------------------

@@ -115,30 +115,134 @@ def choose_shape(target: PretrainedConfig, params: int | None, layers: int | Non
     return best[1]
 
 
+class SubsetHead(torch.nn.Module):
+    """An output layer over some of the vocabulary: the rows `ids` of the (tied) embedding matrix.
+
+    The draft then proposes only those tokens (probability 0 for the rest). Speculative decoding stays exact:
+    verification and rejection sampling use the target's full distribution, and q = 0 outside the subset only
+    means those tokens are never proposed (they come from the residual distribution). On a small target the
+    head is most of the draft's cost, so reading 8k of 49k rows is most of the saving.
+
+    Its logits are [..., vocab] with -inf outside the subset, so every consumer of full logits (the losses, the
+    offline acceptance, transformers' own generate) works unchanged; the matrix product covers the subset only.
+    """
+
+    def __init__(self, weight: torch.nn.Parameter, ids: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.weight = weight  # the same Parameter as the tied embedding: save_pretrained still ties them
+        self.register_buffer("ids", ids.long(), persistent=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden, self.weight[self.ids])
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.ids, logits)
+
+
+HEAD_TOKENS_KEY = "head_tokens"
+"""`fastdraft.json` extra: the token ids the draft's output layer covers (absent: the whole vocabulary)."""
+
+
+def restrict_head(model: PreTrainedModel, ids: list[int] | torch.Tensor) -> PreTrainedModel:
+    """Give `model` a `SubsetHead` over `ids` (in place); returns the model."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    ids = torch.as_tensor(ids, dtype=torch.long, device=weight.device)
+    model.set_output_embeddings(SubsetHead(weight, ids, weight.shape[0]))
+    return model
+
+
+def apply_head_tokens(model: PreTrainedModel, extra: dict) -> PreTrainedModel:
+    """Restrict `model`'s head to the ids a draft's metadata `extra` lists under HEAD_TOKENS_KEY (if any)."""
+    ids = extra.get(HEAD_TOKENS_KEY)
+    return restrict_head(model, ids) if ids else model
+
+
+def head_token_ids(model: torch.nn.Module) -> torch.Tensor | None:
+    """The ids a `SubsetHead` covers, or None for a full-vocabulary head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head.ids if isinstance(head, SubsetHead) else None
+
+
+def token_counts(token_arrays, vocab_size: int):
+    """How often each id occurs over `token_arrays` (an iterable of int arrays): int64 [vocab_size]."""
+    import numpy as np
+
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for ids in token_arrays:
+        ids = np.asarray(ids).ravel()
+        counts += np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size)
+    return counts
+
+
+def top_tokens(counts, count: int, always=()) -> list[int]:
+    """The ids of the `count` largest `counts` (ties towards lower ids: deterministic), `always` included, sorted."""
+    import numpy as np
+
+    counts = np.array(counts, dtype=np.float64)
+    forced = sorted({int(i) for i in always if 0 <= int(i) < len(counts)})
+    counts[forced] = -1  # counted apart
+    ranked = np.lexsort((np.arange(len(counts)), -counts))  # by count descending, then id
+    return sorted(set(forced) | {int(i) for i in ranked[: max(0, count - len(forced))]})
+
+
+def frequent_tokens(token_arrays, count: int, vocab_size: int, always=()) -> list[int]:
+    """The `count` most frequent ids over `token_arrays`, plus `always` (special tokens), sorted."""
+    return top_tokens(token_counts(token_arrays, vocab_size), count, always)
+
+
+def target_layers_draft(target: PreTrainedModel, layers: int) -> PreTrainedModel:
+    """A draft made of the target's first `layers` decoder layers, its embeddings, final norm and head (weights
+    copied): a layer-pruned target, initialized where the target already is (Intel publishes such drafts)."""
+    from fastdraft.speculative.pairs import truncated_copy
+
+    if layers > target.config.num_hidden_layers:
+        raise FastdraftError(f"draft.layers={layers} but the target has only {target.config.num_hidden_layers} layers")
+    return truncated_copy(target, layers)
+
+
 def make_draft(
     target: str | Path, out: str | Path, params: int | None = None, layers: int | None = None, hidden: int | None = None,
-    seed: int = 0, trust_remote_code: bool = False,
+    seed: int = 0, trust_remote_code: bool = False, init: str = "scratch",
 ) -> tuple[Path, str]:
     """Build an untrained draft for `target` and save it (safetensors + tokenizer + metadata) to `out`.
 
+    Args:
+        init: "scratch" (random weights in a scaled-down shape: the paper's recipe) or "target" (the target's first
+            `layers` layers with its embeddings, final norm and head; `hidden` must be unset or the target's).
     Returns the directory and a short human summary (parameter count, embedding share).
     """
     from fastdraft.assets import resolve_model_path
+    from fastdraft.checkpoint import load_model
     from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     target_dir = resolve_model_path(str(target))
     tcfg = load_config(target_dir, trust_remote_code)
     tok = load_tokenizer(target_dir, trust_remote_code)  # checks the target has tokenizer files before writing
-    shape = choose_shape(tcfg, params, layers, hidden)
-    cfg = draft_config(tcfg, shape)
+    if init == "target":
+        if tcfg.model_type not in SUPPORTED_FAMILIES:
+            raise FastdraftError(f"model type '{tcfg.model_type}' is not supported by the draft factory")
+        if layers is None:
+            raise FastdraftError("draft.init: target needs draft.layers (how many of the target's layers to keep)")
+        if hidden not in (None, tcfg.hidden_size):
+            raise FastdraftError(f"draft.init: target keeps the target's width {tcfg.hidden_size}; unset draft.hidden (got {hidden})")
+        model = target_layers_draft(load_model(target_dir, trust_remote_code=trust_remote_code), layers)
+        cfg = model.config
+        shape = DraftShape(layers, tcfg.hidden_size, tcfg.num_attention_heads,
+                           getattr(tcfg, "num_key_value_heads", None) or tcfg.num_attention_heads, tcfg.intermediate_size)
+    elif init == "scratch":
+        shape = choose_shape(tcfg, params, layers, hidden)
+        cfg = draft_config(tcfg, shape)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    else:
+        raise FastdraftError(f"unknown draft init {init!r} (expected 'scratch' or 'target')")
     total, emb = count_params(cfg)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     meta = DraftMetadata(target=str(target), tokenizer_fingerprint=tokenizer_fingerprint(tok),
-                         extra={"init": "random", "seed": seed, "params": total})
+                         extra={"init": "random" if init == "scratch" else "target-layers", "seed": seed, "params": total})
     save_draft(model, None, tmp, meta)
     for name in TOKENIZER_FILES:  # copy the target's tokenizer files byte for byte
         if (target_dir / name).is_file():

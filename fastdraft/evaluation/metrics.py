@@ -1,4 +1,6 @@
-"""The one definition of each speculative-decoding metric (DESIGN.md, "Metrics"), used everywhere.
+"""The one definition of each speculative-decoding metric, used everywhere (training logs, eval, serving).
+
+Other modules cite this docstring (`fastdraft.evaluation.metrics`) for what AR, tau, MBSU and c mean.
 
 For one generation (or a sum over many): D drafted tokens, A of them accepted, F target forward
 passes, N tokens emitted (accepted + the one correction/bonus token per pass).
@@ -12,6 +14,11 @@ passes, N tokens emitted (accepted + the one correction/bonus token per pass).
 A ratio whose denominator is zero (no token drafted, no target pass, no time) is undefined and is
 returned as `None` (shown as "n/a"), never as 0: a run that drafted nothing says nothing about the
 draft, and reporting AR 0 would blame it.
+
+The parameters of c are those a forward pass reads per token (`read_size`): every weight, except that an
+input embedding table counts only where the output layer reads it. For the usual tied-embedding model that
+is all its parameters, as in the paper. A draft whose output layer covers part of the vocabulary
+(`fastdraft.models.SubsetHead`) reads only those rows of its table: the lookup of the input token reads one.
 
 Aggregates are ratios of sums (sum A / sum D over all sequences), not means of per-sequence ratios,
 so long generations weigh in proportion to their tokens, as in the paper.
@@ -92,6 +99,23 @@ def model_size(model: torch.nn.Module) -> tuple[int, int]:
     return params, nbytes
 
 
+def read_size(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) one forward pass reads per token: `model_size` less the input embedding rows that
+    no output layer reads (the lookup reads one row); a `SubsetHead` reads its rows only."""
+    from fastdraft.models import SubsetHead
+
+    params, nbytes = model_size(model)
+    if not hasattr(model, "get_input_embeddings"):
+        return params, nbytes
+    table = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() == table.data_ptr():
+        unread = table.shape[0] - (len(head.ids) if isinstance(head, SubsetHead) else table.shape[0])
+    else:
+        unread = table.shape[0]
+    return params - unread * table.shape[1], nbytes - unread * table.shape[1] * table.element_size()
+
+
 @dataclass(frozen=True)
 class CostRatio:
     """c of the MBSU formula for one draft/target pair, in parameters and in bytes."""
@@ -101,8 +125,8 @@ class CostRatio:
 
     @classmethod
     def of(cls, draft: torch.nn.Module, target: torch.nn.Module) -> "CostRatio":
-        dp, db = model_size(draft)
-        tp, tb = model_size(target)
+        dp, db = read_size(draft)
+        tp, tb = read_size(target)
         return cls(params=dp / tp, bytes=db / tb)
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from fastdraft.errors import FastdraftError
+from fastdraft.models import head_token_ids
 from fastdraft.speculative import native
 from fastdraft.speculative.kvcache import StaticKVCache
 
@@ -56,8 +57,10 @@ def right_pad(seqs: list[list[int]], device: torch.device | str) -> torch.Tensor
 
 
 def count_params(model: PreTrainedModel) -> int:
-    """Parameters (tied embeddings counted once), the `c` of MBSU = tau / (1 + gamma * c)."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters a forward reads per token, the `c` of MBSU (definition: `fastdraft.evaluation.metrics`)."""
+    from fastdraft.evaluation.metrics import read_size
+
+    return read_size(model)[0]
 
 
 def lean_unsupported_reason(model: PreTrainedModel) -> str | None:
@@ -174,6 +177,11 @@ class LeanDecoder:
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in base.layers]
         self.embed, self.norm, self.head = weight, base.norm.weight, model.lm_head.weight
+        # A draft whose output layer covers part of the vocabulary reads those rows only; its logits are scattered
+        # into the full vocabulary (-inf elsewhere: never proposed), so the engine's sampling stays exact.
+        self.head_ids = head_token_ids(model)
+        if self.head_ids is not None:
+            self.head = self.head[self.head_ids].contiguous()
         self.rotary = base.rotary_emb
         self.kernels = choose_kernels(kernels, weight)
         self.linear = {"native": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
@@ -237,7 +245,11 @@ class LeanDecoder:
                 x = x[:, at]
             else:
                 x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
-        return self.linear(x, self.head, None)
+        logits = self.linear(x, self.head, None)
+        if self.head_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.head_ids, logits)
 
     def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows): embeddings

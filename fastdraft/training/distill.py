@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastdraft.checkpoint import read_metadata
+from fastdraft.checkpoint import DraftMetadata, read_metadata
 from fastdraft.config import DistillConfig, Recipe
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
@@ -165,9 +165,34 @@ def start_draft(recipe: Recipe, layout: RunLayout) -> Path:
         return Path(cfg.init)
     if recipe.pretrain:
         return layout.draft(recipe.pretrain.stages[-1].name)
-    if recipe.draft.init:
-        return Path(recipe.draft.init)
+    if recipe.draft.init_dir:
+        return recipe.draft.init_dir
     raise FastdraftError("distill needs a draft to start from: set distill.init, draft.init, or a pretrain section")
+
+
+ALIGNMENT_HEAD_WEIGHT = 10
+"""At distill, a token in the target's own answers counts this many times one in the corpora: the head should
+cover what the target emits."""
+
+
+def with_alignment_head(recipe: Recipe, layout: RunLayout, start: DraftMetadata, start_dir: Path, train: list[dict]) -> DraftMetadata:
+    """`start` with its output layer re-chosen for alignment (when it has one of part of the vocabulary, or
+    `draft.head_tokens` asks): the tokens of the target's training answers first, then the corpora's."""
+    from fastdraft.checkpoint import load_config
+    from fastdraft.models import HEAD_TOKENS_KEY, token_counts, top_tokens
+    from fastdraft.tokenizer import load_tokenizer
+    from fastdraft.training.pretrain import corpus_token_arrays
+
+    count = recipe.draft.head_tokens or len(start.extra.get(HEAD_TOKENS_KEY) or [])
+    if not count:
+        return start
+    vocab = load_config(start_dir).vocab_size
+    counts = ALIGNMENT_HEAD_WEIGHT * token_counts((ex["response_ids"] for ex in train), vocab)
+    corpora = [layout.corpus(n) for n in sorted({s.corpus for s in recipe.pretrain.stages})] if recipe.pretrain else []
+    counts += token_counts(corpus_token_arrays([c for c in corpora if (c / "train").is_dir()]), vocab)
+    chosen = DraftMetadata.from_dict(start.to_dict())
+    chosen.extra[HEAD_TOKENS_KEY] = top_tokens(counts, count, load_tokenizer(start_dir).all_special_ids)
+    return chosen
 
 
 def run_distill(recipe: Recipe, **_options) -> dict:
@@ -189,6 +214,7 @@ def run_distill(recipe: Recipe, **_options) -> dict:
     if (out / "fastdraft.json").is_file() and read_metadata(out).extra.get("stage_keys", {}).get("FT") == key:
         return {"stage": "FT", "out": str(out), "skipped": True}
     held = split_heldout(table.column("prompt_id").to_pylist(), cfg.eval_prompts)
+    start = with_alignment_head(recipe, layout, start, start_dir, examples_from(table, lambda p: p not in held))
     from fastdraft.tokenizer import load_tokenizer
 
     tok = load_tokenizer(start_dir)

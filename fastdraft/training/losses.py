@@ -21,7 +21,12 @@ _EPS = 1e-12
 
 
 def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per position: logits [B, T, V], labels [B, T] -> [B, T] (labels < 0 give 0)."""
+    """Cross-entropy per position: logits [B, T, V], labels [B, T] -> [B, T] (labels < 0 give 0).
+
+    A label the model cannot emit (logit -inf: outside a draft's `SubsetHead`) gives 0 too: no finite loss
+    could move it, and an infinite one would poison the step."""
+    emittable = torch.gather(logits, -1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1).isfinite()
+    labels = labels.where(emittable, -1)
     flat = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.clamp_min(0).reshape(-1), reduction="none")
     return flat.view(labels.shape) * (labels >= 0)
 
@@ -36,9 +41,11 @@ def sparse_kd(logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch
     Returns:
         (kl, tvd), each [B, T].
     """
-    valid = topk_ids >= 0
     logq = torch.log_softmax(logits.float(), dim=-1)
     logq_k = torch.gather(logq, -1, topk_ids.clamp_min(0).long())
+    # Teacher tokens the student cannot emit (outside a SubsetHead: q = 0) join the rest bucket.
+    valid = (topk_ids >= 0) & logq_k.isfinite()
+    logq_k = logq_k.where(valid, 0.0)
     p_k = topk_logprobs.float().exp() * valid
     q_k = logq_k.exp() * valid
     p_rest = (1 - p_k.sum(-1)).clamp_min(0)

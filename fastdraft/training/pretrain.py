@@ -46,21 +46,43 @@ def read_corpus_manifest(corpus_dir: Path, fingerprint: str, draft_from: str) ->
     return manifest
 
 
-def initial_draft(recipe: Recipe, layout: RunLayout) -> Path:
-    """`draft.init` if set, else `drafts/init` (built once by the draft factory, reused afterwards)."""
-    from fastdraft.models import make_draft
+def corpus_token_arrays(corpus_dirs: list[Path]):
+    """Every training row's ids of the given corpora (packed shards), one array per shard."""
+    import pyarrow.parquet as pq
 
-    if recipe.draft.init:
-        read_metadata(recipe.draft.init)  # a clear error if it is not a fastdraft draft
-        return Path(recipe.draft.init)
+    for corpus in corpus_dirs:
+        for f in sorted((corpus / "train").glob("part-*.parquet")):
+            yield pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks().flatten().to_numpy()
+
+
+def initial_draft(recipe: Recipe, layout: RunLayout) -> Path:
+    """`draft.init` if it names a directory, else `drafts/init` (built once by the draft factory, reused afterwards).
+
+    With `draft.head_tokens`, the built draft's output layer covers the tokens most frequent in the pretrain
+    stages' corpora (recorded in its metadata, inherited by PT and CP)."""
+    from fastdraft.models import HEAD_TOKENS_KEY, frequent_tokens, make_draft
+
+    if recipe.draft.init_dir:
+        read_metadata(recipe.draft.init_dir)  # a clear error if it is not a fastdraft draft
+        return recipe.draft.init_dir
     out = layout.draft("init")
     spec = {"target": recipe.target.model, "params": recipe.draft.params, "layers": recipe.draft.layers,
             "hidden": recipe.draft.hidden, "seed": recipe.pretrain.seed if recipe.pretrain else 0}
+    if recipe.draft.init or recipe.draft.head_tokens:  # (unset: the same spec, and key, as before these existed)
+        spec.update(init=recipe.draft.init or "scratch", head_tokens=recipe.draft.head_tokens)
     if (out / "fastdraft.json").is_file() and read_metadata(out).extra.get("spec") == spec:
         return out
-    make_draft(recipe.target.model, out, params=spec["params"], layers=spec["layers"], hidden=spec["hidden"], seed=spec["seed"])
+    make_draft(recipe.target.model, out, params=spec["params"], layers=spec["layers"], hidden=spec["hidden"], seed=spec["seed"],
+               init=recipe.draft.init or "scratch")
     meta = read_metadata(out)
     meta.extra["spec"] = spec
+    if recipe.draft.head_tokens:
+        from fastdraft.checkpoint import load_config
+        from fastdraft.tokenizer import load_tokenizer
+
+        corpora = sorted({layout.corpus(s.corpus) for s in recipe.pretrain.stages}) if recipe.pretrain else []
+        meta.extra[HEAD_TOKENS_KEY] = frequent_tokens(corpus_token_arrays(corpora), recipe.draft.head_tokens,
+                                                      load_config(out).vocab_size, load_tokenizer(out).all_special_ids)
     from fastdraft.checkpoint import write_metadata
 
     write_metadata(out, meta)
