@@ -11,7 +11,7 @@ server speaks:
 
 Extensions to OpenAI's schema: `gamma` (draft tokens per step, 0..max_gamma), `speculative` (bool) and
 `top_k` in requests; `usage.speculative` (drafted, accepted, target_passes, acceptance_rate, tau, gamma)
-in responses (DESIGN.md metric names). Requests are validated strictly: a wrong type or an unknown field
+in responses (the metric names of `fastdraft.evaluation.metrics`). Requests are validated strictly: a wrong type or an unknown field
 is a 400 whose message and `param` name the field, as OpenAI's API does.
 """
 
@@ -314,7 +314,7 @@ class TextStream:
 # Responses
 # --------------------------------------------------------------------------------------------
 def speculative_usage(stats: dict | None, gamma: int) -> dict:
-    """usage.speculative: the DESIGN.md counters of the engine's work for this request."""
+    """usage.speculative: the counters (defined in `fastdraft.evaluation.metrics`) of the engine's work for this request."""
     stats = stats or {}
     drafted, accepted = stats.get("drafted", 0), stats.get("accepted", 0)
     passes, emitted = stats.get("target_passes", 0), stats.get("emitted", 0)

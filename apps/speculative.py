@@ -18,7 +18,7 @@ Run it:
 
 `speculative: false` serves the target alone (no draft is loaded); a request may also ask for
 `"speculative": false` or another `"gamma"` (up to `serve.max_gamma`). Responses carry the engine's
-counters in `usage.speculative` (DESIGN.md: acceptance_rate = A/D, tau = N/F).
+counters in `usage.speculative` (`fastdraft.evaluation.metrics`: acceptance_rate = A/D, tau = N/F).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types at runtime, in the

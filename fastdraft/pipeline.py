@@ -75,7 +75,7 @@ class PipelineRecord:
             self.stages[stage] = entry
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".json.partial")
-            tmp.write_text(json.dumps({"stages": self.stages}, indent=2, default=str))
+            tmp.write_text(json.dumps({"outputs": str(self.path.parent), "stages": self.stages}, indent=2, default=str))
             tmp.replace(self.path)
 
 
@@ -169,6 +169,7 @@ def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> d
         from fastdraft.raycluster import ensure_ray
 
         ensure_ray()  # here, in the main thread (Ray's signal handlers), not in the first stage's thread
+        warn_if_multinode(recipe.run_dir)
     done = {s for s, (_, d) in plan.items() if d == "skip"}
     running: dict[Future, str] = {}
     failures: list[tuple[str, BaseException]] = []
@@ -196,7 +197,18 @@ def run_pipeline(recipe: Recipe, from_stage: str | None = None, **_options) -> d
             raise
     if failures:
         raise failures[0][1]
+    print(f"[pipeline] outputs: {recipe.run_dir}", flush=True)
     return summary
+
+
+def warn_if_multinode(run_dir: Path) -> None:
+    """On a cluster of several nodes, workers on other nodes write and read the run's outputs too."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        print(f"[pipeline] this cluster has {len(nodes)} nodes: {run_dir} must be storage every node mounts "
+              f"(a shared filesystem), or each node writes its own part of the outputs", flush=True)
 
 
 def _abort(stages) -> None:
@@ -224,9 +236,9 @@ QUICK_OVERRIDES = [
     "pretrain.stages.1.tokens=10k",
     "pretrain.eval_every=10",
     "pretrain.ckpt_every=10",
-    "generate.prompts.0.limit=20",  # 20 user turns: 31 written, two batches of 16
+    "generate.prompts.0.limit=40",  # 40 user turns, answered greedy and at T 0.6: distillation needs the rows
     "generate.prompts.1.limit=8",
-    "generate.sampling=[{temperature: 0.0, max_new_tokens: 48}]",
+    "generate.sampling=[{temperature: 0.0, max_new_tokens: 48}, {temperature: 0.6, max_new_tokens: 48}]",
     "distill.eval_prompts=4",
     "distill.eval_every=10",
     "distill.ckpt_every=10",
@@ -254,6 +266,13 @@ def final_draft(recipe: Recipe) -> Path | None:
     return next((layout.draft(n) for n in names if (layout.draft(n) / "fastdraft.json").is_file()), None)
 
 
+def _label_of(draft: Path) -> str:
+    from fastdraft.checkpoint import read_metadata
+
+    stages = read_metadata(draft).stages
+    return stages[-1] if stages else draft.name
+
+
 def demo_summary(recipe: Recipe, quick: bool) -> str:
     """The closing text: the headline table, where the report and the draft are, how to serve them."""
     from fastdraft.evaluation import report as report_mod
@@ -268,15 +287,26 @@ def demo_summary(recipe: Recipe, quick: bool) -> str:
         pictures = sorted(str(p) for p in layout.eval.glob("*.png"))
         lines += [f"report: {report_path}", f"        {layout.eval / 'report.html'}", *[f"        {p}" for p in pictures]]
     draft = final_draft(recipe)
+    pays = False
+    if draft is not None and report_path.is_file():
+        label = _label_of(draft)
+        pays, verdicts = report_mod.verdict(report, label)
+        lines += ["", f"{label} draft {'pays' if pays else 'does NOT pay'}, gamma {report['settings']['gamma']}, "
+                      f"batch 1, measured side by side with the target alone:", *[f"  {v}" for v in verdicts]]
     if draft is not None:
         from fastdraft.layout import resolve_workdir
 
         workdir = f" --set workdir={recipe.run_dir}" if recipe.run_dir != resolve_workdir("runs/demo") else ""
         quick_note = " --quick" if quick else ""
-        lines += [f"final draft: {draft}",
-                  f"serve it:    fastdraft serve jobs/recipes/demo.yaml{workdir}   (or: serve run apps.speculative:build_app "
-                  f"target={recipe.target.model} draft={draft})",
-                  f"rerun:       fastdraft demo{quick_note} (finished stages are skipped)"]
+        serve = f"fastdraft serve jobs/recipes/demo.yaml{workdir}"
+        lines += [f"final draft: {draft}"]
+        if pays:
+            lines += [f"serve it:    {serve}   (or: serve run apps.speculative:build_app "
+                      f"target={recipe.target.model} draft={draft})"]
+        else:  # never present a slower pair as the next step without saying so
+            lines += [f"serving:     this pair is slower than the target alone; serve the target alone with "
+                      f"{serve} --set serve.speculative=false, or train longer (see the README)"]
+        lines += [f"rerun:       fastdraft demo{quick_note} (finished stages are skipped)"]
     return "\n".join(lines)
 
 

@@ -166,14 +166,17 @@ def ray_job(ray_head):
 
     repo = Path(__file__).resolve().parent.parent
 
-    def _submit(*cmd: str, timeout: float = 600) -> tuple[int, str]:
+    def _submit(*cmd: str, timeout: float = 600, runtime_env: dict | None = None) -> tuple[int, str]:
+        import json
         import time
 
         ray_bin = Path(sys.executable).with_name("ray")
         env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ray_head}
+        env.pop("FASTDRAFT_OUTPUT_DIR", None)  # what the job sees comes from `runtime_env` only
+        extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
         for _ in range(30):  # the dashboard answers before its node agent is ready to take jobs
             res = subprocess.run([str(ray_bin), "job", "submit", "--address", ray_head, "--working-dir", str(repo),
-                                  "--", *cmd], capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
+                                  *extra, "--", *cmd], capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
             if "No available agent to submit job" not in res.stdout + res.stderr:
                 break
             time.sleep(5)

@@ -55,7 +55,13 @@ def test_quick_demo_runs_every_stage_and_prints_the_table_and_paths(quick_demo):
         assert f"[pipeline] {stage}: done in" in out
     for label in ("| PT", "| CP", "| FT"):
         assert label in out
-    assert f"final draft: {workdir / 'drafts' / 'FT'}" in out and "serve it:    fastdraft serve" in out
+    assert f"final draft: {workdir / 'drafts' / 'FT'}" in out
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    ft = [r for r in report["rows"] if r["draft"] == "FT" and r["method"] == "engine"]
+    if all(r["wall_clock_speedup"] > 1 for r in ft):  # the verdict says plainly whether the pair pays
+        assert "FT draft pays" in out and "serve it:    fastdraft serve" in out
+    else:
+        assert "FT draft does NOT pay" in out and "slower than the target alone" in out and "serve it:" not in out
     for name in ("report.json", "report.html", "report.md", "acceptance_vs_gamma.png", "speedup_vs_gamma.png"):
         assert (workdir / "eval" / name).is_file(), name
         if not name.endswith(".md"):
@@ -88,7 +94,7 @@ def test_quick_demo_report_structure_and_distillation_fits_the_target(quick_demo
 
 @pytest.mark.slow
 @pytest.mark.timeout(2700)
-def test_quick_demo_aligned_draft_is_accepted_at_least_as_often_as_the_pretrained_one(quick_demo):
+def test_quick_demo_aligned_draft_is_accepted_more_often_than_the_pretrained_one(quick_demo):
     """Instruction prompts at gamma 3, T 0.6 (the paper's setting). Acceptance over the target's own
     continuations, read by each draft teacher-forced (the offline rows): the expected value under sampling,
     sum_x min(p, q) per position, so a handful of prompts decides it without sampling noise. (The engine's own
@@ -101,7 +107,7 @@ def test_quick_demo_aligned_draft_is_accepted_at_least_as_often_as_the_pretraine
                  and r["method"] == "offline" and r["decoding"] == decoding]
         return row["acceptance_rate"]
 
-    assert acceptance("FT", "sampled") >= acceptance("PT", "sampled") > 0
+    assert acceptance("FT", "sampled") > acceptance("PT", "sampled") > 0
 
 
 def readme_command(prefix: str) -> list[str]:

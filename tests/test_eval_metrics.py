@@ -1,4 +1,4 @@
-"""Metric definitions (DESIGN.md): AR = A/D, tau = N/F, MBSU = tau/(1 + gamma*c), wall clock = t_target/t_spec.
+"""Metric definitions (`fastdraft.evaluation.metrics`): AR = A/D, tau = N/F, MBSU = tau/(1 + gamma*c), wall clock = t_target/t_spec.
 
 Every expected number below is computed by hand in the comment beside it.
 """

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastdraft.config import Recipe, load_recipe, parse_count
+from fastdraft.config import Recipe, load_recipe, parse_count, recipe_from_dict
 from fastdraft.errors import RecipeError
 
 RECIPES = Path(__file__).resolve().parent.parent / "jobs" / "recipes"
@@ -97,3 +97,30 @@ def test_scheduling_fields_do_not_change_a_stage_identity():
     for change in ("pretrain.optim.lr=1e-3", "pretrain.compute.num_workers=2", "generate.batch_size=8",
                    "distill.epochs=1"):
         assert demo_recipe(overrides=[change]).section_hash("pretrain", "generate", "distill") != base, change
+
+
+def test_a_relative_workdir_is_made_absolute_where_the_recipe_loads(tmp_path, monkeypatch):
+    """Ray Train V2 runs its workers in another directory: every path they get must already be absolute."""
+    monkeypatch.delenv("FASTDRAFT_OUTPUT_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert recipe_from_dict({"name": "r", "workdir": "runs/r"}).run_dir == tmp_path / "runs" / "r"
+    assert recipe_from_dict({"name": "r"}).run_dir == tmp_path / "runs" / "r"  # the default, runs/${name}
+    assert recipe_from_dict({"name": "r", "workdir": "/abs/r"}).run_dir == Path("/abs/r")
+    monkeypatch.setenv("FASTDRAFT_OUTPUT_DIR", "/mnt/shared")
+    assert recipe_from_dict({"name": "r", "workdir": "runs/r"}).run_dir == Path("/mnt/shared/runs/r")
+    monkeypatch.setenv("FASTDRAFT_OUTPUT_DIR", "shared")
+    with pytest.raises(RecipeError, match="FASTDRAFT_OUTPUT_DIR must be an absolute path"):
+        recipe_from_dict({"name": "r"})
+
+
+def test_a_relative_workdir_inside_rays_job_copy_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the job in a copy Ray deletes with the session."""
+    monkeypatch.delenv("FASTDRAFT_OUTPUT_DIR", raising=False)
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with pytest.raises(RecipeError, match="relative.*Ray's temporary copy.*FASTDRAFT_OUTPUT_DIR"):
+        recipe_from_dict({"name": "r", "workdir": "runs/r"})
+    assert recipe_from_dict({"name": "r", "workdir": str(tmp_path / "out")}).run_dir == tmp_path / "out"
+    monkeypatch.setenv("FASTDRAFT_OUTPUT_DIR", str(tmp_path / "durable"))
+    assert recipe_from_dict({"name": "r", "workdir": "runs/r"}).run_dir == tmp_path / "durable" / "runs" / "r"

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fastdraft.checkpoint import load_model
 from fastdraft.errors import FastdraftError, TokenizerMismatchError
+from fastdraft.models import restrict_head
 from fastdraft.speculative.decoders import HFDecoder, LeanDecoder
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
@@ -48,13 +49,25 @@ def pairs(tiny_target, tiny_draft_dir):
                                      intermediate=256, seed=3, dtype=F64)
     f32_t, f32_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
                                  intermediate=352, seed=5, dtype=torch.float32)
+    # The agreeing draft with an output layer over part of the vocabulary: it can propose only those tokens.
+    subset_t, subset_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
+                                       intermediate=352, seed=5, dtype=torch.float32)
+    restrict_head(subset_d, subset_head_ids(subset_t))
     return {
+        "subset-float32": (subset_t, subset_d),
         "random": (tiny_target, random_llama(tiny_target.config.vocab_size, 64, 1, seed=7)),
         "factory": (tiny_target, load_model(tiny_draft_dir, dtype=F64)),
         "agreeing": (agree_t, agree_d),
         "agreeing-float32": (f32_t, f32_d),
         "random-float32": (f32_t, disagreeing_copy(f32_d)),
     }
+
+
+def subset_head_ids(target) -> list[int]:
+    """The tokens the target emits greedily on the first 4 test prompts, and every even id: the target's outputs
+    on the other prompts include tokens the draft cannot propose."""
+    emitted = {t for p in make_prompts(8, seed=1)[:4] for t in hf_greedy(target, p, 37, stop=2)}
+    return sorted(emitted | set(range(0, target.config.vocab_size, 2)))
 
 
 def test_lean_forward_matches_transformers_logits(tiny_target, pairs):
@@ -75,9 +88,11 @@ def test_lean_forward_matches_transformers_logits(tiny_target, pairs):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pair", ["random", "agreeing", "random-float32", "agreeing-float32"])
+@pytest.mark.parametrize("pair", ["random", "agreeing", "random-float32", "agreeing-float32", "subset-float32"])
 def test_greedy_equals_transformers_generate(pairs, pair):
-    """Token for token equal to the target's greedy `generate`, gamma 1..8, batch 1 and 8, stops mid-block."""
+    """Token for token equal to the target's greedy `generate`, gamma 1..8, batch 1 and 8, stops mid-block.
+    "subset": the draft's output layer covers part of the vocabulary (`SubsetHead`), and the target's greedy
+    output has tokens outside it: the draft never proposes them, the target's correction emits them."""
     target, draft = pairs[pair]
     engine = SpeculativeEngine(target, draft)
     assert engine.target.kernels == ("native" if pair.endswith("float32") else "torch")
@@ -103,7 +118,11 @@ def test_greedy_equals_transformers_generate(pairs, pair):
                 checked += 1
     assert checked >= 100
     mean = sum(acceptance) / len(acceptance)
-    assert mean < 0.3 if pair.startswith("random") else mean > 0.9, f"{pair} draft acceptance {mean:.2f}"
+    if pair.startswith("subset"):  # what it can propose it proposes right; the rest it cannot
+        outside = sum(t not in set(draft.lm_head.ids.tolist()) for ref in free for t in ref)
+        assert outside > 0 and 0.5 < mean < 0.99, f"{pair}: {outside} target tokens outside the head, acceptance {mean:.2f}"
+    else:
+        assert mean < 0.3 if pair.startswith("random") else mean > 0.9, f"{pair} draft acceptance {mean:.2f}"
 
 
 def test_target_alone_same_loop(pairs):

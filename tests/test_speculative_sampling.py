@@ -8,12 +8,15 @@ chi-square test (p > 0.01), for several temperatures, top-p and top-k; so is tra
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from fastdraft.models import restrict_head
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.sampling import rejection_accept, warp_logits
 from fastdraft.speculative.types import SamplingParams
@@ -25,6 +28,9 @@ SETTINGS = [
     SamplingParams(temperature=0.6, top_p=0.8, max_new_tokens=4),
     SamplingParams(temperature=1.3, top_k=5, max_new_tokens=4),
 ]
+
+
+SUBSET_HEAD = [0, 1, 3, 4, 6, 7, 9, 11, 12, 14]
 
 
 def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -116,9 +122,15 @@ def test_rejection_step_emits_the_target_distribution(gamma):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("params", SETTINGS, ids=["T1.0", "T0.6-top_p0.8", "T1.3-top_k5"])
-def test_engine_samples_follow_the_target_distribution(pair, params):
+@pytest.mark.parametrize("params,head", [(SETTINGS[0], "full"), (SETTINGS[1], "full"), (SETTINGS[2], "full"),
+                                         (SETTINGS[0], "subset"), (SETTINGS[1], "subset")],
+                         ids=["T1.0", "T0.6-top_p0.8", "T1.3-top_k5", "T1.0-subset-head", "T0.6-top_p0.8-subset-head"])
+def test_engine_samples_follow_the_target_distribution(pair, params, head):
+    """"subset-head": the draft proposes only 10 of the 16 tokens (q = 0 for the rest); the target's other
+    tokens must still come out at their exact probabilities, from the residual distribution."""
     target, draft = pair
+    if head == "subset":
+        draft = restrict_head(copy.deepcopy(draft), SUBSET_HEAD)
     joint, x4 = exact_distributions(target, params)
     engine = SpeculativeEngine(target, draft, gamma=3)
     n = 4000

@@ -101,19 +101,25 @@ def model_size(model: torch.nn.Module) -> tuple[int, int]:
 
 def read_size(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters, bytes) one forward pass reads per token: `model_size` less the input embedding rows that
-    no output layer reads (the lookup reads one row); a `SubsetHead` reads its rows only."""
+    no output layer reads (the lookup reads one row) and the output rows a `SubsetHead` leaves out."""
     from fastdraft.models import SubsetHead
 
     params, nbytes = model_size(model)
     if not hasattr(model, "get_input_embeddings"):
         return params, nbytes
-    table = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
+    table, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    head_rows = len(head.ids) if isinstance(head, SubsetHead) else None
+    unread = []  # (rows no pass reads, their weight matrix)
     if head is not None and head.weight.data_ptr() == table.data_ptr():
-        unread = table.shape[0] - (len(head.ids) if isinstance(head, SubsetHead) else table.shape[0])
+        unread.append((table.shape[0] - (head_rows or table.shape[0]), table))
     else:
-        unread = table.shape[0]
-    return params - unread * table.shape[1], nbytes - unread * table.shape[1] * table.element_size()
+        unread.append((table.shape[0], table))
+        if head is not None and head_rows is not None:
+            unread.append((head.weight.shape[0] - head_rows, head.weight))
+    for rows, weight in unread:
+        params -= rows * weight.shape[1]
+        nbytes -= rows * weight.shape[1] * weight.element_size()
+    return params, nbytes
 
 
 @dataclass(frozen=True)

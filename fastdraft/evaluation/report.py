@@ -123,6 +123,26 @@ def headline_rows(report: dict) -> list[dict]:
     return [r for r in report["rows"] if r["method"] == "offline" and r["gamma"] == gamma]
 
 
+def verdict(report: dict, draft: str) -> tuple[bool, list[str]]:
+    """Whether `draft` pays (its pair beats the target alone in wall clock on every task and decoding measured),
+    and one plain line per task, e.g. "instructions: 1.42x faster than the target alone (greedy, output
+    identical), 1.31x at T 0.6"."""
+    rows = [r for r in report["rows"] if r["draft"] == draft and r["method"] == "engine"
+            and r.get("wall_clock_speedup") is not None]
+    lines, pays = [], bool(rows)
+    for task in dict.fromkeys(r["task"] for r in rows):
+        parts = []
+        for r in (r for r in rows if r["task"] == task):
+            x = r["wall_clock_speedup"]
+            pays &= x > 1.0
+            speed = f"{x:.2f}x faster than" if x > 1.0 else f"{1 / x:.2f}x slower than" if x < 1.0 else "as fast as"
+            how = (f"greedy, output {'identical' if r.get('greedy_identical') else 'DIFFERENT'}" if r["decoding"] == "greedy"
+                   else f"T {report['settings'].get('temperature')}")
+            parts.append(f"{speed} the target alone ({how}; AR {r['acceptance_rate'] or 0:.2f}, MBSU {r['mbsu'] or 0:.2f})")
+        lines.append(f"{task}: " + ", ".join(parts))
+    return pays, lines
+
+
 # --------------------------------------------------------------------------------------------
 # Tables
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ through the very same loop, so "speedup" compares like with like.
     [result] = engine.generate([prompt_ids], SamplingParams(temperature=0.6, max_new_tokens=128, seed=0))
     result.token_ids, result.stats.acceptance_rate, result.stats.tau
 
-Counters follow DESIGN.md exactly: per request and aggregated (`engine.last_stats`), drafted D,
+Counters follow the definitions in `fastdraft.evaluation.metrics` exactly: per request and aggregated (`engine.last_stats`), drafted D,
 accepted A, target passes F, emitted N, per-position acceptance, and seconds split into prefill,
 draft, verify and overhead. Invariant: emitted + truncated == accepted + target_passes, where
 `truncated` counts verified tokens dropped after a stop token or max_new_tokens.

@@ -1,6 +1,6 @@
 """Types shared by the speculative engine, the evaluation harness and the server.
 
-Metric definitions (DESIGN.md, one definition each, used everywhere). For one generation: D drafted
+Metric definitions: `fastdraft.evaluation.metrics` (one definition each, used everywhere). For one generation: D drafted
 tokens, A of them accepted, F target forward passes, N tokens emitted (accepted + one correction/bonus
 token per pass):
     acceptance rate        AR   = A / D
