@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="parameter budget, e.g. 50M")
     p.add_argument("--layers", type=int, default=None, help="number of layers (overrides the budget's choice)")
     p.add_argument("--hidden", type=int, default=None, help="hidden size (overrides the budget's choice)")
+    p.add_argument("--init", choices=("scratch", "target"), default="scratch",
+                   help="scratch: random weights in a scaled-down shape; target: the target's first --layers layers")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
 
@@ -109,7 +111,8 @@ def run_command(args: argparse.Namespace) -> int:
             params = parse_count(args.params) if args.params else None
         except ValueError as exc:
             raise FastdraftError(f"--params: {exc}") from None
-        out, summary = make_draft(args.target, args.out, params=params, layers=args.layers, hidden=args.hidden, seed=args.seed)
+        out, summary = make_draft(args.target, args.out, params=params, layers=args.layers, hidden=args.hidden, seed=args.seed,
+                                   init=args.init)
         print(summary)
         print(f"saved to {out}")
         return 0

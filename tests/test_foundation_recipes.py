@@ -94,7 +94,7 @@ def test_scheduling_fields_do_not_change_a_stage_identity():
                                         "generate.max_actors=2", "generate.cpus_per_actor=0.5"])
     assert scheduling.section_hash("pretrain", "generate", "distill") == base
     assert "torch_threads" not in scheduling.pretrain.identity()["compute"]
-    for change in ("pretrain.optim.lr=1e-3", "pretrain.compute.num_workers=2", "generate.batch_size=8",
+    for change in ("pretrain.optim.lr=3e-4", "pretrain.compute.num_workers=2", "generate.batch_size=8",
                    "distill.epochs=1"):
         assert demo_recipe(overrides=[change]).section_hash("pretrain", "generate", "distill") != base, change
 

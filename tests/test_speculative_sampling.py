@@ -137,7 +137,8 @@ def test_engine_samples_follow_the_target_distribution(pair, params, head):
     results = engine.generate([PROMPT] * n, SamplingParams(**{**params.__dict__, "seed": 1}))
     tokens = torch.tensor([r.token_ids for r in results])
     stats = engine.last_stats
-    assert 0.1 < stats.acceptance_rate < 0.95  # the residual distribution is exercised, not just acceptances
+    # the residual distribution is exercised, not just acceptances (a subset head accepts less: it misses tokens)
+    assert (0.05 if head == "subset" else 0.1) < stats.acceptance_rate < 0.95
     assert stats.emitted + stats.truncated == stats.accepted + stats.target_passes
     counts12, counts4 = histograms(tokens)
     assert chi_square_p(counts12, joint) > 0.01
