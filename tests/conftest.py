@@ -6,6 +6,8 @@ small Llama models built from it, in seconds. A few integration tests use the em
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import json
 import shutil
@@ -103,12 +105,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A real `ray start --head` cluster with a dashboard (for `ray job submit`), on free ports.
-
-    Module-scoped: it stops when the module's tests end, so it never overlaps the in-process `ray_session`
-    instance of later tests longer than needed (put a module's `ray job submit` tests together).
+@contextlib.contextmanager
+def started_ray_head(log_dir: Path, temp: Path):
+    """A real `ray start --head` cluster with a dashboard (for `ray job submit`), on free ports, its temp dir `temp`
+    (short: Ray's socket paths have a length limit).
 
     Yields the dashboard address (http://127.0.0.1:PORT). Started in its own session and stopped with
     SIGTERM to its process group, so it never touches another Ray instance on this machine.
@@ -123,8 +123,7 @@ def ray_head(tmp_path_factory):
 
     ray_bin = Path(sys.executable).with_name("ray")
     dash, gcs = _free_port(), _free_port()
-    temp = Path("/tmp") / f"rh{os.getpid()}"  # short: Ray's socket paths have a length limit
-    log = open(tmp_path_factory.mktemp("ray_head") / "ray_head.log", "w")
+    log = open(log_dir / "ray_head.log", "w")
     # The job agent's and client server's fixed default ports may be held by the session's `ray.init()`
     # instance: move them. (Moving the other agent ports made the head time out at startup here.)
     cmd = [str(ray_bin), "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}",
@@ -149,7 +148,17 @@ def ray_head(tmp_path_factory):
                     os.killpg(proc.pid, signal.SIGTERM)
                 raise RuntimeError(f"ray head did not start; see {log.name}")
             time.sleep(1)
-    yield address
+    try:
+        yield address
+    finally:
+        stop_ray_head(proc, temp)
+
+
+def stop_ray_head(proc, temp: Path) -> None:
+    """SIGTERM to the head's process group (what `ray stop` does to a head started with --block), then clean up."""
+    import signal
+    import subprocess
+
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=60)
@@ -158,31 +167,41 @@ def ray_head(tmp_path_factory):
     shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real `ray start --head` (see `started_ray_head`), module-scoped: it stops when the module's tests end, so
+    it never overlaps the in-process `ray_session` instance of later tests longer than needed (put a module's
+    `ray job submit` tests together)."""
+    with started_ray_head(tmp_path_factory.mktemp("ray_head"), Path("/tmp") / f"rh{os.getpid()}") as address:
+        yield address
+
+
+def submit_ray_job(address: str, *cmd: str, timeout: float = 600, runtime_env: dict | None = None) -> tuple[int, str]:
+    """`ray job submit --working-dir <repo> [--runtime-env-json ENV] -- CMD...` against the head at `address`;
+    returns (exit code, output)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parent.parent
+    ray_bin = Path(sys.executable).with_name("ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": address}
+    env.pop("FASTDRAFT_OUTPUT_DIR", None)  # what the job sees comes from `runtime_env` only
+    extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
+    for _ in range(30):  # the dashboard answers before its node agent is ready to take jobs
+        res = subprocess.run([str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(repo),
+                              *extra, "--", *cmd], capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
+        if "No available agent to submit job" not in res.stdout + res.stderr:
+            break
+        time.sleep(5)
+    return res.returncode, res.stdout + res.stderr
+
+
 @pytest.fixture
 def ray_job(ray_head):
     """Run `ray job submit --working-dir <repo> -- CMD...` against `ray_head`; returns (exit code, output)."""
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parent.parent
-
-    def _submit(*cmd: str, timeout: float = 600, runtime_env: dict | None = None) -> tuple[int, str]:
-        import json
-        import time
-
-        ray_bin = Path(sys.executable).with_name("ray")
-        env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ray_head}
-        env.pop("FASTDRAFT_OUTPUT_DIR", None)  # what the job sees comes from `runtime_env` only
-        extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
-        for _ in range(30):  # the dashboard answers before its node agent is ready to take jobs
-            res = subprocess.run([str(ray_bin), "job", "submit", "--address", ray_head, "--working-dir", str(repo),
-                                  *extra, "--", *cmd], capture_output=True, text=True, env=env, cwd=repo, timeout=timeout)
-            if "No available agent to submit job" not in res.stdout + res.stderr:
-                break
-            time.sleep(5)
-        return res.returncode, res.stdout + res.stderr
-
-    return _submit
+    return functools.partial(submit_ray_job, ray_head)
 
 
 @pytest.fixture

@@ -30,9 +30,9 @@ WHERE_RUN = {
                                                        " + test_demo.py (the demo's pretrain stage)",
     "export RAY_AUTH_MODE=token": "conftest.py::ray_head (every `ray job submit` test)",
     "ray start --head": "conftest.py::ray_head",
-    "export FASTDRAFT_OUTPUT_DIR=": "test_data_job.py::test_a_relative_workdir_under_ray_job_submit_goes_to_the_durable_location_or_is_refused",
+    "export FASTDRAFT_OUTPUT_DIR=": "test_outputs_durable.py::test_a_relative_workdir_under_ray_job_submit_goes_to_the_durable_location_or_is_refused",
     'ray job submit --address http://127.0.0.1:8265 --working-dir . --runtime-env-json "{\\"env_vars\\": {\\"FASTDRAFT_OUTPUT_DIR\\"':
-        "test_data_job.py::test_a_relative_workdir_under_ray_job_submit_goes_to_the_durable_location_or_is_refused"
+        "test_outputs_durable.py::test_a_relative_workdir_under_ray_job_submit_goes_to_the_durable_location_or_is_refused"
         " + test_data_job.py::test_the_pipeline_runs_as_a_ray_job_then_skips_then_reruns_from_a_stage"
         " + test_data_job.py::test_prepare_runs_as_a_ray_job",
     "fastdraft serve jobs/recipes/": "test_serve_cli.py::test_fastdraft_serve_starts_answers_and_stops_on_sigterm",
