@@ -134,9 +134,13 @@ class SubsetHead(torch.nn.Module):
         self.vocab_size = vocab_size
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = torch.nn.functional.linear(hidden, self.weight[self.ids])
-        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.ids, logits)
+        return scatter_to_vocab(torch.nn.functional.linear(hidden, self.weight[self.ids]), self.ids, self.vocab_size)
+
+
+def scatter_to_vocab(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits over the tokens `ids` [..., len(ids)] -> [..., vocab_size], -inf for every other token."""
+    full = logits.new_full((*logits.shape[:-1], vocab_size), float("-inf"))
+    return full.index_copy_(-1, ids, logits)
 
 
 HEAD_TOKENS_KEY = "head_tokens"

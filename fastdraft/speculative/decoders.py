@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 from fastdraft.errors import FastdraftError
-from fastdraft.models import head_token_ids
+from fastdraft.models import head_token_ids, scatter_to_vocab
 from fastdraft.speculative import native
 from fastdraft.speculative.kvcache import StaticKVCache
 
@@ -246,10 +246,7 @@ class LeanDecoder:
             else:
                 x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
         logits = self.linear(x, self.head, None)
-        if self.head_ids is None:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.head_ids, logits)
+        return logits if self.head_ids is None else scatter_to_vocab(logits, self.head_ids, self.vocab_size)
 
     def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
         """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows): embeddings

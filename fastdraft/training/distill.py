@@ -181,15 +181,14 @@ def with_alignment_head(recipe: Recipe, layout: RunLayout, start: DraftMetadata,
     from fastdraft.checkpoint import load_config
     from fastdraft.models import HEAD_TOKENS_KEY, token_counts, top_tokens
     from fastdraft.tokenizer import load_tokenizer
-    from fastdraft.training.pretrain import corpus_token_arrays
+    from fastdraft.training.pretrain import pretrain_token_arrays
 
     count = recipe.draft.head_tokens or len(start.extra.get(HEAD_TOKENS_KEY) or [])
     if not count:
         return start
     vocab = load_config(start_dir).vocab_size
     counts = ALIGNMENT_HEAD_WEIGHT * token_counts((ex["response_ids"] for ex in train), vocab)
-    corpora = [layout.corpus(n) for n in sorted({s.corpus for s in recipe.pretrain.stages})] if recipe.pretrain else []
-    counts += token_counts(corpus_token_arrays([c for c in corpora if (c / "train").is_dir()]), vocab)
+    counts += token_counts(pretrain_token_arrays(recipe, layout), vocab)  # none when there are no shards
     chosen = DraftMetadata.from_dict(start.to_dict())
     chosen.extra[HEAD_TOKENS_KEY] = top_tokens(counts, count, load_tokenizer(start_dir).all_special_ids)
     return chosen

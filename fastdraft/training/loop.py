@@ -214,12 +214,12 @@ def load_start(cfg: LoopConfig, device: torch.device):
     from fastdraft.models import apply_head_tokens
 
     ckpt = ray.train.get_checkpoint()
-    extra = (cfg.meta or {}).get("extra", {})  # the stage's output layer (it may choose other tokens than its start)
+    stage_meta = (cfg.meta or {}).get("extra", {})  # the stage's output layer (it may choose other tokens than its start)
     if ckpt is None:
-        model = apply_head_tokens(load_model(cfg.init_dir, device=device), extra).train()
+        model = apply_head_tokens(load_model(cfg.init_dir, device=device), stage_meta).train()
         return model, build_optimizer(model, cfg.optim), TrainState()
     with ckpt.as_directory() as d:
-        model = apply_head_tokens(load_model(d, device=device), extra).train()
+        model = apply_head_tokens(load_model(d, device=device), stage_meta).train()
         optimizer = build_optimizer(model, cfg.optim)
         extra = torch.load(Path(d) / STATE_PT, map_location=device, weights_only=True)
         optimizer.load_state_dict(extra["optimizer"])

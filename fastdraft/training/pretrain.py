@@ -46,11 +46,12 @@ def read_corpus_manifest(corpus_dir: Path, fingerprint: str, draft_from: str) ->
     return manifest
 
 
-def corpus_token_arrays(corpus_dirs: list[Path]):
-    """Every training row's ids of the given corpora (packed shards), one array per shard."""
+def pretrain_token_arrays(recipe: Recipe, layout: RunLayout):
+    """Every training row's ids of the corpora the pretrain stages read (packed shards), one array per shard."""
     import pyarrow.parquet as pq
 
-    for corpus in corpus_dirs:
+    names = sorted({s.corpus for s in recipe.pretrain.stages}) if recipe.pretrain else []
+    for corpus in (layout.corpus(n) for n in names):
         for f in sorted((corpus / "train").glob("part-*.parquet")):
             yield pq.read_table(f, columns=["input_ids"]).column("input_ids").combine_chunks().flatten().to_numpy()
 
@@ -80,8 +81,7 @@ def initial_draft(recipe: Recipe, layout: RunLayout) -> Path:
         from fastdraft.checkpoint import load_config
         from fastdraft.tokenizer import load_tokenizer
 
-        corpora = sorted({layout.corpus(s.corpus) for s in recipe.pretrain.stages}) if recipe.pretrain else []
-        meta.extra[HEAD_TOKENS_KEY] = frequent_tokens(corpus_token_arrays(corpora), recipe.draft.head_tokens,
+        meta.extra[HEAD_TOKENS_KEY] = frequent_tokens(pretrain_token_arrays(recipe, layout), recipe.draft.head_tokens,
                                                       load_config(out).vocab_size, load_tokenizer(out).all_special_ids)
     from fastdraft.checkpoint import write_metadata
 
