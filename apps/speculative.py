@@ -145,7 +145,7 @@ def build_pair_app(spec: PairSpec) -> serve.Application:
     pair = SpeculativePair.options(**pair_options(cfg)).bind(
         spec.target, spec.draft, dtype=spec.dtype, device=cfg.device, gamma=cfg.gamma if spec.draft else 0,
         max_gamma=cfg.max_gamma, dynamic_gamma=cfg.dynamic_gamma, max_batch_size=cfg.max_batch_size,
-        batch_wait_timeout_s=cfg.batch_wait_timeout_s)
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s, draft_weights=cfg.draft_weights)
     return OpenAIIngress.options(**ingress_options(cfg)).bind(pair, spec.target, cfg, spec.draft is not None)
 
 
@@ -163,15 +163,17 @@ class SpeculativePair:
 
     def __init__(self, target: str, draft: str | None, dtype: str = "float32", device: str = "cpu", gamma: int = 3,
                  max_gamma: int = 8, dynamic_gamma: bool = False, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01):
+                 batch_wait_timeout_s: float = 0.01, draft_weights: str = "auto"):
         from fastdraft.speculative.engine import SpeculativeEngine
         from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
         tok = load_tokenizer(target)
         # from_dirs checks the tokenizer contract again: `serve deploy` may build the app on another machine.
         self.engine = SpeculativeEngine.from_dirs(target, draft, dtype=dtype, device=device, gamma=gamma,
-                                                  dynamic_gamma=dynamic_gamma, max_gamma=max_gamma)
+                                                  dynamic_gamma=dynamic_gamma, max_gamma=max_gamma,
+                                                  draft_weights=draft_weights)
         self.info_ = {"target": target, "draft": draft, "gamma": gamma, "dynamic_gamma": dynamic_gamma,
+                      "draft_weights": getattr(self.engine.draft, "weights", "float") if draft else None,
                       "tokenizer_fingerprint": tokenizer_fingerprint(tok), "pid": os.getpid()}
         self._generate_batch.set_max_batch_size(max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)

@@ -325,6 +325,10 @@ class EvaluateConfig(Strict):
     cpus_per_task: float = Field(default=1.0, gt=0)
     """CPUs (and torch threads) per measurement task; with `wall_clock` the tasks run one at a time, so this
     can be the whole machine (capped at the cluster's CPUs)."""
+    draft_weights: Literal["auto", "float", "int8"] = "auto"
+    """How the engine stores the draft's matrices: int8 (per-row scales, a quarter of float32's bytes per draft
+    step, as the paper deploys its drafts), float (the draft's own dtype), or auto: int8 where fastdraft's native
+    CPU kernel runs the draft (Llama family, float32 on CPU), else float. Lossless either way."""
     seed: int = 0
 
 
@@ -350,6 +354,10 @@ class ServeConfig(Strict):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     """How long a replica waits to fill a batch of up to `max_batch_size` requests."""
     dynamic_gamma: bool = False
+    draft_weights: Literal["auto", "float", "int8"] = "auto"
+    """How the engine stores the draft's matrices: int8 (per-row scales, a quarter of float32's bytes per draft
+    step, as the paper deploys its drafts), float (the draft's own dtype), or auto: int8 where fastdraft's native
+    CPU kernel runs the draft (Llama family, float32 on CPU), else float. Lossless either way."""
 
 
 class Recipe(Strict):

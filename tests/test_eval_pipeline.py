@@ -52,6 +52,8 @@ def test_evaluate_cli_writes_the_report_and_engine_counters_match_the_offline_sw
         assert (ev / name).is_file(), name
     report = json.loads((ev / "report.json").read_text())
     assert list(report["drafts"]) == ["PT", "FT"]  # found in the run's drafts/ in stage order
+    for d in report["drafts"].values():  # draft_weights auto: float32 Llama drafts on CPU run as int8
+        assert d["weights"] == "int8" and 0.25 < d["c_bytes"] / d["c_params"] < 0.3, d
     rows = report["rows"]
     engine = [r for r in rows if r["method"] == "engine"]
     assert len(engine) == 2 * 2 * 2  # drafts x tasks x decodings, at the headline gamma

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from fastdraft.checkpoint import load_model
 from fastdraft.errors import FastdraftError, TokenizerMismatchError
 from fastdraft.models import restrict_head
+from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import HFDecoder, LeanDecoder
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
@@ -44,7 +45,8 @@ def tiny_target(tiny_target_dir):
 @pytest.fixture(scope="module")
 def pairs(tiny_target, tiny_draft_dir):
     """name -> (target, draft): a random draft (mostly rejections), the factory's untrained draft,
-    and an agreeing pair (mostly acceptances); the "-float32" pairs run the native CPU kernel in the loop."""
+    and an agreeing pair (mostly acceptances); the "-float32" pairs run the native CPU kernel in the loop, the
+    "-int8" pair its int8 draft weights."""
     agree_t, agree_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
                                      intermediate=256, seed=3, dtype=F64)
     f32_t, f32_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
@@ -53,7 +55,10 @@ def pairs(tiny_target, tiny_draft_dir):
     subset_t, subset_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
                                        intermediate=352, seed=5, dtype=torch.float32)
     restrict_head(subset_d, subset_head_ids(subset_t))
+    int8_t, int8_d = agreeing_pair(vocab_size=512, hidden=128, layers=4, draft_layers=2, heads=4, kv_heads=2,
+                                   intermediate=352, seed=5, dtype=torch.float32)
     return {
+        "agreeing-int8": (int8_t, round_model_to_int8_(int8_d)),  # run with draft_weights="int8"
         "subset-float32": (subset_t, subset_d),
         "random": (tiny_target, random_llama(tiny_target.config.vocab_size, 64, 1, seed=7)),
         "factory": (tiny_target, load_model(tiny_draft_dir, dtype=F64)),
@@ -88,14 +93,17 @@ def test_lean_forward_matches_transformers_logits(tiny_target, pairs):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pair", ["random", "agreeing", "random-float32", "agreeing-float32", "subset-float32"])
+@pytest.mark.parametrize("pair", ["random", "agreeing", "random-float32", "agreeing-float32", "subset-float32",
+                                  "agreeing-int8"])
 def test_greedy_equals_transformers_generate(pairs, pair):
     """Token for token equal to the target's greedy `generate`, gamma 1..8, batch 1 and 8, stops mid-block.
     "subset": the draft's output layer covers part of the vocabulary (`SubsetHead`), and the target's greedy
-    output has tokens outside it: the draft never proposes them, the target's correction emits them."""
+    output has tokens outside it: the draft never proposes them, the target's correction emits them.
+    "int8": the draft's matrices streamed as int8 (`draft_weights="int8"`)."""
     target, draft = pairs[pair]
-    engine = SpeculativeEngine(target, draft)
-    assert engine.target.kernels == ("native" if pair.endswith("float32") else "torch")
+    engine = SpeculativeEngine(target, draft, draft_weights="int8" if pair.endswith("int8") else "float")
+    assert engine.target.kernels == ("torch" if pair in ("random", "agreeing") else "native")
+    assert engine.draft.weights == ("int8" if pair.endswith("int8") else "float")
     prompts = make_prompts(8, seed=1)
     free = [hf_greedy(target, p, 37, stop=2) for p in prompts]
     stop = free[0][9]  # a token the target emits mid-output: stops land inside draft blocks

@@ -19,6 +19,8 @@ The parameters of c are those a forward pass reads per token (`read_size`): ever
 input embedding table counts only where the output layer reads it. For the usual tied-embedding model that
 is all its parameters, as in the paper. A draft whose output layer covers part of the vocabulary
 (`fastdraft.models.SubsetHead`) reads only those rows of its table: the lookup of the input token reads one.
+The bytes of c are those weights as stored: an int8 draft (`fastdraft.quantize`) reads a byte per weight and a
+float32 scale per row, so its byte c is about a quarter of its parameter c.
 
 Aggregates are ratios of sums (sum A / sum D over all sequences), not means of per-sequence ratios,
 so long generations weigh in proportion to their tokens, as in the paper.
@@ -86,39 +88,46 @@ def per_position_acceptance(stats: SpecStats) -> list[float | None]:
     return [_ratio(a, d) for a, d in zip(stats.per_position_accepted, stats.per_position_drafted)]
 
 
-def model_size(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) of a model's weights, each tied tensor counted once."""
+def model_size(model: torch.nn.Module, weights: str = "float") -> tuple[int, int]:
+    """(parameters, bytes) of a model's weights, each tied tensor counted once. `weights` "int8": its matrices as
+    the engine stores an int8 draft (`fastdraft.quantize`: a byte per weight and a float32 scale per row)."""
+    return _size(model, weights, unread_rows={})
+
+
+def read_size(model: torch.nn.Module, weights: str = "float") -> tuple[int, int]:
+    """(parameters, bytes) one forward pass reads per token: `model_size` less the input embedding rows that
+    no output layer reads (the lookup reads one row) and the output rows a `SubsetHead` leaves out."""
+    from fastdraft.models import SubsetHead
+
+    if not hasattr(model, "get_input_embeddings"):
+        return model_size(model, weights)
+    table, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    head_rows = len(head.ids) if isinstance(head, SubsetHead) else None
+    unread = {}  # data_ptr -> rows of that matrix no pass reads
+    if head is not None and head.weight.data_ptr() == table.data_ptr():
+        unread[table.data_ptr()] = table.shape[0] - (head_rows or table.shape[0])
+    else:
+        unread[table.data_ptr()] = table.shape[0]
+        if head is not None and head_rows is not None:
+            unread[head.weight.data_ptr()] = head.weight.shape[0] - head_rows
+    return _size(model, weights, unread)
+
+
+def _size(model: torch.nn.Module, weights: str, unread_rows: dict[int, int]) -> tuple[int, int]:
     seen: set[int] = set()
     params = nbytes = 0
     for tensor in model.parameters():
         if tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
-        params += tensor.numel()
-        nbytes += tensor.numel() * tensor.element_size()
-    return params, nbytes
-
-
-def read_size(model: torch.nn.Module) -> tuple[int, int]:
-    """(parameters, bytes) one forward pass reads per token: `model_size` less the input embedding rows that
-    no output layer reads (the lookup reads one row) and the output rows a `SubsetHead` leaves out."""
-    from fastdraft.models import SubsetHead
-
-    params, nbytes = model_size(model)
-    if not hasattr(model, "get_input_embeddings"):
-        return params, nbytes
-    table, head = model.get_input_embeddings().weight, model.get_output_embeddings()
-    head_rows = len(head.ids) if isinstance(head, SubsetHead) else None
-    unread = []  # (rows no pass reads, their weight matrix)
-    if head is not None and head.weight.data_ptr() == table.data_ptr():
-        unread.append((table.shape[0] - (head_rows or table.shape[0]), table))
-    else:
-        unread.append((table.shape[0], table))
-        if head is not None and head_rows is not None:
-            unread.append((head.weight.shape[0] - head_rows, head.weight))
-    for rows, weight in unread:
-        params -= rows * weight.shape[1]
-        nbytes -= rows * weight.shape[1] * weight.element_size()
+        if tensor.dim() == 2:
+            rows = tensor.shape[0] - unread_rows.get(tensor.data_ptr(), 0)
+            n = rows * tensor.shape[1]
+            params += n
+            nbytes += n + 4 * rows if weights == "int8" else n * tensor.element_size()
+        else:
+            params += tensor.numel()
+            nbytes += tensor.numel() * tensor.element_size()
     return params, nbytes
 
 
@@ -130,8 +139,9 @@ class CostRatio:
     bytes: float
 
     @classmethod
-    def of(cls, draft: torch.nn.Module, target: torch.nn.Module) -> "CostRatio":
-        dp, db = read_size(draft)
+    def of(cls, draft: torch.nn.Module, target: torch.nn.Module, draft_weights: str = "float") -> "CostRatio":
+        """c of `draft` stored as `draft_weights` ("float" or "int8") against `target` in its own dtype."""
+        dp, db = read_size(draft, draft_weights)
         tp, tb = read_size(target)
         return cls(params=dp / tp, bytes=db / tb)
 

@@ -122,47 +122,57 @@ class _Timed:
 
 
 def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_gamma: bool, dtype: str, device: str,
-                  warm_prompt: list[int], params: SamplingParams) -> tuple:
-    """(target, {label: draft}, {(method, label): engine}), every engine warmed up on `warm_prompt`.
+                  warm_prompt: list[int], params: SamplingParams, draft_weights: str = "float") -> tuple:
+    """(target, {label: draft}, {(method, label): engine}, {label: weights}), every engine warmed up on `warm_prompt`.
 
     The target is prepared once (its decoder) and shared by every pair; the target alone runs through the
-    first pair's engine at gamma 0: the same code path."""
+    first pair's engine at gamma 0: the same code path. A draft run with int8 weights is rounded to the int8 grid
+    first (`round_model_to_int8_`), so that the offline sweep measures the draft the engine runs."""
     from fastdraft.checkpoint import load_model
+    from fastdraft.quantize import round_model_to_int8_
+    from fastdraft.speculative.decoders import resolve_weights
     from fastdraft.speculative.engine import SpeculativeEngine
 
     target = load_model(target_dir, dtype=dtype, device=device)
     models = {label: load_model(path, dtype=dtype, device=device) for label, path in drafts.items()}
+    weights = {label: resolve_weights(m, draft_weights) for label, m in models.items()}
+    for label, m in models.items():
+        if weights[label] == "int8":
+            round_model_to_int8_(m)
     pairs, shared = {}, None
     for method in ("engine", "engine-dynamic") if dynamic_gamma else ("engine",):
         for label, m in models.items():
-            engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared)
+            engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared,
+                                       draft_weights=weights[label])
             pairs[(method, label)], shared = engine, engine.target
     for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice); a short prefill will do
         for g in (0, gamma):
             engine.generate([warm_prompt[:16]], replace(params, max_new_tokens=4), gamma=g)
-    return target, models, pairs
+    return target, models, pairs, weights
 
 
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
                 gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
-                device: str = "cpu", cache: dict | None = None) -> dict:
+                device: str = "cpu", draft_weights: str = "float", cache: dict | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
     then each draft's pair generates at `gamma` (timed, right after: same cores, same load). Then the
     drafts read each continuation teacher-forced (per-position acceptance), which the gamma sweep replays.
 
-    Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}} (+ "engine-dynamic" when
-    `dynamic_gamma`: the same pairs with the engine choosing gamma each round, timed in the same loop).
+    Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}, "draft_weights": {label: "float"
+    or "int8", as run}} (+ "engine-dynamic" when `dynamic_gamma`: the same pairs with the engine choosing gamma each
+    round, timed in the same loop).
     `cache` keeps the loaded models and warmed-up engines between parts (`Measurer` passes its own).
     """
     from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
 
-    key = (target_dir, tuple(sorted(drafts.items())), gamma, dynamic_gamma, dtype, device)
+    key = (target_dir, tuple(sorted(drafts.items())), gamma, dynamic_gamma, dtype, device, draft_weights)
     cache = {} if cache is None else cache
     if key not in cache:
-        cache[key] = prepare_pairs(target_dir, drafts, gamma, dynamic_gamma, dtype, device, task.prompts[0].ids, params)
-    target, models, pairs = cache[key]
+        cache[key] = prepare_pairs(target_dir, drafts, gamma, dynamic_gamma, dtype, device, task.prompts[0].ids, params,
+                                   draft_weights)
+    target, models, pairs, weights = cache[key]
     alone = next(iter(pairs.values()))
     timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
     betas: dict[str, list[list[float]]] = {label: [] for label in models}
@@ -178,7 +188,7 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
             betas[label].append(beta)
         progress.update(len(ids), prompts=1)
     progress.done()
-    result = {"sweep": {}, "engine": {}}
+    result = {"sweep": {}, "engine": {}, "draft_weights": weights}
     for label, per_prompt in betas.items():
         result["sweep"][label] = {g: s.to_dict() for g, s in sweep(per_prompt, gammas, task.max_new_tokens).items()}
     for (method, label), t in timed.items():
@@ -293,7 +303,7 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
            "drafts": {k: _files_key(v) for k, v in drafts.items()}}
     jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
                           (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
-                           cfg.dynamic_gamma, cfg.device))
+                           cfg.dynamic_gamma, cfg.device, cfg.draft_weights))
             for t in tasks for d, p in params.items()}
     results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock, cfg.device, cfg.cpus_per_task)
     sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str
@@ -306,11 +316,14 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
 
     target = load_model(target_dir, dtype=dtype)
     t_params, t_bytes = model_size(target)
-    costs = {label: CostRatio.of(load_model(path, dtype=dtype), target) for label, path in drafts.items()}
+    # c of each draft as the measurements ran it (int8 or float weights: see `measure_job`)
+    ran = {label: w for r in results.values() for label, w in r.get("draft_weights", {}).items()}
+    costs = {label: CostRatio.of(load_model(path, dtype=dtype), target, ran.get(label, "float"))
+             for label, path in drafts.items()}
     del target
     report = report_mod.build_report(
         recipe=recipe, target_dir=target_dir, target_size=(t_params, t_bytes), drafts=drafts, costs=costs,
-        tasks=tasks, params=params, gammas=gammas, sweeps=sweeps, engine_runs=engine_runs,
+        tasks=tasks, params=params, gammas=gammas, sweeps=sweeps, engine_runs=engine_runs, draft_weights=ran,
     )
     paths = report_mod.write_report(report, layout.eval)
     table = report_mod.markdown_table(report_mod.headline_rows(report))

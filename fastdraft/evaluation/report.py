@@ -6,7 +6,7 @@ report.json:
       "target":   {"model", "path", "params", "bytes"},
       "settings": {"gamma", "gammas", "temperature", "greedy", "seed", "wall_clock",
                    "decodings": {name: {temperature, top_p, top_k}}},
-      "drafts":   {label: {"path", "stages", "tokens_seen", "params", "bytes", "c_params", "c_bytes"}},
+      "drafts":   {label: {"path", "stages", "tokens_seen", "params", "bytes", "c_params", "c_bytes", "weights"}},
       "tasks":    {name: {"kind", "domain", "prompts", "max_new_tokens", "chat", "prompt_tokens_mean"}},
       "rows":     [one row per draft x task x decoding x gamma x method]
     }
@@ -67,7 +67,8 @@ def _engine_fields(run: dict, stats: SpecStats) -> dict:
     }
 
 
-def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, params, gammas, sweeps, engine_runs) -> dict:
+def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, params, gammas, sweeps, engine_runs,
+                 draft_weights: dict[str, str] | None = None) -> dict:
     """Assemble report.json's structure (module docstring) from the pipeline's raw results."""
     from fastdraft.checkpoint import read_metadata
     from fastdraft.errors import FastdraftError
@@ -99,7 +100,8 @@ def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, param
         c = costs[label]
         draft_info[label] = {"path": str(path), "stages": stages, "tokens_seen": tokens, "c_params": c.params,
                              "c_bytes": c.bytes, "params": round(c.params * target_size[0]),
-                             "bytes": round(c.bytes * target_size[1])}
+                             "bytes": round(c.bytes * target_size[1]),
+                             "weights": (draft_weights or {}).get(label, "float")}
     return {
         "schema": SCHEMA, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": recipe.name,
         "section_hash": recipe.section_hash("evaluate"),
@@ -197,10 +199,11 @@ def render_markdown(report: dict) -> str:
            f"Target `{t['model']}` ({t['params'] / 1e6:.1f}M parameters). Headline: γ = {s['gamma']}, decodings {decs}. "
            f"AR = A/D, tau = N/F, MBSU = tau/(1 + γc) with c = draft/target parameters (bytes variant beside it); "
            f"wall-clock speedup = time(target alone)/time(speculative), same engine, prompts and settings.", "",
-           "## Drafts", "", "| draft | stages | tokens seen | parameters | c (params) | c (bytes) |", "|---|---|---|---|---|---|"]
+           "## Drafts", "", "| draft | stages | tokens seen | parameters | weights | c (params) | c (bytes) |",
+           "|---|---|---|---|---|---|---|"]
     for label, d in report["drafts"].items():
         out.append(f"| {label} | {' → '.join(d['stages']) or 'n/a'} | {d['tokens_seen'] if d['tokens_seen'] is not None else 'n/a'} "
-                   f"| {d['params'] / 1e6:.2f}M | {d['c_params']:.4f} | {d['c_bytes']:.4f} |")
+                   f"| {d['params'] / 1e6:.2f}M | {d.get('weights', 'float')} | {d['c_params']:.4f} | {d['c_bytes']:.4f} |")
     out += ["", f"## Headline (γ = {s['gamma']})", "", markdown_table(headline_rows(report)), ""]
     for decoding in s["decodings"]:
         out += [f"## Gamma sweep, {decoding} (teacher-forced: exact for greedy, expected for sampling)", "",
@@ -219,8 +222,9 @@ def render_html(report: dict) -> str:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
     s, t = report["settings"], report["target"]
-    drafts = html_table(["draft", "stages", "parameters", "c (params)", "c (bytes)"],
-                        [[k, " → ".join(d["stages"]) or "n/a", f"{d['params'] / 1e6:.2f}M", f"{d['c_params']:.4f}",
+    drafts = html_table(["draft", "stages", "parameters", "weights", "c (params)", "c (bytes)"],
+                        [[k, " → ".join(d["stages"]) or "n/a", f"{d['params'] / 1e6:.2f}M", d.get("weights", "float"),
+                          f"{d['c_params']:.4f}",
                           f"{d['c_bytes']:.4f}"] for k, d in report["drafts"].items()])
     sweeps = "".join(f"<h2>Gamma sweep, {html.escape(d)} (teacher-forced: exact for greedy, expected for sampling)</h2>"
                      + html_table(*sweep_table(report, d)) for d in s["decodings"])

@@ -6,7 +6,9 @@ projections, a rope table computed once by the model's own rotary module, a prea
 one length per sequence (`StaticKVCache`), so a batch whose rows accepted different numbers of tokens
 runs in one pass. On CPU float32, passes of a few rows (decode, verification, short prefills) run all layers
 in one call of fastdraft's native library (`native/`); longer ones, and other dtypes and devices, run the
-same layers as torch ops. Its logits are checked against transformers' in the tests (max abs difference).
+same layers as torch ops. With `weights="int8"` (a draft) the native kernel streams int8 matrices with per-row
+scales (`fastdraft.quantize`), a quarter of the bytes; its logits then match transformers' on the same model
+rounded to that grid (`round_model_to_int8_`). Its logits are checked against transformers' in the tests (max abs difference).
 
 `HFDecoder` is the fallback for anything else: the model's own forward with a `DynamicCache`, cropped
 on rejection; it runs one sequence at a time.
@@ -26,6 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from fastdraft.errors import FastdraftError
 from fastdraft.models import head_token_ids, scatter_to_vocab
+from fastdraft.quantize import WEIGHTS, quantize_int8
 from fastdraft.speculative import native
 from fastdraft.speculative.kvcache import StaticKVCache
 
@@ -160,7 +163,10 @@ class LeanDecoder:
 
     ragged = True
 
-    def __init__(self, model: PreTrainedModel, kernels: str = "auto"):
+    def __init__(self, model: PreTrainedModel, kernels: str = "auto", weights: str = "float"):
+        weights = resolve_weights(model, weights, "lean", kernels)
+        if weights == "int8" and kernels not in ("auto", "native"):
+            raise FastdraftError(f"int8 weights run on the native kernels only (got kernels {kernels!r})")
         reason = lean_unsupported_reason(model)
         if reason:
             raise FastdraftError(f"the lean decoder cannot run this model: {reason}; use backend='hf'")
@@ -183,13 +189,15 @@ class LeanDecoder:
         if self.head_ids is not None:
             self.head = self.head[self.head_ids].contiguous()
         self.rotary = base.rotary_emb
-        self.kernels = choose_kernels(kernels, weight)
+        self.kernels = choose_kernels("native" if weights == "int8" else kernels, weight)
+        self.weights = weights
         self.linear = {"native": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
         self.native_layers = None
         if self.kernels == "native":  # the kernels read plain row-major weights: make sure they are
+            store = quantize_int8 if weights == "int8" else torch.Tensor.contiguous
             for layer in self.layers:
-                layer.wqkv, layer.wo, layer.wgu, layer.wd = (w.contiguous() for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
-            self.head = self.head.contiguous()
+                layer.wqkv, layer.wo, layer.wgu, layer.wd = (store(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
+            self.head = store(self.head)
             # Passes of up to NATIVE_PASS_ROWS rows (decode, verification, short prefills) run natively.
             self.native_layers = native.DecoderLayers(self.layers, self.embed.contiguous(), self.norm.contiguous(), self.heads,
                                                       self.kv_heads, self.head_dim, self.eps, self.scale)
@@ -311,14 +319,31 @@ class HFDecoder:
         return out.logits if logits_at == "all" else out.logits[:, 0]
 
 
-def make_decoder(model: PreTrainedModel, backend: str = "auto", kernels: str = "auto") -> Decoder:
+def resolve_weights(model: PreTrainedModel, weights: str, backend: str = "auto", kernels: str = "auto") -> str:
+    """"float" or "int8" for `weights` ("auto": int8 where the lean decoder's native kernels would run `model`)."""
+    if weights not in WEIGHTS:
+        raise FastdraftError(f"unknown weights {weights!r} (expected one of {', '.join(WEIGHTS)})")
+    if weights != "auto":
+        return weights
+    native_runs = (backend != "hf" and kernels in ("auto", "native") and lean_unsupported_reason(model) is None
+                   and native.unavailable_reason(next(model.parameters())) is None)
+    return "int8" if native_runs else "float"
+
+
+def make_decoder(model: PreTrainedModel, backend: str = "auto", kernels: str = "auto", weights: str = "float") -> Decoder:
     """`backend`: "lean" (fast, Llama family), "hf" (any causal LM), "auto" (lean where it applies).
 
     `kernels` (lean only): "native" (fastdraft's small-batch fp32 CPU kernel), "onednn" (pre-packed fp32 CPU
     linears), "torch" (F.linear), "auto" (native, else oneDNN, where they apply).
+    `weights` (lean, native kernels): "float" (the model's own), "int8" (per-row int8 matrices, see `fastdraft.quantize`)
+    or "auto" (`resolve_weights`).
     """
     if backend not in ("auto", "lean", "hf"):
         raise FastdraftError(f"unknown decoder backend {backend!r} (expected 'auto', 'lean' or 'hf')")
+    weights = resolve_weights(model, weights, backend, kernels)
     if backend == "hf" or (backend == "auto" and lean_unsupported_reason(model)):
+        if weights != "float":
+            raise FastdraftError(f"{weights} weights run on the lean decoder's native kernel, which cannot run this "
+                                 f"model: {lean_unsupported_reason(model) or 'backend hf'}; use float weights")
         return HFDecoder(model)
-    return LeanDecoder(model, kernels)
+    return LeanDecoder(model, kernels, weights)

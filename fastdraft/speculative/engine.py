@@ -28,7 +28,8 @@ import torch
 from transformers import PreTrainedModel
 
 from fastdraft.errors import FastdraftError
-from fastdraft.speculative.decoders import Decoder, make_decoder, right_pad
+from fastdraft.quantize import round_model_to_int8_
+from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
 from fastdraft.speculative.sampling import greedy_accept, rejection_accept, sample, warp_probs
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
@@ -86,17 +87,22 @@ class SpeculativeEngine:
         max_gamma: the upper bound for dynamic gamma.
         backend: "auto" (lean decoder for the Llama family, transformers otherwise), "lean" or "hf".
         kernels: linear kernels of the lean decoder: "auto" (native, else oneDNN, on CPU fp32), "native", "onednn", "torch".
+        draft_weights: "float" (the draft model's own), "int8" or "auto" (int8 where the native kernel runs the draft,
+            `decoders.resolve_weights`). int8: the lean decoder streams the draft's matrices as int8 with per-row
+            scales (`fastdraft.quantize`), a quarter of the bytes per draft step; lossless all the same, since the
+            target verifies every token against the draft distribution actually proposed from.
         target_decoder: `target_model` already prepared by another engine (`engine.target`): engines that pair
             one target with several drafts share its prepared weights instead of holding a copy each.
     """
 
     def __init__(self, target_model: PreTrainedModel, draft_model: PreTrainedModel | None = None, gamma: int = 3,
                  dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto",
-                 target_decoder: Decoder | None = None):
+                 target_decoder: Decoder | None = None, draft_weights: str = "float"):
         if gamma < 0 or max_gamma < 1:
             raise FastdraftError(f"gamma must be >= 0 and max_gamma >= 1 (got gamma={gamma}, max_gamma={max_gamma})")
         self.target: Decoder = target_decoder or make_decoder(target_model, backend, kernels)
-        self.draft: Decoder | None = make_decoder(draft_model, backend, kernels) if draft_model is not None else None
+        self.draft: Decoder | None = (make_decoder(draft_model, backend, kernels, draft_weights)
+                                      if draft_model is not None else None)
         self.device = next(target_model.parameters()).device
         self.gamma, self.dynamic_gamma, self.max_gamma = gamma, dynamic_gamma, max(max_gamma, gamma)
         self.vocab_size = self.target.vocab_size
@@ -106,10 +112,13 @@ class SpeculativeEngine:
 
     @classmethod
     def from_dirs(cls, target_dir: str | Path, draft_dir: str | Path | None = None, dtype: str = "float32",
-                  device: str = "cpu", gamma: int = 3, draft_dtype: str | None = None, **kwargs) -> "SpeculativeEngine":
+                  device: str = "cpu", gamma: int = 3, draft_dtype: str | None = None, draft_weights: str = "float",
+                  **kwargs) -> "SpeculativeEngine":
         """Load a pair from local directories (safetensors); refuses a draft whose tokenizer differs.
 
-        `draft_dtype` defaults to `dtype` (e.g. a bfloat16 target with a float32 draft on GPU).
+        `draft_dtype` defaults to `dtype` (e.g. a bfloat16 target with a float32 draft on GPU). With `draft_weights`
+        "int8" the loaded draft is rounded to the int8 grid first (`round_model_to_int8_`), so that the engine's
+        draft and the HF model it returns as `draft_model` compute the same numbers.
         """
         from fastdraft.checkpoint import load_model
         from fastdraft.tokenizer import check_compatible
@@ -119,7 +128,10 @@ class SpeculativeEngine:
         if draft_dir is not None:
             check_compatible(target_dir, draft_dir)
             draft = load_model(draft_dir, dtype=draft_dtype or dtype, device=device)
-        return cls(target, draft, gamma=gamma, **kwargs)
+            draft_weights = resolve_weights(draft, draft_weights, kwargs.get("backend", "auto"), kwargs.get("kernels", "auto"))
+            if draft_weights == "int8":
+                round_model_to_int8_(draft)
+        return cls(target, draft, gamma=gamma, draft_weights=draft_weights, **kwargs)
 
     @property
     def param_ratio(self) -> float:

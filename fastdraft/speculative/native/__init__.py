@@ -3,7 +3,9 @@ with ctypes.
 
 - `linear` (`skinny_linear.c`): decoding and verification multiply 1 to ~24 rows by every weight matrix, a
   stream over the weights. The kernel reads each weight once and uses it for all rows, with a register tile
-  sized for the CPU's vector registers. Measured on 2 cores (AMD Zen 3, AVX2), a 12-layer 768-wide stack:
+  sized for the CPU's vector registers. Weights are float32, or int8 with a scale per output row
+  (`QuantizedWeight`, a quarter of the bytes to stream: a draft's weights, as the paper deploys its drafts).
+  Measured on 2 cores (AMD Zen 3, AVX2), a 12-layer 768-wide stack:
   18.6 ms at 1 row and 18.7 at 6 (oneDNN pre-packed: 27.7 and 34.6; MKL through F.linear: 37.3 and 74.9).
   Above `MAX_ROWS` rows (prefill, big batches) it hands over to F.linear on the same weights, so no second
   copy of them is kept.
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from fastdraft.quantize import QuantizedWeight
 
 FILES = sorted(Path(__file__).parent.glob("*.[ch]"))  # the sources and their shared header: all in the build hash
 SOURCES = [f for f in FILES if f.suffix == ".c"]
@@ -73,7 +77,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         return None, f"could not build the native kernel: {exc}"
-    lib.skinny_linear_into.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+    lib.skinny_linear_into.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 4
     lib.skinny_linear_into.restype = None
     lib.decoder_layers.argtypes = ([ctypes.POINTER(_CModel)] + [ctypes.c_void_p] * 2 + [ctypes.c_int] * 2
                                    + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 6)
@@ -81,8 +85,12 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
+LAYER_WEIGHTS = ("wqkv", "wo", "wgu", "wd")  # a layer's linear weights: float32 tensors or QuantizedWeight
+LAYER_VECTORS = ("bqkv", "bo", "ln1", "ln2", "q_norm", "k_norm")  # float32 or None
+
+
 class _CLayer(ctypes.Structure):  # decoder_layers.c: Layer
-    _fields_ = [(name, ctypes.c_void_p) for name in ("wqkv", "bqkv", "wo", "bo", "wgu", "wd", "ln1", "ln2", "q_norm", "k_norm")]
+    _fields_ = [(name, ctypes.c_void_p) for name in (*LAYER_WEIGHTS, *LAYER_VECTORS, "s_qkv", "s_o", "s_gu", "s_d")]
 
 
 class _CModel(ctypes.Structure):  # decoder_layers.c: Model
@@ -99,16 +107,18 @@ def unavailable_reason(weight: torch.Tensor | None = None) -> str | None:
     return _library()[1]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for contiguous float32 CPU tensors; the native kernel up to MAX_ROWS rows."""
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for contiguous float32 CPU tensors, weight float32 or int8 (`QuantizedWeight`);
+    the native kernel up to MAX_ROWS rows, F.linear beyond (an int8 weight dequantized for that call: prefills)."""
     k = x.shape[-1]
     rows = x.numel() // k
     if rows > MAX_ROWS:
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight.dequantize() if isinstance(weight, QuantizedWeight) else weight, bias)
     x = x.contiguous()
     n = weight.shape[0]
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
-    _library()[0].skinny_linear_into(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), rows, n, k, 0)
+    w, scale = _weight_ptrs(weight)
+    _library()[0].skinny_linear_into(x.data_ptr(), w, scale, _ptr(bias), y.data_ptr(), rows, n, k, 0)
     return y
 
 
@@ -116,24 +126,34 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _weight_ptrs(weight: torch.Tensor | QuantizedWeight) -> tuple[int, int | None]:
+    """(weights, scales) pointers as the kernel takes them: scales NULL for float32 weights."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.q.data_ptr(), weight.scale.data_ptr()
+    return weight.data_ptr(), None
+
+
 class DecoderLayers:
     """A lean decoder's body in one native call (`decoder_layers.c`): token embeddings, every decoder layer, the final
     norm, for any number of rows; the decoder sends it passes of up to `decoders.NATIVE_PASS_ROWS` rows (decode,
     verification, short prefills) and applies the head itself to the rows it wants.
 
-    `layers` are the lean decoder's own (`decoders._Layer`: fused q|k|v and gate|up weights, row-major float32);
-    they, `embed` and `norm` are referenced, not copied.
+    `layers` are the lean decoder's own (`decoders._Layer`: fused q|k|v and gate|up weights, row-major float32 or
+    `QuantizedWeight`); they, `embed` and `norm` are referenced, not copied.
     """
 
     def __init__(self, layers: list, embed: torch.Tensor, norm: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                  eps: float, scale: float):
-        names = [name for name, _ in _CLayer._fields_]
-        self._weights = [[getattr(layer, name) for name in names] for layer in layers] + [[embed, norm]]  # kept alive
-        for row in self._weights:
-            for w in row:
-                if w is not None and not (w.is_contiguous() and w.dtype == torch.float32 and w.device.type == "cpu"):
-                    raise ValueError("native decoder layers need contiguous float32 CPU weights")
-        self._layers = (_CLayer * len(layers))(*(_CLayer(*map(_ptr, row)) for row in self._weights[:-1]))
+        weights = [[getattr(layer, name) for name in LAYER_WEIGHTS] for layer in layers]
+        vectors = [[getattr(layer, name) for name in LAYER_VECTORS] for layer in layers] + [[embed, norm]]
+        for w in [w for row in weights for w in row] + [v for row in vectors for v in row if v is not None]:
+            t = w.q if isinstance(w, QuantizedWeight) else w
+            if not (t.is_contiguous() and t.dtype in (torch.float32, torch.int8) and t.device.type == "cpu"):
+                raise ValueError("native decoder layers need contiguous float32 (or int8) CPU weights")
+        self._weights = (weights, vectors)  # referenced by the C structs: kept alive here
+        self._layers = (_CLayer * len(layers))(*(
+            _CLayer(*(p for p, _ in map(_weight_ptrs, w)), *map(_ptr, v), *(s for _, s in map(_weight_ptrs, w)))
+            for w, v in zip(weights, vectors)))
         self.hidden, self.heads, self.kv_heads, self.head_dim = embed.shape[1], heads, kv_heads, head_dim
         self.intermediate = layers[0].wd.shape[1]
         self._model = _CModel(len(layers), self.hidden, heads, kv_heads, head_dim, self.intermediate, embed.shape[0], eps,

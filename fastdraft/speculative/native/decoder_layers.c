@@ -9,17 +9,20 @@
  * fused q|k|v projection (+ bias), per-head q/k RMSNorm (Qwen3), rotate-half rope from the model's own
  * cos/sin tables, grouped-query attention over the KV cache where query i of row b sees positions
  * <= offsets[b] + i, output projection and residual, RMSNorm, fused gate|up, SiLU(gate) * up, down and
- * residual. Weights are row-major [out, in]; the cache is [layers, batch, kv_heads, capacity, head_dim].
+ * residual. Weights are row-major [out, in], float32 or int8 with per-row scales; the cache is [layers, batch, kv_heads, capacity, head_dim].
  */
 #include <math.h>
 #include <stddef.h>
 
 #include "simd.h"
 
-void skinny_linear_into(const float *x, const float *w, const float *b, float *y, int M, int N, int K, int accumulate);
+void skinny_linear_into(const float *x, const void *w, const float *scale, const float *b, float *y, int M, int N, int K,
+                        int accumulate);
 
 typedef struct {
-    const float *wqkv, *bqkv, *wo, *bo, *wgu, *wd, *ln1, *ln2, *q_norm, *k_norm;  /* bias and q/k norms may be NULL */
+    const void *wqkv, *wo, *wgu, *wd;  /* float32, or int8 when the layer has scales */
+    const float *bqkv, *bo, *ln1, *ln2, *q_norm, *k_norm;  /* bias and q/k norms may be NULL */
+    const float *s_qkv, *s_o, *s_gu, *s_d;  /* int8 weights' per-row scales; NULL: the weights are float32 */
 } Layer;
 
 typedef struct {
@@ -156,7 +159,7 @@ int decoder_layers(const Model *m, const long long *ids, float *x, int B, int T,
         const Layer *L = &m->layer[l];
         float *K = kcache + l * layer_stride, *V = vcache + l * layer_stride;
         for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * D, L->ln1, h + (size_t)r * D, D, m->eps);
-        skinny_linear_into(h, L->wqkv, L->bqkv, qkv, R, QKV, D, 0);
+        skinny_linear_into(h, L->wqkv, L->s_qkv, L->bqkv, qkv, R, QKV, D, 0);
         /* q and k: optional per-head norm, then rope at each token's position; k and v into the cache. */
         for (int r = 0; r < R; r++) {
             const int b = r / T, pos = offsets[b] + r % T;
@@ -193,9 +196,9 @@ int decoder_layers(const Model *m, const long long *ids, float *x, int B, int T,
             weighted_sum(s, Vb, visible, hd, out);
             for (int d = 0; d < hd; d++) out[d] /= total;
         }
-        skinny_linear_into(att, L->wo, L->bo, x, R, D, nq * hd, 1);  /* x += o_proj(att) */
+        skinny_linear_into(att, L->wo, L->s_o, L->bo, x, R, D, nq * hd, 1);  /* x += o_proj(att) */
         for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * D, L->ln2, h + (size_t)r * D, D, m->eps);
-        skinny_linear_into(h, L->wgu, NULL, gu, R, 2 * I, D, 0);
+        skinny_linear_into(h, L->wgu, L->s_gu, NULL, gu, R, 2 * I, D, 0);
 #pragma omp parallel for schedule(static)
         for (int r = 0; r < R; r++) {  /* act = silu(gate) * up = gate / (1 + e^-gate) * up */
             const float *gate = gu + (size_t)r * 2 * I, *up = gate + I;
@@ -204,7 +207,7 @@ int decoder_layers(const Model *m, const long long *ids, float *x, int B, int T,
             exp_inplace(out, I);
             for (int i = 0; i < I; i++) out[i] = gate[i] / (1.0f + out[i]) * up[i];
         }
-        skinny_linear_into(act, L->wd, NULL, x, R, D, I, 1);  /* x += down_proj(act) */
+        skinny_linear_into(act, L->wd, L->s_d, NULL, x, R, D, I, 1);  /* x += down_proj(act) */
     }
     for (int r = 0; r < R; r++) rms_norm(x + (size_t)r * D, m->norm, x + (size_t)r * D, D, m->eps);
     return 0;
