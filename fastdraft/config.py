@@ -316,6 +316,10 @@ class EvaluateConfig(Strict):
     """Also report greedy decoding (temperature 0)."""
     drafts: list[str] = Field(default_factory=list)
     """Draft directories to compare (e.g. PT, CP, FT); default: the pipeline's drafts."""
+    engine_drafts: list[str] | None = None
+    """Labels of the drafts (e.g. [FT]) whose pairs the engine also runs and times: wall-clock speedup and the greedy
+    identity check. The others are measured offline only (teacher-forced AR, tau and MBSU, the paper's per-stage
+    numbers), which costs a fraction of a timed run. Default: every draft."""
     wall_clock: bool = True
     dynamic_gamma: bool = False
     """Also run the engine with dynamic gamma (backs off when acceptance collapses), reported as its own rows

@@ -14,7 +14,7 @@ Pairs (issue 7):
             "perfect draft" (the ceiling).
 Rows: transformers target alone (`generate`), transformers assisted generation (constant
 `num_assistant_tokens`, confidence threshold 0), fastdraft gamma 0 (target alone, same loop), static gammas
-and dynamic gamma; with the `openvino` extra installed, OpenVINO GenAI's target alone and its speculative
+and dynamic gamma, static gammas with the draft's matrices in int8 (where the native kernel runs it; c in bytes); with the `openvino` extra installed, OpenVINO GenAI's target alone and its speculative
 pipeline (the same float32 weights exported to IR, f32 precision hints, constant `num_assistant_tokens`).
 
 Every configuration runs once per repeat, interleaved, in reverse order every other repeat (a machine that
@@ -31,6 +31,7 @@ the engine's time goes (draft / verify / overhead). Greedy outputs are checked a
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,9 @@ from typing import Callable
 
 import torch
 
+from fastdraft.evaluation.metrics import CostRatio
+from fastdraft.quantize import round_model_to_int8_
+from fastdraft.speculative.decoders import resolve_weights
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
 from fastdraft.speculative.types import SamplingParams, SpecStats
@@ -126,6 +130,12 @@ def rows_for_pair(pair: str, target, drafts: dict, gammas: list[int], hf_gamma: 
                             label, alone="openvino target alone"))
         rows += [Row(pair, f"fastdraft, {label}", g, engine_runner(engine, max_new, g), c, label) for g in gammas]
         rows.append(Row(pair, f"fastdraft dynamic, {label}", None, engine_runner(dynamic, max_new, 3), c, label))
+        if resolve_weights(draft, "auto", backend) == "int8":  # the same draft, its matrices streamed as int8
+            rounded = round_model_to_int8_(copy.deepcopy(draft))
+            engine8 = SpeculativeEngine(target, rounded, backend=backend, draft_weights="int8")
+            c8 = CostRatio.of(rounded, target, "int8").bytes  # the bound counts the bytes a draft step reads
+            rows += [Row(pair, f"fastdraft int8 draft, {label}", g, engine_runner(engine8, max_new, g), c8, label)
+                     for g in gammas]
     return rows
 
 

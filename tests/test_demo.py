@@ -78,16 +78,16 @@ def test_quick_demo_report_structure_and_distillation_fits_the_target(quick_demo
     assert report["schema"] == "fastdraft.eval/1"
     assert set(report["drafts"]) == {"PT", "CP", "FT"}
     assert set(report["tasks"]) == {"code", "instructions", "text"}
-    assert report["settings"]["gamma"] == 3 and report["settings"]["gammas"] == [1, 3]
+    assert report["settings"]["gamma"] == 1 and report["settings"]["gammas"] == [1, 3]
     assert {r["decoding"] for r in report["rows"]} == {"sampled"}  # --quick: the paper's setting only (T 0.6)
     engine = [r for r in report["rows"] if r["method"] == "engine"]
     assert engine and all(r["wall_clock_speedup"] > 0 for r in engine)
     for row in report["rows"]:  # N + truncated = A + F (offline sampled rows hold expected counts: floats)
         assert row["emitted"] + row.get("truncated", 0) == pytest.approx(row["accepted"] + row["target_passes"])
         assert 0 <= (row["acceptance_rate"] or 0) <= 1
-    for draft in ("PT", "CP", "FT"):
-        rows = [r for r in report["rows"] if r["draft"] == draft and r["task"] == "instructions" and r["gamma"] == 3]
-        assert {r["method"] for r in rows} == {"offline", "engine"}
+    for draft in ("PT", "CP", "FT"):  # evaluate.engine_drafts: [FT]: the pair the verdict is about is timed
+        rows = [r for r in report["rows"] if r["draft"] == draft and r["task"] == "instructions" and r["gamma"] == 1]
+        assert {r["method"] for r in rows} == ({"offline", "engine"} if draft == "FT" else {"offline"})
     distill = json.loads((workdir / "pipeline.json").read_text())["stages"]["distill"]["summary"]
     assert distill["val_loss_after"] < distill["val_loss_before"]
 
@@ -157,7 +157,7 @@ def test_readme_serve_run_and_curl_answer_with_the_demo_pair(quick_demo, tmp_pat
         answer = json.loads(res.stdout)
         assert answer["object"] == "chat.completion" and answer["choices"][0]["message"]["content"]
         usage = answer["usage"]
-        assert 1 <= usage["completion_tokens"] <= 48 and usage["speculative"]["gamma"] == 3
+        assert 1 <= usage["completion_tokens"] <= 48 and usage["speculative"]["gamma"] == 1  # the recipe's serve.gamma
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=120)
     finally:

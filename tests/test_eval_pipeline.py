@@ -12,6 +12,7 @@ from fastdraft.checkpoint import read_metadata, save_draft
 from fastdraft.cli import main
 from fastdraft.config import recipe_from_dict
 from fastdraft.errors import FastdraftError, TokenizerMismatchError
+from fastdraft.evaluation import report as rep
 from fastdraft.evaluation.pipeline import run_evaluate
 from fastdraft.tokenizer import load_tokenizer
 
@@ -85,6 +86,26 @@ def test_evaluate_cli_writes_the_report_and_engine_counters_match_the_offline_sw
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
+def test_engine_drafts_times_only_the_named_pairs_and_measures_the_others_offline(ray_session, eval_pair, run_dir,  # noqa: F811
+                                                                                 tmp_path):
+    """evaluate.engine_drafts: [FT]: FT's pair runs in the engine (wall clock, greedy identity); PT is measured
+    offline only, and its headline rows are the offline ones at the headline gamma."""
+    work = tmp_path / "run"
+    shutil.copytree(run_dir / "drafts", work / "drafts")
+    run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], work, engine_drafts=["FT"], dynamic_gamma=False)))
+    report = json.loads((work / "eval" / "report.json").read_text())
+    engine = [r for r in report["rows"] if r["method"] == "engine"]
+    assert {r["draft"] for r in engine} == {"FT"} and len(engine) == 2 * 2  # tasks x decodings
+    assert all(r["wall_clock_speedup"] > 0 for r in engine)
+    pt_offline = [r for r in report["rows"] if r["draft"] == "PT" and r["method"] == "offline"]
+    assert len(pt_offline) == 2 * 2 * 3  # tasks x decodings x gammas: PT still has its acceptance and MBSU
+    headline = rep.headline_rows(report)
+    assert {(r["draft"], r["method"]) for r in headline} == {("FT", "engine"), ("PT", "offline")} and len(headline) == 8
+    with pytest.raises(FastdraftError, match=r"evaluate.engine_drafts: no draft labelled CP \(the drafts are PT, FT\)"):
+        run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], work, engine_drafts=["CP"])))
+
+
 def test_a_draft_with_another_tokenizer_is_refused_before_any_work(eval_pair, tmp_path):  # noqa: F811
     from fastdraft.assets import build_tiny_model, build_tiny_tokenizer
 

@@ -55,7 +55,12 @@ def test_report_json_has_the_documented_structure(report):
 
 
 def test_headline_prefers_engine_rows_and_falls_back_to_offline_at_gamma(report):
-    assert [r["method"] for r in rep.headline_rows(report)] == ["engine"]
+    """One row per draft x task x decoding: the engine's where the pair was timed (here FT/code/greedy only, as
+    with `evaluate.engine_drafts`), else the offline row at the headline gamma."""
+    rows = rep.headline_rows(report)
+    assert len(rows) == 8 and {(r["method"], r["gamma"]) for r in rows} == {("engine", 3), ("offline", 3)}
+    [engine] = [r for r in rows if r["method"] == "engine"]
+    assert (engine["draft"], engine["task"], engine["decoding"]) == ("FT", "code", "greedy")
     offline_only = {**report, "rows": [r for r in report["rows"] if r["method"] == "offline"]}
     rows = rep.headline_rows(offline_only)
     assert len(rows) == 8 and {r["gamma"] for r in rows} == {3}

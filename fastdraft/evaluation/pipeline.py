@@ -122,12 +122,14 @@ class _Timed:
 
 
 def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_gamma: bool, dtype: str, device: str,
-                  warm_prompt: list[int], params: SamplingParams, draft_weights: str = "float") -> tuple:
-    """(target, {label: draft}, {(method, label): engine}, {label: weights}), every engine warmed up on `warm_prompt`.
+                  warm_prompt: list[int], params: SamplingParams, draft_weights: str = "float",
+                  engine_drafts: list[str] | None = None) -> tuple:
+    """(target, {label: draft}, target-alone engine, {(method, label): engine}, {label: weights}), every engine warmed
+    up on `warm_prompt`; pairs for the `engine_drafts` labels only (default: all).
 
-    The target is prepared once (its decoder) and shared by every pair; the target alone runs through the
-    first pair's engine at gamma 0: the same code path. A draft run with int8 weights is rounded to the int8 grid
-    first (`round_model_to_int8_`), so that the offline sweep measures the draft the engine runs."""
+    The target is prepared once (its decoder) and shared by every engine; the target alone runs through the same
+    engine loop with no draft. A draft run with int8 weights is rounded to the int8 grid first
+    (`round_model_to_int8_`), so that the offline sweep measures the draft the engine runs."""
     from fastdraft.checkpoint import load_model
     from fastdraft.quantize import round_model_to_int8_
     from fastdraft.speculative.decoders import resolve_weights
@@ -139,26 +141,32 @@ def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_g
     for label, m in models.items():
         if weights[label] == "int8":
             round_model_to_int8_(m)
-    pairs, shared = {}, None
+    alone = SpeculativeEngine(target, None)
+    pairs, shared = {}, alone.target
+    timed = [label for label in models if engine_drafts is None or label in engine_drafts]
     for method in ("engine", "engine-dynamic") if dynamic_gamma else ("engine",):
-        for label, m in models.items():
+        for label in timed:
+            m = models[label]
             engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared,
                                        draft_weights=weights[label])
             pairs[(method, label)], shared = engine, engine.target
-    for engine in pairs.values():  # first calls pay one-off costs (allocations, kernel choice); a short prefill will do
+    for engine in [alone, *pairs.values()]:  # first calls pay one-off costs (allocations, kernel choice): a short prefill
         for g in (0, gamma):
             engine.generate([warm_prompt[:16]], replace(params, max_new_tokens=4), gamma=g)
-    return target, models, pairs, weights
+    return target, models, alone, pairs, weights
 
 
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
                 gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
-                device: str = "cpu", draft_weights: str = "float", cache: dict | None = None) -> dict:
+                device: str = "cpu", draft_weights: str = "float", engine_drafts: list[str] | None = None,
+                cache: dict | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
     then each draft's pair generates at `gamma` (timed, right after: same cores, same load). Then the
     drafts read each continuation teacher-forced (per-position acceptance), which the gamma sweep replays.
+
+    Only the pairs of `engine_drafts` (default: all) run in the engine; every draft reads the continuations.
 
     Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}, "draft_weights": {label: "float"
     or "int8", as run}} (+ "engine-dynamic" when `dynamic_gamma`: the same pairs with the engine choosing gamma each
@@ -167,13 +175,13 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     """
     from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
 
-    key = (target_dir, tuple(sorted(drafts.items())), gamma, dynamic_gamma, dtype, device, draft_weights)
+    key = (target_dir, tuple(sorted(drafts.items())), gamma, dynamic_gamma, dtype, device, draft_weights,
+           tuple(engine_drafts or ()))
     cache = {} if cache is None else cache
     if key not in cache:
         cache[key] = prepare_pairs(target_dir, drafts, gamma, dynamic_gamma, dtype, device, task.prompts[0].ids, params,
-                                   draft_weights)
-    target, models, pairs, weights = cache[key]
-    alone = next(iter(pairs.values()))
+                                   draft_weights, engine_drafts)
+    target, models, alone, pairs, weights = cache[key]
     timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
     betas: dict[str, list[list[float]]] = {label: [] for label in models}
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
@@ -291,6 +299,10 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
     tok = load_tokenizer(target_dir)
     for label, path in drafts.items():
         check_compatible(tok, load_tokenizer(path), f"target {recipe.target.model}", f"draft {label} ({path})")
+    unknown = sorted(set(cfg.engine_drafts or ()) - set(drafts))
+    if unknown:
+        raise FastdraftError(f"evaluate.engine_drafts: no draft labelled {', '.join(unknown)} (the drafts are "
+                             f"{', '.join(drafts)})")
     tasks = [load_task(t, tok, cfg.seed) for t in cfg.tasks]
     stops = stop_tokens(target_dir)
     params = decodings(cfg, stops)
@@ -303,7 +315,7 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
            "drafts": {k: _files_key(v) for k, v in drafts.items()}}
     jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
                           (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
-                           cfg.dynamic_gamma, cfg.device, cfg.draft_weights))
+                           cfg.dynamic_gamma, cfg.device, cfg.draft_weights, cfg.engine_drafts))
             for t in tasks for d, p in params.items()}
     results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock, cfg.device, cfg.cpus_per_task)
     sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str

@@ -117,12 +117,12 @@ def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, param
 
 
 def headline_rows(report: dict) -> list[dict]:
-    """One row per draft x task x decoding at the headline gamma: the engine's if it ran, else the offline one."""
+    """One row per draft x task x decoding at the headline gamma: the engine's where it ran (timed), else the offline
+    one (a draft left out of `evaluate.engine_drafts`, or a report without wall clock)."""
     gamma = report["settings"]["gamma"]
-    engine = [r for r in report["rows"] if r["method"] in ENGINE_METHODS]
-    if engine:
-        return engine
-    return [r for r in report["rows"] if r["method"] == "offline" and r["gamma"] == gamma]
+    ran = {(r["draft"], r["task"], r["decoding"]) for r in report["rows"] if r["method"] in ENGINE_METHODS}
+    return [r for r in report["rows"] if r["method"] in ENGINE_METHODS
+            or (r["method"] == "offline" and r["gamma"] == gamma and (r["draft"], r["task"], r["decoding"]) not in ran)]
 
 
 def verdict(report: dict, draft: str) -> tuple[bool, list[str]]:
