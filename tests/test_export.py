@@ -150,7 +150,9 @@ def test_openvino_export_of_a_subset_head_gives_minus_infinity_outside_the_subse
     result = export_draft(draft_dir, "openvino", tmp_path / "ov", weights="f32", settings=QUICK)
     assert result.passed
     prompt = check_prompts(tiny_target_dir, 1)[0]
-    request = ov.Core().compile_model(tmp_path / "ov" / "draft" / "openvino_model.xml", "CPU").create_infer_request()
+    from fastdraft.speculative.openvino import F32
+
+    request = ov.Core().compile_model(tmp_path / "ov" / "draft" / "openvino_model.xml", "CPU", F32).create_infer_request()
     n = len(prompt)
     logits = request.infer({"input_ids": np.array([prompt]), "attention_mask": np.ones((1, n), dtype=np.int64),
                             "position_ids": np.arange(n)[None], "beam_idx": np.zeros(1, dtype=np.int32)})["logits"][0]
