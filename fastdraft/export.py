@@ -296,7 +296,6 @@ def check_openvino(target_ir: Path, drafts: dict[str, Path], prompts: list[list[
     return rows
 
 
-
 def export_and_check_hf(draft_dir: Path, target_dir: Path, staging: Path, weights: str, prompts: list[list[int]],
                         settings: CheckSettings) -> list[CheckRow]:
     exported_dir = write_hf(draft_dir, target_dir, staging / "draft", weights)

@@ -14,6 +14,7 @@ tokenizer over the model's vocabulary (ids in, ids out; no text is ever encoded)
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ def compress_weights(graph, weights: str):
     if weights not in ("int8", "int4"):
         return graph
     nncf = require("nncf", "openvino", "int8/int4 weight compression")
+    nncf.set_log_level(logging.WARNING)  # its per-layer bitwidth table is noise in a CLI's output
     if weights == "int8":
         return nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT8_ASYM)
     widths = [int(op.get_output_partial_shape(0)[1].get_length()) for op in graph.get_ops()
