@@ -6,10 +6,12 @@
     tokens = pipe.generate(prompt_ids, max_new_tokens=128, gamma=5)       # greedy, exactly 128 tokens
 
 `export_ir` writes the stateful IR that `openvino_genai.LLMPipeline` reads (inputs input_ids, attention_mask,
-position_ids, beam_idx; logits out; the KV cache as internal state), in float32, from the transformers model in
-memory, with the project's own transformers (optimum-intel, the usual exporter, pins transformers < 5.6). GenAI's
-speculative pipeline insists on a tokenizer even when it is given token ids, so the folder also gets a word-level
-tokenizer over the model's vocabulary (ids in, ids out; no text is ever encoded). Needs the `openvino` extra.
+position_ids, beam_idx; logits out; the KV cache as internal state) from the transformers model in memory, with the
+project's own transformers (optimum-intel, the usual exporter, pins transformers < 5.6). Weights are stored float32
+(the default), float16, or compressed to int8/int4 by NNCF (as `fastdraft export` does); computation stays float32.
+GenAI's speculative pipeline insists on a tokenizer even when it is given token ids, so the folder also gets either
+the model's own tokenizer, converted (text in), or a word-level tokenizer over its vocabulary (ids in, ids out).
+Needs the `openvino` extra.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def compress_weights(graph, weights: str):
     """NNCF's data-free weight compression for "int8"/"int4" (other graphs are returned as they are).
 
     int8: asymmetric, one scale per output channel (NNCF's default, near-lossless). int4: asymmetric in groups
-    of 128 input channels (64 or 32 where 128 does not divide a layer), with NNCF's default int8 backup for the
+    of 128 input channels (64, 32 or 16 where 128 does not divide every layer), with NNCF's default int8 backup for the
     embeddings and the output layer, whose errors cost the most.
     """
     if weights not in ("int8", "int4"):
@@ -128,7 +130,7 @@ def compress_weights(graph, weights: str):
         return nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT8_ASYM)
     widths = [int(op.get_output_partial_shape(0)[1].get_length()) for op in graph.get_ops()
               if op.get_type_name() == "Constant" and len(op.get_output_partial_shape(0)) == 2]
-    group = next(g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths))
+    group = next((g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)), -1)  # -1: NNCF's per-channel
     return nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group, ratio=1.0)
 
 
