@@ -5,6 +5,7 @@
     fastdraft prepare|pretrain|generate|distill|evaluate|serve RECIPE [--set key.sub=value ...]
     fastdraft make-draft --target PATH_OR_ID --params 50M --out DIR
     fastdraft check-pair TARGET DRAFT
+    fastdraft export RUN_OR_DRAFT --format openvino|hf [--weights int8|int4|f16|f32] --out DIR
 
 User errors (bad recipe, missing path, tokenizer mismatch) print one sentence and exit 2.
 """
@@ -92,6 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-pair", help="check that a target and a draft share the exact tokenizer")
     p.add_argument("target")
     p.add_argument("draft")
+
+    p = sub.add_parser("export", help="write a draft in an engine's format (hf, openvino) and check it against its source")
+    p.add_argument("source", metavar="RUN_OR_DRAFT", help="a draft directory, a recipe (its final draft) or a run's workdir")
+    p.add_argument("--format", dest="fmt", required=True, help="hf (transformers assistant_model), openvino (GenAI draft_model), gguf")
+    p.add_argument("--weights", default=None, help="openvino: int8 (default), int4, f16, f32; hf: f32 (default), f16")
+    p.add_argument("--out", required=True, help="export folder (new, empty, or a previous export, replaced once the new one is checked)")
+    p.add_argument("--target", default=None, help="the target to check against (default: the one the draft was made for)")
+    p.add_argument("--with-target", action="store_true", help="openvino: export the target too, for a deployable pair")
+    p.add_argument("--prompts", type=int, default=8, help="check: built-in instruction prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="check: new tokens per prompt")
+    p.add_argument("--gamma", type=int, default=4, help="check: draft tokens per round")
+    p.add_argument("--threads", type=int, default=0, help="check: OpenVINO inference threads (0: the plugin's default)")
     return parser
 
 
@@ -120,6 +133,18 @@ def run_command(args: argparse.Namespace) -> int:
         from fastdraft.tokenizer import check_compatible
 
         print(check_compatible(args.target, args.draft))
+        return 0
+    if args.command == "export":
+        from fastdraft.export import CheckSettings, check_table, export_draft
+
+        result = export_draft(args.source, args.fmt, args.out, args.weights, args.target, args.with_target,
+                              CheckSettings(args.prompts, args.max_new_tokens, args.gamma, args.threads))
+        print(check_table(result.rows))
+        print(f"exported to {result.out} (check: {result.out / 'export.json'}, card: {result.out / 'README.md'})")
+        if not result.passed:  # the folder is kept, to look into; the exit code says the check failed
+            print("fastdraft export: error: speculative greedy output differs from the target's own (see the table)",
+                  file=sys.stderr)
+            return 1
         return 0
     if args.command == "demo":
         _print_summary(resolve_stage("demo")(quick=args.quick, workdir=args.workdir, overrides=args.overrides))

@@ -38,6 +38,11 @@ WHERE_RUN = {
     "fastdraft serve jobs/recipes/": "test_serve_cli.py::test_fastdraft_serve_starts_answers_and_stops_on_sigterm",
     "serve run apps/serve_demo.yaml": "test_demo.py::test_readme_serve_run_and_curl_answer_with_the_demo_pair",
     "curl localhost:8000/v1/chat/completions": "test_demo.py::test_readme_serve_run_and_curl_answer_with_the_demo_pair",
+    # On the demo's draft after `fastdraft demo`; the same commands run on the tiny draft in test_export.py.
+    "fastdraft export runs/demo --format openvino --out": "test_export.py::test_openvino_int8_pair_runs_in_genai_with_a_draft_model_and_the_targets_greedy_output",
+    "fastdraft export runs/demo --format openvino --with-target": "test_export.py::test_openvino_int8_pair_runs_in_genai_with_a_draft_model_and_the_targets_greedy_output",
+    "fastdraft export runs/demo --format hf": "test_export.py::test_hf_export_is_a_plain_transformers_assistant_whose_greedy_output_is_the_targets"
+                                              " + test_export.py::test_a_workdir_exports_its_draft_with_the_most_stages",
     "python jobs/bench_prepare.py": "test_benchmarks.py::test_bench_prepare_compares_the_pipeline_with_a_plain_loop_at_two_sizes",
     "python jobs/bench_generate.py": "test_benchmarks.py::test_bench_generate_times_the_loop_both_batched_engines_and_the_ray_pipeline",
     "python jobs/bench_train.py": "test_benchmarks.py::test_bench_train_compares_ray_train_with_a_plain_loop",

@@ -6,19 +6,23 @@
     tokens = pipe.generate(prompt_ids, max_new_tokens=128, gamma=5)       # greedy, exactly 128 tokens
 
 `export_ir` writes the stateful IR that `openvino_genai.LLMPipeline` reads (inputs input_ids, attention_mask,
-position_ids, beam_idx; logits out; the KV cache as internal state), in float32, from the transformers model in
-memory, with the project's own transformers (optimum-intel, the usual exporter, pins transformers < 5.6). GenAI's
-speculative pipeline insists on a tokenizer even when it is given token ids, so the folder also gets a word-level
-tokenizer over the model's vocabulary (ids in, ids out; no text is ever encoded). Needs the `openvino` extra.
+position_ids, beam_idx; logits out; the KV cache as internal state) from the transformers model in memory, with the
+project's own transformers (optimum-intel, the usual exporter, pins transformers < 5.6). Weights are stored float32
+(the default), float16, or compressed to int8/int4 by NNCF (as `fastdraft export` does); computation stays float32.
+GenAI's speculative pipeline insists on a tokenizer even when it is given token ids, so the folder also gets either
+the model's own tokenizer, converted (text in), or a word-level tokenizer over its vocabulary (ids in, ids out).
+Needs the `openvino` extra.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from fastdraft.errors import FastdraftError, require
 
@@ -48,11 +52,21 @@ class _WithExplicitCache(torch.nn.Module):
         return (out.logits, *(t for layer in out.cache.layers for t in (layer.keys, layer.values)))
 
 
-def export_ir(model: PreTrainedModel, out_dir: str | Path) -> Path:
-    """Write `model` (a float32 transformers causal LM with a KV cache per layer: the Llama family) as a float32
-    stateful OpenVINO IR that GenAI's LLMPipeline loads. A previous export in `out_dir` is replaced; a folder
-    holding anything else is refused."""
+IR_WEIGHTS = ("f32", "f16", "int8", "int4")
+"""How `export_ir` stores weights: as traced, as float16, or compressed by NNCF (computation stays float32)."""
+
+
+def export_ir(model: PreTrainedModel, out_dir: str | Path, weights: str = "f32",
+              tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+    """Write `model` (a float32 transformers causal LM with a KV cache per layer: the Llama family) as a
+    stateful OpenVINO IR that GenAI's LLMPipeline loads, its weights stored as `weights` (IR_WEIGHTS). A previous
+    export in `out_dir` is replaced; a folder holding anything else is refused.
+
+    `tokenizer` (the model's transformers tokenizer) is converted for GenAI, so the folder takes text; without
+    one the folder gets the word-level id tokenizer (ids in, ids out)."""
     ov = _openvino()
+    if weights not in IR_WEIGHTS:
+        raise FastdraftError(f"unknown IR weights {weights!r} (expected one of {', '.join(IR_WEIGHTS)})")
     ops = require("openvino.opset13", "openvino", "OpenVINO export")
     from openvino._offline_transformations import apply_make_stateful_transformation
 
@@ -94,24 +108,47 @@ def export_ir(model: PreTrainedModel, out_dir: str | Path) -> Path:
         if op.get_type_name() == "ReadValue":  # the CPU plugin needs an initializer: [batch, kv_heads, 0, head_dim]
             op.set_arguments([ops.broadcast(ops.constant(0.0, ov.Type.f32), empty)])
     graph.validate_nodes_and_infer_types()
-    ov.save_model(graph, out / "openvino_model.xml", compress_to_fp16=False)
+    ov.save_model(compress_weights(graph, weights), out / "openvino_model.xml", compress_to_fp16=weights == "f16")
     cfg.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    _write_id_tokenizer(cfg.vocab_size, out)
+    _write_tokenizer(tokenizer or _id_tokenizer(cfg.vocab_size), out)
     return out
 
 
-def _write_id_tokenizer(vocab_size: int, out: Path) -> None:
+def compress_weights(graph, weights: str):
+    """NNCF's data-free weight compression for "int8"/"int4" (other graphs are returned as they are).
+
+    int8: asymmetric, one scale per output channel (NNCF's default, near-lossless). int4: asymmetric in groups
+    of 128 input channels (64, 32 or 16 where 128 does not divide every layer), with NNCF's default int8 backup for the
+    embeddings and the output layer, whose errors cost the most.
+    """
+    if weights not in ("int8", "int4"):
+        return graph
+    nncf = require("nncf", "openvino", "int8/int4 weight compression")
+    nncf.set_log_level(logging.WARNING)  # its per-layer bitwidth table is noise in a CLI's output
+    if weights == "int8":
+        return nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    widths = [int(op.get_output_partial_shape(0)[1].get_length()) for op in graph.get_ops()
+              if op.get_type_name() == "Constant" and len(op.get_output_partial_shape(0)) == 2]
+    group = next((g for g in (128, 64, 32, 16) if all(w % g == 0 for w in widths)), -1)  # -1: NNCF's per-channel
+    return nncf.compress_weights(graph, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group, ratio=1.0)
+
+
+def _id_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
     """A word-level tokenizer whose token i is the word "t{i}": GenAI requires one; we only pass and read ids."""
-    ov = _openvino()
-    convert = require("openvino_tokenizers", "openvino", "OpenVINO export").convert_tokenizer
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
     words.pre_tokenizer, words.decoder = pre_tokenizers.WhitespaceSplit(), decoders.WordPiece()
-    hf = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0")
-    encoder, decoder = convert(hf, with_detokenizer=True)
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0")
+
+
+def _write_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """openvino_tokenizer.xml and openvino_detokenizer.xml, converted by openvino_tokenizers."""
+    ov = _openvino()
+    convert = require("openvino_tokenizers", "openvino", "OpenVINO export").convert_tokenizer
+    encoder, decoder = convert(tokenizer, with_detokenizer=True)
     ov.save_model(encoder, out / "openvino_tokenizer.xml")
     ov.save_model(decoder, out / "openvino_detokenizer.xml")
 
@@ -128,6 +165,10 @@ class GenAIPipeline:
 
     def generate(self, prompt: list[int], max_new_tokens: int, gamma: int = 0) -> list[int]:
         """Greedy, exactly `max_new_tokens` new token ids (EOS ignored); `gamma` draft tokens per round, constant."""
+        return self.run(prompt, max_new_tokens, gamma).tokens
+
+    def run(self, prompt: list[int], max_new_tokens: int, gamma: int = 0) -> "GenAIRun":
+        """`generate`, with the draft tokens GenAI proposed and accepted (0 and 0 without a draft)."""
         import numpy as np
 
         # ignore_eos runs on past EOS like transformers without an eos_token_id; min_new_tokens would instead mask
@@ -136,4 +177,18 @@ class GenAIPipeline:
         if self.speculative:
             cfg.num_assistant_tokens = gamma
         result = self._pipe.generate(_openvino().Tensor(np.array([prompt], dtype=np.int64)), cfg)
-        return [int(t) for t in result.tokens[0]]
+        tokens = [int(t) for t in result.tokens[0]]
+        if not self.speculative:
+            return GenAIRun(tokens, 0, 0)
+        counts = result.extended_perf_metrics  # SDPerModelsPerfMetrics: the speculative pipeline's own counters
+        return GenAIRun(tokens, int(counts.get_num_draft_tokens()), int(counts.get_num_accepted_tokens()))
+
+
+@dataclass
+class GenAIRun:
+    """One greedy generation by `GenAIPipeline`: the new tokens and GenAI's draft counters (D and A of
+    fastdraft.evaluation.metrics)."""
+
+    tokens: list[int]
+    drafted: int
+    accepted: int
