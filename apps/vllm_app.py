@@ -5,7 +5,7 @@ with the FastDraft draft through `speculative_config={"method": "draft_model", .
 release with PR #24322; older ones raise `NotImplementedError ... draft model`). The draft directory
 is an ordinary Hugging Face directory in the target's vocabulary, so vLLM takes it as it is.
 Ray Serve LLM places the engine (placement groups: GPUs are not requested twice) and serves the same
-OpenAI routes as `apps/speculative.py`.
+OpenAI routes as `fastdraft/serving/app.py`.
 
     serve run apps/serve_vllm.yaml                                  # the config file (edit the paths)
     serve run apps.vllm_app:build_app recipe=jobs/recipes/llama31-8b.yaml accelerator_type=H100
@@ -21,7 +21,7 @@ import argparse
 import sys
 from typing import Any
 
-from apps.speculative import APP_NAME, PairSpec, recipe_from_args, resolve_pair
+from fastdraft.serving.app import APP_NAME, PairSpec, recipe_from_args, resolve_pair
 from fastdraft.errors import require
 
 DEFAULT_ACCELERATOR = None  # any GPU; set e.g. "H100" or "A10G" to pin the node type

@@ -26,7 +26,7 @@ STAGES = {
     "generate": "fastdraft.generation.pipeline:run_generate",
     "distill": "fastdraft.training.distill:run_distill",
     "evaluate": "fastdraft.evaluation.pipeline:run_evaluate",
-    "serve": "apps.speculative:run_serve",
+    "serve": "fastdraft.serving.app:run_serve",
     "run": "fastdraft.pipeline:run_pipeline",
     "demo": "fastdraft.pipeline:run_demo",
 }
@@ -54,7 +54,12 @@ def resolve_stage(name: str):
 
 
 def demo_recipe_path() -> Path:
-    return Path(__file__).resolve().parent.parent / "jobs" / "recipes" / "demo.yaml"
+    """The demo recipe of the checkout fastdraft is installed from (recipes are data files, not a package)."""
+    path = Path(__file__).resolve().parent.parent / "jobs" / "recipes" / "demo.yaml"
+    if not path.is_file():
+        raise FastdraftError(f"the demo recipe is not at {path}: `fastdraft demo` runs from a checkout "
+                             f"(git clone, then pip install -e .)")
+    return path
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:

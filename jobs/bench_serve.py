@@ -89,7 +89,7 @@ def agreeing_pair_dirs(root: Path) -> tuple[Path, Path]:
 
 def resolve_spec(args):
     """The pair to serve: --target/--draft; else (--pair auto) the recipe's trained draft, else the agreeing pair."""
-    from apps.speculative import recipe_from_args, resolve_pair
+    from fastdraft.serving.app import recipe_from_args, resolve_pair
     from fastdraft.assets import resolve_model_path
     from fastdraft.errors import RecipeError
 
@@ -210,7 +210,7 @@ def kill_phase(url: str, prompts: list[str], args) -> dict:
     """Speculative load with the model replica's process killed a third of the way in."""
     from ray import serve
 
-    from apps.speculative import APP_NAME
+    from fastdraft.serving.app import APP_NAME
 
     handle = serve.get_deployment_handle("SpeculativePair", APP_NAME)
     pid = handle.info.remote().result()["pid"]
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray import serve
 
-    from apps.speculative import APP_NAME, build_pair_app
+    from fastdraft.serving.app import APP_NAME, build_pair_app
     from fastdraft.raycluster import ensure_ray
 
     spec, source = resolve_spec(args)

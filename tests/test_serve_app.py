@@ -52,7 +52,7 @@ def _free_port() -> int:
 def server(ray_session, tiny_target_dir, tiny_draft_dir):
     from ray import serve
 
-    from apps.speculative import build_app
+    from fastdraft.serving.app import build_app
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

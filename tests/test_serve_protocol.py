@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apps import protocol as P
+from fastdraft.serving import protocol as P
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = P.Limits(model_name="fastdraft", max_tokens_cap=64, max_n=4, max_gamma=8, context_length=128, speculative=True,
@@ -133,7 +133,7 @@ def test_usage_sums_choices_and_recomputes_rates():
 
 # ---- app configuration: resolve and check the pair, deployment options, config files ----
 def test_serve_args_resolve_the_pair_and_apply_overrides(tiny_target_dir, tiny_draft_dir):
-    from apps.speculative import pair_options, recipe_from_args, resolve_pair
+    from fastdraft.serving.app import pair_options, recipe_from_args, resolve_pair
 
     spec = resolve_pair(recipe_from_args({"target": str(tiny_target_dir), "draft": str(tiny_draft_dir), "gamma": "5",
                                           "num_replicas": "auto", "max_replicas": 3}))
@@ -145,7 +145,7 @@ def test_serve_args_resolve_the_pair_and_apply_overrides(tiny_target_dir, tiny_d
 
 
 def test_a_mismatched_pair_refuses_to_start_with_the_report(tiny_target_dir, smollm2_dir, tmp_path):
-    from apps.speculative import recipe_from_args, resolve_pair
+    from fastdraft.serving.app import recipe_from_args, resolve_pair
     from fastdraft.errors import TokenizerMismatchError
 
     with pytest.raises(TokenizerMismatchError, match="vocabulary size"):
@@ -153,7 +153,7 @@ def test_a_mismatched_pair_refuses_to_start_with_the_report(tiny_target_dir, smo
 
 
 def test_bad_serve_args_name_the_key(tiny_target_dir, tmp_path, monkeypatch):
-    from apps.speculative import recipe_from_args, resolve_pair
+    from fastdraft.serving.app import recipe_from_args, resolve_pair
     from fastdraft.config import recipe_from_dict
     from fastdraft.errors import RecipeError
 
@@ -175,13 +175,14 @@ def test_bad_serve_args_name_the_key(tiny_target_dir, tmp_path, monkeypatch):
 def test_serve_demo_yaml_is_a_valid_serve_config_for_this_app():
     from ray.serve.schema import ServeDeploySchema
 
-    from apps import speculative
+    from apps import speculative as entry
+    from fastdraft.serving import app as speculative
 
     data = yaml.safe_load((REPO / "apps/serve_demo.yaml").read_text())
     schema = ServeDeploySchema.model_validate(data)
     [app] = schema.applications
     module, attr = app.import_path.split(":")
-    assert module == "apps.speculative" and callable(getattr(speculative, attr))
+    assert module == "apps.speculative" and getattr(entry, attr) is speculative.build_app
     names = {d["name"] for d in data["applications"][0]["deployments"]}
     assert names == {speculative.SpeculativePair.name, speculative.OpenAIIngress.name}
     args = dict(app.args)
@@ -207,7 +208,7 @@ def test_serve_vllm_yaml_is_valid_ray_serve_llm_config_with_draft_model_speculat
 def test_vllm_config_from_a_recipe_pair_validates(tiny_target_dir, tiny_draft_dir):
     from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
 
-    from apps.speculative import recipe_from_args, resolve_pair
+    from fastdraft.serving.app import recipe_from_args, resolve_pair
     from apps.vllm_app import serve_config, vllm_llm_config
 
     spec = resolve_pair(recipe_from_args({"target": str(tiny_target_dir), "draft": str(tiny_draft_dir), "gamma": 4}))
@@ -234,7 +235,7 @@ def test_vllm_app_without_vllm_says_what_to_install(tiny_target_dir, tiny_draft_
 
 
 def test_a_generation_cut_by_a_dead_replica_continues_from_what_was_streamed():
-    from apps.speculative import _continuation
+    from fastdraft.serving.app import _continuation
     from fastdraft.speculative.types import SamplingParams
 
     base = {"prompt_ids": [1, 2, 3], "params": SamplingParams(max_new_tokens=10, seed=5, stop_token_ids=(0,)), "gamma": 3}

@@ -1,6 +1,6 @@
 """The OpenAI-compatible wire format of fastdraft's server: requests, responses, errors, streaming.
 
-Pure code (pydantic + a tokenizer), no Ray: `apps/speculative.py` wires it into Ray Serve. What the
+Pure code (pydantic + a tokenizer), no Ray: `fastdraft/serving/app.py` wires it into Ray Serve. What the
 server speaks:
 
     POST /v1/completions          prompt: str | [str] | [int] | [[int]]      (stream: true -> SSE)
