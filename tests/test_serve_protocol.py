@@ -188,7 +188,7 @@ def test_serve_demo_yaml_is_a_valid_serve_config_for_this_app():
     args = dict(app.args)
     assert (REPO / args["recipe"]).is_file()
     recipe = speculative.recipe_from_args({**args, "recipe": str(REPO / args["recipe"])})  # every arg is a known field
-    assert recipe.serve.gamma == 3
+    assert recipe.serve.gamma == 1  # the demo recipe's serve.gamma
 
 
 def test_serve_vllm_yaml_is_valid_ray_serve_llm_config_with_draft_model_speculation():
