@@ -118,14 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         measured["ray"] = bench_ray(args.model, args.prompts, args.max_new_tokens, args.batch_size, args.threads,
                                     Path(tempfile.mkdtemp(prefix="bench-generate-")), args.ray_engine)
     for name, (seconds, tokens) in measured.items():
-        results[name] = {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": round(tokens / seconds, 2)}
+        results[name] = {"seconds": round(seconds, 3), "tokens": tokens, "tokens_per_s": tokens / seconds}
     base = results.get("loop", {}).get("tokens_per_s")
     for r in results.values():
-        r["speedup_vs_loop"] = round(r["tokens_per_s"] / base, 2) if base else None
+        # Three significant figures, not two decimals: a tiny run's Ray row (start-up dominated) is ~0.005x.
+        r["speedup_vs_loop"] = float(f"{r['tokens_per_s'] / base:.3g}") if base else None
+        r["tokens_per_s"] = float(f"{r['tokens_per_s']:.4g}")
 
     print(f"\n{'mode':<9} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'vs loop':>8}")
     for name, r in results.items():
-        print(f"{name:<9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_loop'] or 0:>7.2f}x")
+        print(f"{name:<9} {r['tokens']:>7} {r['seconds']:>8.1f} {r['tokens_per_s']:>8.1f} {r['speedup_vs_loop'] or 0:>7.3g}x")
     report = {"model": args.model, "prompts": len(prompts), "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
               "ray_engine": args.ray_engine,
               "threads": args.threads, "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
