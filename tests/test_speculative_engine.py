@@ -190,6 +190,168 @@ def test_gamma_controller_backs_off_when_acceptance_collapses():
     assert 1 in tail
 
 
+@pytest.mark.parametrize("pair", ["agreeing", "random"])
+def test_min_new_tokens_masks_stop_tokens_and_stays_exact(pairs, pair):
+    """Stop tokens are masked until min_new_tokens are out: greedy output equals transformers'
+    `generate(min_new_tokens=...)`, with stops that would have ended the text early; sampling never stops early."""
+    from transformers import GenerationConfig
+
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(4, seed=11)
+    free = [hf_greedy(target, p, 30, stop=2) for p in prompts]
+    # The first output's first token as a stop token: without the mask it ends that text at once.
+    stop = free[0][0]
+    [early] = engine.generate(prompts[:1], SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)), gamma=3)
+    assert early.token_ids == [stop] and early.finish_reason == "stop"
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=30, min_new_tokens=12, eos_token_id=[2, stop], pad_token_id=0)
+    with torch.inference_mode():
+        refs = [target.generate(torch.tensor([p]), generation_config=cfg)[0, len(p):].tolist() for p in prompts]
+    assert len(refs[0]) >= 12 and stop not in refs[0][:11]
+    for gamma in (1, 3, 6):
+        params = SamplingParams(max_new_tokens=30, min_new_tokens=12, stop_token_ids=(2, stop))
+        results = engine.generate(prompts, params, gamma=gamma)
+        assert [r.token_ids for r in results] == refs, f"gamma {gamma}"
+        check_counters(results, engine)
+    sampled = engine.generate(prompts * 4, SamplingParams(temperature=1.0, max_new_tokens=30, min_new_tokens=12,
+                                                          stop_token_ids=(2, stop), seed=3), gamma=3)
+    assert all(len(r.token_ids) >= 12 and not {2, stop} & set(r.token_ids[:11]) for r in sampled)
+
+
+def reference_greedy(model, prompt: list[int], max_new: int, stops=(2,), presence=0.0, frequency=0.0, repetition=1.0,
+                     bias: dict | None = None, allowed=None) -> tuple[list[int], list[float]]:
+    """Plain target greedy, one full forward per token, with the penalties written out token by token (the oracle
+    for penalized speculative decoding); also the log-softmax of the penalized logits at each chosen token."""
+    ids, out, lps = list(prompt), [], []
+    for _ in range(max_new):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].clone()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        if allowed is not None:
+            keep = logits[list(allowed)].clone()
+            logits[:] = float("-inf")
+            logits[list(allowed)] = keep
+        for t in set(ids) if repetition != 1.0 else ():
+            logits[t] = logits[t] * repetition if logits[t] < 0 else logits[t] / repetition
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        tok = int(logits.argmax())
+        lps.append(float(logits.log_softmax(-1)[tok]))
+        out.append(tok)
+        ids.append(tok)
+        if tok in stops:
+            break
+    return out, lps
+
+
+PENALTIES = {
+    "presence": dict(presence_penalty=1.5),
+    "frequency": dict(frequency_penalty=0.8),
+    "repetition": dict(repetition_penalty=1.6),
+    "bias": dict(logit_bias=((5, 4.0), (9, -100.0), (17, 2.5))),
+    "all": dict(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, logit_bias=((5, 3.0),)),
+}
+
+
+@pytest.mark.parametrize("pair", ["agreeing", "random"])
+@pytest.mark.parametrize("kind", list(PENALTIES))
+def test_penalized_greedy_equals_penalized_target_greedy(pairs, pair, kind):
+    """Penalties and logit_bias apply to both models' logits before acceptance, over the tokens before each
+    verified position (the draft's proposals included): output equals plain target greedy under the same penalty."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(3, seed=13)
+    kw = PENALTIES[kind]
+    ref_kw = dict(presence=kw.get("presence_penalty", 0.0), frequency=kw.get("frequency_penalty", 0.0),
+                  repetition=kw.get("repetition_penalty", 1.0), bias=dict(kw.get("logit_bias", ())))
+    refs = [reference_greedy(target, p, 24, **ref_kw)[0] for p in prompts]
+    plain = [hf_greedy(target, p, 24, stop=2) for p in prompts]
+    assert refs != plain  # the penalty changes the text
+    for gamma in (1, 4):
+        results = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=(2,), **kw), gamma=gamma)
+        assert [r.token_ids for r in results] == refs, f"gamma {gamma}"
+        check_counters(results, engine)
+
+
+def test_repetition_penalty_equals_transformers_generate(pairs):
+    target, draft = pairs["agreeing"]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(3, seed=17)
+    with torch.inference_mode():
+        refs = [target.generate(torch.tensor([p]), do_sample=False, max_new_tokens=24, repetition_penalty=1.4,
+                                eos_token_id=2, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=24, stop_token_ids=(2,), repetition_penalty=1.4), gamma=3)
+    assert [r.token_ids for r in results] == refs
+
+
+def test_allowed_token_ids_restrict_the_output_exactly(pairs):
+    target, draft = pairs["random"]
+    allowed = tuple(range(40, 60)) + (2,)
+    prompts = make_prompts(2, seed=19)
+    refs = [reference_greedy(target, p, 20, allowed=allowed)[0] for p in prompts]
+    results = SpeculativeEngine(target, draft).generate(
+        prompts, SamplingParams(max_new_tokens=20, stop_token_ids=(2,), allowed_token_ids=allowed), gamma=3)
+    assert [r.token_ids for r in results] == refs and all(set(r) <= set(allowed) for r in refs)
+
+
+@pytest.mark.parametrize("pair", ["agreeing", "random"])
+def test_logprobs_are_the_targets_at_every_position(pairs, pair):
+    """Accepted draft tokens and corrections alike get the target's log-probability (its penalized logits), the
+    top-k the target's own ranking there; streamed with the tokens."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(2, seed=23)
+    streamed: dict[int, list] = {0: [], 1: []}
+    params = SamplingParams(max_new_tokens=20, stop_token_ids=(2,), frequency_penalty=0.3, logprobs=3)
+    results = engine.generate(prompts, params, gamma=3, on_tokens=lambda i, ids, lps: streamed[i].extend(lps))
+    for p, r, i in zip(prompts, results, range(2)):
+        ref, ref_lps = reference_greedy(target, p, 20, frequency=0.3)
+        assert r.token_ids == ref
+        assert r.logprobs == pytest.approx(ref_lps, abs=1e-9)
+        assert [e[0] for e in streamed[i]] == r.logprobs and [e[1] for e in streamed[i]] == r.top_logprobs
+        for tok, lp, top in zip(r.token_ids, r.logprobs, r.top_logprobs):
+            assert len(top) == 3 and top[0] == (tok, pytest.approx(lp))  # greedy: the chosen token ranks first
+            assert top[0][1] >= top[1][1] >= top[2][1]
+    assert results[0].stats.accepted > 0 or pair == "random"
+    sampled = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=12, logprobs=0, seed=1), gamma=3)
+    for p, r in zip(prompts, sampled):
+        with torch.inference_mode():
+            full = target(torch.tensor([p + r.token_ids])).logits[0].log_softmax(-1)
+        want = [float(full[len(p) - 1 + j, t]) for j, t in enumerate(r.token_ids)]
+        assert r.logprobs == pytest.approx(want, abs=1e-9) and r.top_logprobs == [[] for _ in r.token_ids]
+
+
+def test_should_stop_ends_one_row_within_a_round_and_the_rest_stay_exact(pairs):
+    target, draft = pairs["agreeing"]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(3, seed=29)
+    refs = [hf_greedy(target, p, 30, stop=-1) for p in prompts]
+    rounds = {0: 0, 1: 0, 2: 0}
+
+    def should_stop(i):
+        rounds[i] += 1
+        return "abort" if i == 1 and rounds[i] == 2 else None
+
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=30), gamma=3, should_stop=should_stop)
+    assert results[1].finish_reason == "abort" and 2 <= len(results[1].token_ids) <= 8  # two rounds of at most 4
+    assert results[1].token_ids == refs[1][:len(results[1].token_ids)]
+    assert [results[0].token_ids, results[2].token_ids] == [refs[0], refs[2]]
+    assert rounds[1] == 2  # never asked again
+
+
+def test_a_continuation_counts_its_prior_output_for_penalties_and_min_tokens(pairs):
+    target, draft = pairs["random"]
+    engine = SpeculativeEngine(target, draft)
+    [prompt] = make_prompts(1, seed=31)
+    params = SamplingParams(max_new_tokens=24, stop_token_ids=(2,), presence_penalty=2.0, frequency_penalty=0.5)
+    [whole] = engine.generate([prompt], params, gamma=3)
+    k = 7
+    [rest] = engine.generate([prompt + whole.token_ids[:k]], SamplingParams(**{**params.__dict__, "max_new_tokens": 24 - k}),
+                             gamma=3, prior_output=[k])
+    assert whole.token_ids[:k] + rest.token_ids == whole.token_ids
+
+
 def test_streaming_reports_every_token_in_order(pairs):
     target, draft = pairs["factory"]
     engine = SpeculativeEngine(target, draft, gamma=3)
@@ -210,6 +372,10 @@ def test_bad_input_gets_clear_errors(pairs, tiny_target_dir, tiny_draft_dir, ass
         engine.generate([[5]], SamplingParams(), gamma=-1)
     with pytest.raises(FastdraftError, match="top_p"):
         engine.generate([[5]], SamplingParams(temperature=1.0, top_p=0.0))
+    with pytest.raises(FastdraftError, match="logit_bias"):
+        engine.generate([[5]], SamplingParams(logit_bias=((10_000, 1.0),)))
+    with pytest.raises(FastdraftError, match="min_new_tokens"):
+        engine.generate([[5]], SamplingParams(max_new_tokens=4, min_new_tokens=5))
     assert engine.generate([], SamplingParams()) == []
     from fastdraft.assets import build_tiny_model, build_tiny_tokenizer
 

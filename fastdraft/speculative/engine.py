@@ -31,10 +31,14 @@ from fastdraft.errors import FastdraftError
 from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
-from fastdraft.speculative.sampling import greedy_accept, rejection_accept, sample, warp_probs
+from fastdraft.speculative.sampling import greedy_accept, history, process_logits, rejection_accept, sample, warp_probs
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
 
-OnTokens = Callable[[int, list[int]], None]
+OnTokens = Callable[..., None]
+"""on_tokens(i, new_ids), or on_tokens(i, new_ids, logprobs) with `SamplingParams.logprobs` set, where logprobs holds
+one (log-probability, [(token id, log-probability), ...top k]) per new id."""
+ShouldStop = Callable[[int], "str | None"]
+"""should_stop(i) -> None to go on, or a finish reason (e.g. "abort", "timeout") that ends prompt i's generation now."""
 
 
 class _Timer:
@@ -58,16 +62,29 @@ class _Timer:
 class _Batch:
     """The live rows of one batched generation: tokens so far, results, and where each cache ends."""
 
-    def __init__(self, prompts: list[list[int]], params: SamplingParams):
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, prior_output: list[int]):
         self.tokens = [list(p) for p in prompts]
         self.prompt_len = [len(p) for p in prompts]
+        self.output_start = [len(p) - k for p, k in zip(prompts, prior_output)]  # output tokens begin here
         self.rows = list(range(len(prompts)))       # row r of the caches holds sequence rows[r]
         self.draft_len = [len(p) - 1 for p in prompts]  # valid draft-cache tokens, per row
         self.results = [GenerationResult([], "length", SpecStats()) for _ in prompts]
+        if params.logprobs is not None:
+            for r in self.results:
+                r.logprobs, r.top_logprobs = [], []
         self.params = params
 
     def committed(self) -> list[int]:
         return [len(self.tokens[s]) for s in self.rows]
+
+    def produced(self) -> list[int]:
+        """Output tokens so far, per live row (a continuation's prior output included)."""
+        return [len(self.tokens[s]) - self.output_start[s] for s in self.rows]
+
+    def history(self, vocab: int, device) -> tuple:
+        """(output counts, seen) of the live rows, for the penalties (`sampling.history`)."""
+        return history([self.tokens[s][self.output_start[s]:] for s in self.rows],
+                       [self.tokens[s][:self.output_start[s]] for s in self.rows], self.params, vocab, device)
 
     def remaining(self, row: int) -> int:
         s = self.rows[row]
@@ -139,10 +156,21 @@ class SpeculativeEngine:
         return self.draft.num_params / self.target.num_params if self.draft else 0.0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, gamma: int | None = None,
-                 on_tokens: OnTokens | None = None) -> list[GenerationResult]:
-        """Generate for every prompt; `on_tokens(i, new_ids)` streams each round's new tokens of prompt i."""
+                 on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
+                 prior_output: list[int] | None = None) -> list[GenerationResult]:
+        """Generate for every prompt; `on_tokens(i, new_ids)` streams each round's new tokens of prompt i.
+
+        Args:
+            should_stop: asked after every round for each live prompt; a reason it returns ends that prompt alone
+                (its rows leave the batch at once, the others go on): cancellation and deadlines.
+            prior_output: per prompt, how many of its trailing tokens were already generated (a continuation):
+                they count as output for `min_new_tokens` and the presence/frequency penalties, not for `max_new_tokens`.
+        """
         gamma = self.gamma if gamma is None else gamma
+        prior_output = list(prior_output) if prior_output is not None else [0] * len(prompts)
         self._validate(prompts, params, gamma)
+        if len(prior_output) != len(prompts) or any(not 0 <= k < len(p) for k, p in zip(prior_output, prompts)):
+            raise FastdraftError("prior_output must give, per prompt, a count below the prompt's length")
         if self.draft is None:
             gamma = 0
         if not prompts:
@@ -158,8 +186,10 @@ class SpeculativeEngine:
         results: list[GenerationResult] = [None] * len(prompts)  # type: ignore[list-item]
         with torch.inference_mode():
             for group in groups:
-                stream = None if on_tokens is None else (lambda i, ids, g=group: on_tokens(g[i], ids))
-                for i, r in zip(group, self._generate_batch([prompts[i] for i in group], params, gamma, stream, generator)):
+                stream = None if on_tokens is None else (lambda i, *a, g=group: on_tokens(g[i], *a))
+                stop = None if should_stop is None else (lambda i, g=group: should_stop(g[i]))
+                for i, r in zip(group, self._generate_batch([prompts[i] for i in group], params, gamma, stream, generator,
+                                                            stop, [prior_output[i] for i in group])):
                     results[i] = r
         self.last_stats = SpecStats()
         for r in results:
@@ -171,8 +201,17 @@ class SpeculativeEngine:
             raise FastdraftError(f"gamma must be >= 0, got {gamma}")
         if params.max_new_tokens < 1:
             raise FastdraftError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        if not 0 <= params.min_new_tokens <= params.max_new_tokens:
+            raise FastdraftError(f"min_new_tokens must be in [0, max_new_tokens], got {params.min_new_tokens}")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise FastdraftError(f"invalid sampling params: temperature >= 0, 0 < top_p <= 1, top_k >= 0 expected, got {params}")
+        if params.repetition_penalty <= 0 or (params.logprobs is not None and not 0 <= params.logprobs <= self.vocab_size):
+            raise FastdraftError(f"invalid sampling params: repetition_penalty > 0, 0 <= logprobs <= vocab expected, got {params}")
+        ids = [t for t, _ in params.logit_bias] + list(params.allowed_token_ids or ()) + list(params.stop_token_ids)
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise FastdraftError(f"token ids in logit_bias / allowed_token_ids / stop_token_ids must be in [0, {self.vocab_size})")
+        if params.allowed_token_ids is not None and not params.allowed_token_ids:
+            raise FastdraftError("allowed_token_ids must not be empty")
         for i, p in enumerate(prompts):
             if not p:
                 raise FastdraftError(f"prompt {i} is empty: the engine needs at least one token (e.g. BOS)")
@@ -182,8 +221,9 @@ class SpeculativeEngine:
 
     # ------------------------------------------------------------------------------------------
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gamma: int,
-                        on_tokens: OnTokens | None, generator: torch.Generator) -> list[GenerationResult]:
-        batch = _Batch(prompts, params)
+                        on_tokens: OnTokens | None, generator: torch.Generator, should_stop: ShouldStop | None,
+                        prior_output: list[int]) -> list[GenerationResult]:
+        batch = _Batch(prompts, params, prior_output)
         capacity = max(batch.prompt_len) + params.max_new_tokens + self.max_gamma + 2
         timer = _Timer(self.device)
         target_cache = self.target.new_cache(len(prompts), capacity)
@@ -202,16 +242,19 @@ class SpeculativeEngine:
             g = control.next_gamma() if control else gamma
             g = min(g, max(batch.remaining(r) for r in range(len(batch.rows))) - 1)  # never draft past max tokens
             catch_up = max(c - d for c, d in zip(batch.committed(), batch.draft_len))
-            drafts, q, draft_s = self._draft(draft_cache, batch, g, params, generator, timer)
+            counts, seen = batch.history(self.vocab_size, self.device)
+            drafts, q, draft_s = self._draft(draft_cache, batch, g, params, generator, timer, counts, seen)
             committed = batch.committed()
             ids = torch.cat([torch.tensor([[batch.tokens[s][-1]] for s in batch.rows], device=self.device), drafts], dim=1)
             logits = self.target.forward(target_cache, ids, [c - 1 for c in committed], "all")
+            logits = process_logits(logits, params, batch.produced(), counts, seen, drafts)
             verify_s = timer.lap()
             if params.greedy:
                 accepted, nxt = greedy_accept(drafts, logits)
             else:
                 accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(self.prob_dtype), params), generator)
-            finished = self._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), on_tokens)
+            finished = self._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), on_tokens,
+                                    logits if params.logprobs is not None else None, should_stop)
             if control:
                 control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
             self._drop_finished(batch, finished, target_cache, draft_cache)
@@ -225,7 +268,8 @@ class SpeculativeEngine:
         return batch.results
 
     def _draft(self, cache, batch: _Batch, g: int, params: SamplingParams, generator: torch.Generator,
-               timer: _Timer) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+               timer: _Timer, counts: torch.Tensor | None = None,
+               seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """Propose g tokens per row: ([B, g] tokens, [B, g, V] draft probabilities or None if greedy, seconds)."""
         rows = len(batch.rows)
         if g <= 0:
@@ -238,14 +282,21 @@ class SpeculativeEngine:
         ids = right_pad([batch.tokens[s][st:] for s, st in zip(batch.rows, starts)], self.device)
         logits = self.draft.forward(cache, ids, starts, [c - 1 - st for c, st in zip(committed, starts)])
         tokens, probs = [], []
+        produced = batch.produced()
         for i in range(g):
-            logits = self._to_target_vocab(logits)
+            # The draft's logits get the target's processing (penalties, bias, masks) over its own proposals so far:
+            # not needed for exactness (the target verifies against q as proposed), but it keeps acceptance up.
+            logits = process_logits(self._to_target_vocab(logits), params, [n + i for n in produced], counts, seen)
             if params.greedy:
                 tok = logits.argmax(dim=-1)
             else:
                 probs.append(warp_probs(logits.to(self.prob_dtype), params))
                 tok = sample(probs[-1], generator)
             tokens.append(tok)
+            if counts is not None:
+                counts = counts.scatter_add(1, tok[:, None], torch.ones_like(tok[:, None]))
+            if seen is not None:
+                seen = seen.scatter(1, tok[:, None], True)
             if i < g - 1:
                 logits = self.draft.forward(cache, tok[:, None], [c + i for c in committed], [0] * rows)
         batch.draft_len = [c + g - 1 for c in committed]
@@ -262,13 +313,22 @@ class SpeculativeEngine:
         return torch.cat([logits, logits.new_full((*logits.shape[:-1], v - logits.shape[-1]), float("-inf"))], dim=-1)
 
     def _commit(self, batch: _Batch, drafts: list[list[int]], accepted: list[int], nxt: list[int],
-                on_tokens: OnTokens | None) -> list[int]:
+                on_tokens: OnTokens | None, logits: torch.Tensor | None = None,
+                should_stop: ShouldStop | None = None) -> list[int]:
         """Append each row's accepted tokens + correction, honoring stop tokens and max tokens; count.
 
+        `logits` ([B, g + 1, V], the target's processed logits of this round) gives the log-probabilities when asked.
         Returns the sequence ids that finished this round.
         """
         stops = set(batch.params.stop_token_ids)
         finished = []
+        logprobs = None
+        if logits is not None:
+            # Position j of the verification pass scores the j-th new token of the round (accepted or the correction):
+            # the target's own distribution there, whichever model proposed the token.
+            logprobs = logits.to(self.prob_dtype).log_softmax(dim=-1)
+            k = batch.params.logprobs
+            top = logprobs.topk(k, dim=-1) if k else None
         for r, s in enumerate(batch.rows):
             n, g = accepted[r], len(drafts[r])
             new = drafts[r][:n] + [nxt[r]]
@@ -290,8 +350,21 @@ class SpeculativeEngine:
             batch.tokens[s].extend(new)
             batch.results[s].token_ids.extend(new)
             batch.draft_len[r] = min(batch.draft_len[r], committed + n)  # draft KV past the accepted prefix is stale
+            entries = None
+            if logprobs is not None:
+                chosen = logprobs[r, torch.arange(len(new)), torch.tensor(new, device=logprobs.device)].tolist()
+                tops = ([list(zip(top.indices[r, j].tolist(), top.values[r, j].tolist())) for j in range(len(new))]
+                        if top is not None else [[] for _ in new])
+                batch.results[s].logprobs.extend(chosen)
+                batch.results[s].top_logprobs.extend(tops)
+                entries = list(zip(chosen, tops))
             if on_tokens is not None:
-                on_tokens(s, new)
+                if entries is None:
+                    on_tokens(s, new)
+                else:
+                    on_tokens(s, new, entries)
+            if reason is None and should_stop is not None:
+                reason = should_stop(s)
             if reason:
                 batch.results[s].finish_reason = reason
                 finished.append(s)

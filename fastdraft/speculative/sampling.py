@@ -40,6 +40,75 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return scores
 
 
+def history(outputs: list[list[int]], prompts: list[list[int]], params: SamplingParams, vocab: int,
+            device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """What the penalties need of each row's tokens so far: (output token counts [B, V] or None, seen [B, V] or None).
+
+    `seen` (prompt and output tokens) is for `repetition_penalty`; the counts (output only) for the OpenAI penalties.
+    """
+    counts = seen = None
+    if params.presence_penalty or params.frequency_penalty:
+        counts = torch.stack([torch.bincount(torch.tensor(o, dtype=torch.long), minlength=vocab)[:vocab] for o in outputs])
+        counts = counts.to(device)
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool)
+        for r, (p, o) in enumerate(zip(prompts, outputs)):
+            seen[r, torch.tensor(list(p) + list(o), dtype=torch.long)] = True
+        seen = seen.to(device)
+    return counts, seen
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, produced: list[int], counts: torch.Tensor | None = None,
+                   seen: torch.Tensor | None = None, block: torch.Tensor | None = None) -> torch.Tensor:
+    """The logits that the sampler (and `greedy_accept`) sees, before temperature / top-k / top-p warping.
+
+    In order: `logit_bias` added; tokens outside `allowed_token_ids` masked; stop tokens masked while fewer than
+    `min_new_tokens` new tokens precede the position; `repetition_penalty` on tokens of the prompt and the output
+    (transformers' rule: divide a positive logit, multiply a negative one); then OpenAI's penalties
+    `logit -= frequency_penalty * count + presence_penalty * (count > 0)` over output tokens. Masked = -inf.
+    Applied identically to target and draft, so the output is exactly the processed target's.
+
+    Args:
+        logits: [B, V] (one position per row) or [B, L, V] (L consecutive positions per row).
+        params: the request's settings.
+        produced: per row, how many output tokens come before the first position.
+        counts, seen: from `history` (at the first position), or None when the penalties are off.
+        block: [B, L - 1] the tokens at positions 0..L-2, which count as history for the positions after them.
+    """
+    flat = logits.dim() == 2
+    scores = logits[:, None] if flat else logits
+    batch, positions, vocab = scores.shape
+    if params.logit_bias:
+        bias = torch.zeros(vocab, dtype=scores.dtype, device=scores.device)
+        ids, values = zip(*params.logit_bias)
+        bias[list(ids)] = torch.tensor(values, dtype=scores.dtype, device=scores.device)
+        scores = scores + bias
+    if params.allowed_token_ids is not None:
+        allowed = torch.zeros(vocab, dtype=torch.bool, device=scores.device)
+        allowed[list(params.allowed_token_ids)] = True
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if params.min_new_tokens > 0 and params.stop_token_ids and min(produced) < params.min_new_tokens:
+        offsets = torch.tensor(produced, device=scores.device)[:, None] + torch.arange(positions, device=scores.device)
+        early = (offsets < params.min_new_tokens)[..., None]  # [B, L, 1]
+        stops = torch.zeros(vocab, dtype=torch.bool, device=scores.device)
+        stops[list(params.stop_token_ids)] = True
+        scores = scores.masked_fill(early & stops, float("-inf"))
+    if seen is not None or counts is not None:
+        # History at position j: what came before the block, plus the block's tokens 0..j-1.
+        grown = torch.zeros(batch, positions, vocab, dtype=torch.long, device=scores.device)
+        if block is not None and block.shape[1] and positions > 1:
+            hot = torch.nn.functional.one_hot(block[:, :positions - 1], vocab).cumsum(dim=1)
+            grown[:, 1:] = hot
+        if seen is not None:
+            mask = seen[:, None] | (grown > 0)
+            penalized = torch.where(scores < 0, scores * params.repetition_penalty, scores / params.repetition_penalty)
+            scores = torch.where(mask, penalized, scores)
+        if counts is not None:
+            c = (counts[:, None] + grown).to(scores.dtype)
+            scores = scores - params.frequency_penalty * c - params.presence_penalty * (c > 0).to(scores.dtype)
+    return scores[:, 0] if flat else scores
+
+
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The sampling distribution of `logits` under `params` (softmax of the warped scores)."""
     return warp_logits(logits, params).softmax(dim=-1)

@@ -22,7 +22,30 @@ class SamplingParams:
     top_k: int = 0
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+    """Stop tokens are masked (probability 0, for target and draft alike) until this many tokens are out:
+    the output is then exactly the target's under that mask, as `generate(min_new_tokens=...)` gives."""
     seed: int | None = None
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already in the output (prompt excluded)."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per occurrence of a token in the output so far (prompt excluded)."""
+    repetition_penalty: float = 1.0
+    """transformers' / vLLM's: logits of tokens in the prompt or the output are divided by it (multiplied when
+    negative); 1 = off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (OpenAI's `logit_bias`)."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """When set, every other token is masked (vLLM's `allowed_token_ids`)."""
+    logprobs: int | None = None
+    """None: no log-probabilities. k >= 0: each new token's log-probability under the TARGET (its processed logits:
+    penalties, bias and masks applied, before temperature / top-k / top-p), and the k most likely alternatives."""
+
+    @property
+    def processed(self) -> bool:
+        """Whether logits are modified before warping (penalties, bias, masks); min_new_tokens aside."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.allowed_token_ids is not None)
 
     @property
     def greedy(self) -> bool:
@@ -94,5 +117,10 @@ class GenerationResult:
     """One sequence's output: the new token ids (prompt excluded) and why it stopped."""
 
     token_ids: list[int]
-    finish_reason: str            # "stop" (a stop/EOS token, included in token_ids) or "length"
+    finish_reason: str
+    """"stop" (a stop/EOS token, included in token_ids), "length", or the reason `should_stop` gave (e.g. "abort")."""
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[float] | None = None
+    """With `SamplingParams.logprobs`: per new token, its log-probability under the target."""
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    """With `SamplingParams.logprobs` = k: per new token, the target's k most likely (token id, log-probability)."""
