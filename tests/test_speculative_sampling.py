@@ -14,11 +14,12 @@ import pytest
 import torch
 from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
 
 from fastdraft.models import restrict_head
 from fastdraft.speculative.engine import SpeculativeEngine
-from fastdraft.speculative.sampling import rejection_accept, warp_logits
+from fastdraft.speculative.sampling import history, process_logits, rejection_accept, warp_logits
 from fastdraft.speculative.types import SamplingParams
 
 V = 16
@@ -178,3 +179,42 @@ def test_seeded_sampling_is_reproducible(pair):
     assert [r.token_ids for r in engine.generate([PROMPT] * 4, params)] == first
     other = [r.token_ids for r in engine.generate([PROMPT] * 4, SamplingParams(temperature=1.0, max_new_tokens=12, seed=124))]
     assert other != first
+
+
+def test_min_p_matches_transformers_warper():
+    logits = torch.randn(64, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    params = SamplingParams(temperature=0.8, top_p=0.9, min_p=0.1)
+    ref = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.8), TopPLogitsWarper(0.9), MinPLogitsWarper(0.1)):
+        ref = warper(None, ref)
+    assert torch.equal(warp_logits(logits, params), ref)
+
+
+def test_processing_a_block_equals_processing_each_position_after_its_history():
+    """The verification pass processes g + 1 positions at once; position j must see the block's tokens before it
+    as history, exactly as one-token-at-a-time decoding would (and transformers' repetition penalty agrees)."""
+    g, vocab = torch.Generator().manual_seed(2), 50
+    prompts = [[3, 4, 5, 3], [7, 8]]
+    outputs = [[4, 9, 9], [10]]
+    block = torch.tensor([[9, 11, 4], [12, 12, 10]])
+    logits = torch.randn(2, 4, vocab, generator=g, dtype=torch.float64) * 2
+    params = SamplingParams(presence_penalty=0.7, frequency_penalty=0.4, repetition_penalty=1.3,
+                            logit_bias=((11, 5.0), (3, -2.0)), min_new_tokens=3, stop_token_ids=(2,))
+    produced = [len(o) for o in outputs]
+    counts, seen = history(outputs, prompts, params, vocab, logits.device)
+    whole = process_logits(logits, params, produced, counts, seen, block)
+    for j in range(4):
+        outs = [o + block[r, :j].tolist() for r, o in enumerate(outputs)]
+        c, s = history(outs, prompts, params, vocab, logits.device)
+        step = process_logits(logits[:, j], params, [n + j for n in produced], c, s)
+        assert torch.allclose(whole[:, j], step)
+    plain = SamplingParams(repetition_penalty=1.3)
+    c, s = history(outputs, prompts, plain, vocab, logits.device)
+    hf = RepetitionPenaltyLogitsProcessor(1.3)
+    for r in range(2):
+        ids = torch.tensor([prompts[r] + outputs[r]])
+        assert torch.allclose(process_logits(logits[r:r + 1, 0], plain, [0], c[r:r + 1] if c is not None else None,
+                                             s[r:r + 1]), hf(ids, logits[r:r + 1, 0].clone()))
+    early = process_logits(logits, params, [1, 5], counts, seen, block)
+    assert torch.isinf(early[0, :2, 2]).all() and not torch.isinf(early[0, 2:, 2]).any()  # 3 new tokens, then stops
+    assert not torch.isinf(early[1, :, 2]).any()

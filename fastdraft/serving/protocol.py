@@ -9,10 +9,29 @@ server speaks:
     GET  /health                  200 once both models are loaded
     GET  /metrics                 Prometheus text
 
-Extensions to OpenAI's schema: `gamma` (draft tokens per step, 0..max_gamma), `speculative` (bool) and
-`top_k` in requests; `usage.speculative` (drafted, accepted, target_passes, acceptance_rate, tau, gamma)
-in responses (the metric names of `fastdraft.evaluation.metrics`). Requests are validated strictly: a wrong type or an unknown field
-is a 400 whose message and `param` name the field, as OpenAI's API does.
+Requests accept every field of OpenAI's completions and chat-completions schemas, and vLLM's sampling extensions:
+- honoured exactly: temperature, top_p, n, stop, seed, max_tokens / max_completion_tokens, stream, stream_options
+  (include_usage; vLLM's continuous_usage_stats: usage so far on every chunk), presence_penalty, frequency_penalty,
+  logit_bias, response_format {"type": "text"}, echo (completions), logprobs (completions: an int; chat: logprobs +
+  top_logprobs), and vLLM's top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+  include_stop_str_in_output, skip_special_tokens, allowed_token_ids, truncate_prompt_tokens, add_special_tokens,
+  add_generation_prompt, continue_final_message, chat_template_kwargs. Penalties, bias and masks apply to the draft's
+  and the target's logits alike before acceptance (`fastdraft.speculative.sampling.process_logits`), so the output is
+  exactly the processed target's (greedy: its argmax; sampling: its distribution).
+- logprobs are the TARGET's: the log-softmax of its processed logits (penalties, bias, masks; before temperature,
+  top-k, top-p) at each emitted token, from the verification pass that scored it, whether the draft proposed the
+  token (accepted) or the target chose it (correction / bonus).
+- metadata-only fields (user, metadata, store, service_tier, prompt_cache_key, safety_identifier, request_id,
+  parallel_tool_calls, stream_options.include_obfuscation) are accepted and change nothing.
+- a value that cannot be honoured (tools, n above serve.max_n, response_format json_object / json_schema, audio,
+  best_of above n, guided decoding, beam search, ...) is a 400 whose message and `param` name the field.
+- a field neither schema knows is ignored and reported (`ignored_fields`): the server logs it and answers with the
+  header `x-fastdraft-ignored-fields: a,b`, as vLLM does. Wrong types of known fields are 400s naming the field.
+
+fastdraft's own extensions: `gamma` (draft tokens per step, 0..max_gamma), `speculative` (bool) and `timeout`
+(seconds, at most serve.request_timeout_s) in requests; `usage.speculative` (drafted, accepted, target_passes,
+acceptance_rate, tau, gamma) in responses (the metric names of `fastdraft.evaluation.metrics`). The field names of
+OpenAI's own errors: {"error": {message, type, param, code}}.
 """
 
 from __future__ import annotations
@@ -24,9 +43,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_LOGPROBS = 20
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt the context can hold, far below what hurts a replica
 
 
@@ -46,64 +66,161 @@ class APIError(Exception):
 # Requests
 # --------------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    # strict: "10" is not an int and 1.0 is not an int (OpenAI rejects both); unknown fields are errors.
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # strict: "10" is not an int and 1.0 is not an int (OpenAI rejects both). Fields outside both OpenAI's schema and
+    # the extensions below are kept aside (extra="allow"), ignored, and reported (`ignored_fields`), as vLLM does.
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
+    """OpenAI's: random padding against side channels; there is none to add on a direct connection (accepted, no-op)."""
+    continuous_usage_stats: bool = False
+    """vLLM's: usage (so far) on every chunk."""
 
 
 class _SamplingFields(_Strict):
-    """Fields shared by both endpoints."""
+    """Fields shared by both endpoints: OpenAI's, then vLLM's sampling extensions, then fastdraft's."""
 
     model: str | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    """Extension (vLLM-style): 0 or -1 = off."""
-    n: int = 1
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
+    n: int | None = 1
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
     user: str | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    """{"type": "text"} only (vLLM accepts it on completions too); json_object / json_schema need constrained decoding."""
+    # vLLM's sampling extensions
+    top_k: int | None = 0
+    """0 or -1 = off."""
+    min_p: float | None = 0.0
+    repetition_penalty: float | None = 1.0
+    length_penalty: float | None = 1.0
+    use_beam_search: bool | None = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
+    ignore_eos: bool | None = False
+    min_tokens: int | None = 0
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    truncate_prompt_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    add_special_tokens: bool | None = None
+    priority: int | None = 0
+    request_id: str | None = None
+    return_tokens_as_token_ids: bool | None = None
+    logits_processors: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    structured_outputs: Any = None
+    @model_validator(mode="after")
+    def _null_means_default(self):
+        # Clients send `"temperature": null` for "not given": a null where the default is not null takes the default.
+        for name, f in type(self).model_fields.items():
+            if getattr(self, name) is None and f.default is not None:
+                object.__setattr__(self, name, f.default)
+        return self
+
+    # fastdraft's extensions
     gamma: int | None = None
-    """Extension: draft tokens per step for this request (0 = the target alone), at most the deployment's max_gamma."""
+    """Draft tokens per step for this request (0 = the target alone), at most the deployment's max_gamma."""
     speculative: bool | None = None
-    """Extension: false runs this request on the target alone."""
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Any = None
+    """False runs this request on the target alone."""
+    timeout: float | None = None
+    """Seconds this request may take, at most the deployment's serve.request_timeout_s; past it: 504."""
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
-    echo: bool = False
+    echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    logprobs: int | None = None
 
 
 class ChatContentPart(_Strict):
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: str | None = None
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[ChatContentPart]
+    role: Literal["system", "user", "assistant", "developer", "tool", "function"]
+    content: str | list[ChatContentPart] | None = None
     name: str | None = None
+    refusal: str | None = None
+    audio: Any = None
+    tool_calls: list[Any] | None = None
+    tool_call_id: str | None = None
+    function_call: Any = None
+    reasoning_content: str | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text or p.refusal or "" for p in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    logprobs: bool | None = False
     top_logprobs: int | None = None
+    audio: Any = None
+    function_call: Any = None
+    functions: list[Any] | None = None
+    metadata: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: Any = None
+    prompt_cache_key: str | None = None
+    reasoning_effort: str | None = None
+    safety_identifier: str | None = None
+    service_tier: str | None = None
+    store: bool | None = None
+    tool_choice: Any = None
+    tools: list[Any] | None = None
+    verbosity: str | None = None
+    web_search_options: Any = None
+    # vLLM's chat extensions
+    echo: bool | None = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[Any] | None = None
+    mm_processor_kwargs: Any = None
+
+
+def ignored_fields(model: BaseModel, prefix: str = "") -> list[str]:
+    """The fields neither OpenAI's schema nor the extensions know, at any depth: `a`, `messages[0].b`, ..."""
+    out = [f"{prefix}{k}" for k in (model.model_extra or {})]
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out += ignored_fields(value, f"{prefix}{name}.")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                if isinstance(v, BaseModel):
+                    out += ignored_fields(v, f"{prefix}{name}[{i}].")
+    return out
 
 
 # What a union-typed field accepts, for messages better than pydantic's one line per union member.
@@ -180,10 +297,20 @@ class Limits:
     speculative: bool
     max_prompts: int = 8
     max_body_bytes: int = MAX_BODY_BYTES
+    vocab_size: int = 1 << 30
+    request_timeout_s: float = 600.0
+
+
+def _bad(param: str, message: str, code: str | None = None) -> APIError:
+    return APIError(400, f"'{param}': {message}", param=param, code=code)
+
+
+def _unsupported(param: str, why: str) -> APIError:
+    return APIError(400, f"'{param}' is not supported: {why}", param=param, code="unsupported_field")
 
 
 def check_sampling(req: _SamplingFields, limits: Limits) -> None:
-    """Range checks shared by both endpoints; raise APIError naming the field."""
+    """Range checks shared by both endpoints, and a 400 naming any field whose value cannot be honoured exactly."""
     if req.model is not None and req.model != limits.model_name:
         raise APIError(404, f"model '{req.model}' does not exist; this server serves '{limits.model_name}'",
                        param="model", code="model_not_found")
@@ -193,6 +320,8 @@ def check_sampling(req: _SamplingFields, limits: Limits) -> None:
         raise APIError(400, f"'top_p' must be in (0, 1], got {req.top_p}", param="top_p")
     if req.top_k < -1:
         raise APIError(400, f"'top_k' must be -1 or 0 (off) or a positive count, got {req.top_k}", param="top_k")
+    if not 0 <= req.min_p <= 1:
+        raise _bad("min_p", f"must be in [0, 1], got {req.min_p}")
     if not 1 <= req.n <= limits.max_n:
         raise APIError(400, f"'n' must be between 1 and {limits.max_n} (serve.max_n), got {req.n}", param="n")
     stops = stop_list(req.stop)
@@ -205,12 +334,128 @@ def check_sampling(req: _SamplingFields, limits: Limits) -> None:
     if req.speculative and not limits.speculative:
         raise APIError(400, "'speculative': this deployment serves the target alone (serve.speculative is false)",
                        param="speculative")
+    if req.timeout is not None and not 0 < req.timeout <= limits.request_timeout_s:
+        raise _bad("timeout", f"must be in (0, {limits.request_timeout_s}] seconds (serve.request_timeout_s), got {req.timeout}")
     for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0:
-            raise APIError(400, f"'{name}' is not supported (speculative decoding samples the target's distribution exactly)",
-                           param=name)
-    if req.logprobs not in (None, False):
-        raise APIError(400, "'logprobs' is not supported", param="logprobs")
+        if not -2 <= getattr(req, name) <= 2:
+            raise _bad(name, f"must be between -2 and 2, got {getattr(req, name)}")
+    if not 0 < req.repetition_penalty <= 2:
+        raise _bad("repetition_penalty", f"must be in (0, 2], got {req.repetition_penalty}")
+    for key, value in (req.logit_bias or {}).items():
+        if not re.fullmatch(r"\d+", key) or int(key) >= limits.vocab_size:
+            raise _bad("logit_bias", f"keys are token ids in 0..{limits.vocab_size - 1}, got '{key}'")
+        if not -100 <= value <= 100:
+            raise _bad("logit_bias", f"biases must be between -100 and 100, got {value} for token {key}")
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        ids = getattr(req, name)
+        bad = next((t for t in ids or () if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise _bad(name, f"token id {bad} is outside the vocabulary (0..{limits.vocab_size - 1})")
+    if req.allowed_token_ids is not None and not req.allowed_token_ids:
+        raise _bad("allowed_token_ids", "must not be empty")
+    if req.min_tokens < 0:
+        raise _bad("min_tokens", f"must be >= 0, got {req.min_tokens}")
+    if req.truncate_prompt_tokens is not None and req.truncate_prompt_tokens < 1:
+        raise _bad("truncate_prompt_tokens", f"must be >= 1, got {req.truncate_prompt_tokens}")
+    if req.seed is not None and not -(1 << 63) <= req.seed < (1 << 64):
+        raise _bad("seed", "must fit in 64 bits")
+    _check_unsupported(req)
+
+
+def _check_unsupported(req: _SamplingFields) -> None:
+    """Known fields with a value this server cannot honour exactly: a 400 naming them (never silently ignored)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.get("type") != "text":
+        raise _unsupported("response_format", f"type '{fmt.get('type')}' needs constrained decoding; only 'text' is served")
+    if req.use_beam_search:
+        raise _unsupported("use_beam_search", "speculative decoding samples or decodes greedily, without beams")
+    if req.length_penalty != 1.0:
+        raise _unsupported("length_penalty", "it applies to beam search only")
+    if req.spaces_between_special_tokens is False:
+        raise _unsupported("spaces_between_special_tokens", "fast tokenizers decode special tokens one way only")
+    if req.bad_words:
+        raise _unsupported("bad_words", "multi-token bans are not implemented")
+    if req.prompt_logprobs is not None:
+        raise _unsupported("prompt_logprobs", "prompt tokens are not scored")
+    if req.priority:
+        raise _unsupported("priority", "requests are served in arrival order")
+    if req.return_tokens_as_token_ids:
+        raise _unsupported("return_tokens_as_token_ids", "logprobs name tokens by their text")
+    for name in ("logits_processors", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                 "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs"):
+        if getattr(req, name) is not None:
+            raise _unsupported(name, "constrained decoding and custom logits processors are not served")
+    if isinstance(req, CompletionRequest):
+        if req.suffix:
+            raise _unsupported("suffix", "the models have no fill-in-the-middle mode")
+        if req.best_of not in (None, req.n):
+            raise _unsupported("best_of", "choices are not ranked; give best_of equal to n, or leave it out")
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise _bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}")
+        if req.echo and req.logprobs is not None:
+            raise _unsupported("echo", "with logprobs it needs the prompt's logprobs, which are not computed")
+        return
+    if req.top_logprobs is not None:
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise _bad("top_logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {req.top_logprobs}")
+        if not req.logprobs:
+            raise _bad("top_logprobs", "needs 'logprobs': true")
+    if req.tools:
+        raise _unsupported("tools", "tool calling is not served")
+    if req.functions:
+        raise _unsupported("functions", "function calling is not served")
+    if req.tool_choice not in (None, "none", "auto") or (req.tool_choice == "auto" and req.tools):
+        raise _unsupported("tool_choice", "tool calling is not served")
+    if req.function_call not in (None, "none", "auto"):
+        raise _unsupported("function_call", "function calling is not served")
+    if req.audio is not None or (req.modalities is not None and req.modalities != ["text"]):
+        raise _unsupported("audio" if req.audio is not None else "modalities", "the models produce text only")
+    for name, why in (("prediction", "predicted outputs are not served"),
+                      ("web_search_options", "there is no web search"),
+                      ("reasoning_effort", "the models are not reasoning models"),
+                      ("verbosity", "output length is set by max_tokens only"),
+                      ("chat_template", "only the model's own chat template is applied"),
+                      ("documents", "the chat template gets messages only"),
+                      ("mm_processor_kwargs", "the models read text only")):
+        if getattr(req, name) is not None:
+            raise _unsupported(name, why)
+    if req.echo:
+        raise _unsupported("echo", "chat completions do not echo the last message")
+    if req.continue_final_message and req.add_generation_prompt:
+        raise _bad("continue_final_message", "set 'add_generation_prompt' to false with it")
+    for i, m in enumerate(req.messages):
+        if m.role == "function":
+            raise _unsupported(f"messages[{i}].role", "function messages need function calling")
+        if m.tool_calls:
+            raise _unsupported(f"messages[{i}].tool_calls", "tool calling is not served")
+        if m.function_call is not None:
+            raise _unsupported(f"messages[{i}].function_call", "function calling is not served")
+        if m.audio is not None:
+            raise _unsupported(f"messages[{i}].audio", "the models read text only")
+        for j, part in enumerate(m.content if isinstance(m.content, list) else ()):
+            if part.type not in ("text", "refusal"):
+                raise _unsupported(f"messages[{i}].content[{j}].type", f"'{part.type}' parts: the models read text only")
+            if (part.text if part.type == "text" else part.refusal) is None:
+                raise _bad(f"messages[{i}].content[{j}]", f"a '{part.type}' part needs its '{part.type}' string")
+
+
+def logprobs_count(req: _SamplingFields) -> int | None:
+    """How many alternatives per token the request wants (None: no logprobs at all)."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def engine_options(req: _SamplingFields) -> dict:
+    """The request's settings as `SamplingParams` keywords (stops, lengths and seeds are the caller's)."""
+    return {
+        "temperature": req.temperature, "top_p": req.top_p, "top_k": max(req.top_k, 0), "min_p": req.min_p,
+        "presence_penalty": req.presence_penalty, "frequency_penalty": req.frequency_penalty,
+        "repetition_penalty": req.repetition_penalty,
+        "logit_bias": tuple(sorted((int(k), float(v)) for k, v in (req.logit_bias or {}).items())),
+        "allowed_token_ids": tuple(sorted(set(req.allowed_token_ids))) if req.allowed_token_ids is not None else None,
+        "logprobs": logprobs_count(req),
+    }
 
 
 def check_max_tokens(value: int | None, param: str, prompt_len: int, limits: Limits) -> int:
@@ -243,9 +488,6 @@ def completion_prompts(req: CompletionRequest, limits: Limits) -> list[str | lis
         raise APIError(400, "'prompt' must not be empty", param="prompt")
     if len(prompts) > limits.max_prompts:
         raise APIError(400, f"'prompt': at most {limits.max_prompts} prompts per request, got {len(prompts)}", param="prompt")
-    if req.echo or req.suffix is not None or (req.best_of not in (None, 1)):
-        name = "echo" if req.echo else "suffix" if req.suffix is not None else "best_of"
-        raise APIError(400, f"'{name}' is not supported", param=name)
     return prompts
 
 
@@ -255,7 +497,15 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
         raise APIError(400, "'messages' must contain at least one message", param="messages")
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise APIError(400, "give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
-    return [{"role": m.role, "content": m.text()} for m in req.messages]
+    out = []
+    for m in req.messages:
+        msg = {"role": m.role, "content": m.text()}
+        if m.name is not None:
+            msg["name"] = m.name
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

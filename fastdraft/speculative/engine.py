@@ -205,8 +205,8 @@ class SpeculativeEngine:
             raise FastdraftError(f"min_new_tokens must be in [0, max_new_tokens], got {params.min_new_tokens}")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise FastdraftError(f"invalid sampling params: temperature >= 0, 0 < top_p <= 1, top_k >= 0 expected, got {params}")
-        if params.repetition_penalty <= 0 or (params.logprobs is not None and not 0 <= params.logprobs <= self.vocab_size):
-            raise FastdraftError(f"invalid sampling params: repetition_penalty > 0, 0 <= logprobs <= vocab expected, got {params}")
+        if params.repetition_penalty <= 0 or not 0 <= params.min_p <= 1 or (params.logprobs is not None and not 0 <= params.logprobs <= self.vocab_size):
+            raise FastdraftError(f"invalid sampling params: repetition_penalty > 0, 0 <= min_p <= 1, 0 <= logprobs <= vocab expected, got {params}")
         ids = [t for t, _ in params.logit_bias] + list(params.allowed_token_ids or ()) + list(params.stop_token_ids)
         if any(not 0 <= t < self.vocab_size for t in ids):
             raise FastdraftError(f"token ids in logit_bias / allowed_token_ids / stop_token_ids must be in [0, {self.vocab_size})")

@@ -19,7 +19,7 @@ from fastdraft.speculative.types import SamplingParams
 
 
 def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, as transformers' logits warpers do (masked entries = -inf).
+    """Temperature, then top-k, then top-p, then min-p, as transformers' logits warpers do (masked entries = -inf).
 
     `logits` is [..., V]; the result has the same shape (float32 at least, for stable softmax).
     """
@@ -36,6 +36,10 @@ def warp_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         drop_sorted = cumulative <= (1.0 - params.top_p)
         drop_sorted[..., -1:] = False  # always keep the most likely token (min_tokens_to_keep=1)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    if params.min_p > 0:
+        probs = scores.softmax(dim=-1)
+        drop = probs < params.min_p * probs.amax(dim=-1, keepdim=True)  # the most likely token always stays
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
 

@@ -21,6 +21,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 128
+    min_p: float = 0.0
+    """transformers' / vLLM's min-p: tokens below min_p times the top token's probability are dropped (after top-p)."""
     stop_token_ids: tuple[int, ...] = ()
     min_new_tokens: int = 0
     """Stop tokens are masked (probability 0, for target and draft alike) until this many tokens are out:
