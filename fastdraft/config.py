@@ -358,6 +358,11 @@ class ServeConfig(Strict):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     """How long a replica waits to fill a batch of up to `max_batch_size` requests."""
     dynamic_gamma: bool = False
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    """The longest a request may take (a request's own `timeout` may only shorten it); past it the request alone
+    ends with a 504, and its rows leave the engine's batch within one speculative round."""
+    stall_timeout_s: float = Field(default=60.0, gt=0)
+    """A model replica whose engine thread has work but commits no token for this long fails its health check."""
     draft_weights: Literal["auto", "float", "int8"] = "auto"
     """How the engine stores the draft's matrices: int8 (per-row scales, a quarter of float32's bytes per draft
     step, as the paper deploys its drafts), float (the draft's own dtype), or auto: int8 where fastdraft's native

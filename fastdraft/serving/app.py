@@ -146,7 +146,8 @@ def build_pair_app(spec: PairSpec) -> serve.Application:
     pair = SpeculativePair.options(**pair_options(cfg)).bind(
         spec.target, spec.draft, dtype=spec.dtype, device=cfg.device, gamma=cfg.gamma if spec.draft else 0,
         max_gamma=cfg.max_gamma, dynamic_gamma=cfg.dynamic_gamma, max_batch_size=cfg.max_batch_size,
-        batch_wait_timeout_s=cfg.batch_wait_timeout_s, draft_weights=cfg.draft_weights)
+        batch_wait_timeout_s=cfg.batch_wait_timeout_s, draft_weights=cfg.draft_weights,
+        stall_timeout_s=cfg.stall_timeout_s)
     return OpenAIIngress.options(**ingress_options(cfg)).bind(pair, spec.target, cfg, spec.draft is not None)
 
 
@@ -158,13 +159,27 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 # --------------------------------------------------------------------------------------------
 # Model replicas: the engine behind @serve.batch
 # --------------------------------------------------------------------------------------------
+def _continuation(request: dict, generated: list[int]) -> dict:
+    """The rest of `request` after its replica died: the prompt plus what was generated, fewer new tokens.
+
+    Exact for greedy decoding, and a correct sample for sampling (a continuation from a prefix).
+    """
+    params = request["params"]
+    # A fresh seed would repeat the lost attempt's first draws; derive one from the progress instead.
+    seed = None if params.seed is None else (params.seed + 1_000_003 * (len(generated) + 1)) % (1 << 63)
+    rest = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(generated), seed=seed)
+    # What was generated stays output: min_tokens and the presence/frequency penalties count it (`prior_output`).
+    prior = request.get("prior_output", 0) + len(generated)
+    return {**request, "prompt_ids": list(request["prompt_ids"]) + list(generated), "params": rest, "prior_output": prior}
+
+
 @serve.deployment(name="SpeculativePair")
 class SpeculativePair:
     """Target + draft in fastdraft's speculative engine; yields token ids as they are accepted."""
 
     def __init__(self, target: str, draft: str | None, dtype: str = "float32", device: str = "cpu", gamma: int = 3,
                  max_gamma: int = 8, dynamic_gamma: bool = False, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, draft_weights: str = "auto"):
+                 batch_wait_timeout_s: float = 0.01, draft_weights: str = "auto", stall_timeout_s: float = 60.0):
         from fastdraft.speculative.engine import SpeculativeEngine
         from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -180,25 +195,45 @@ class SpeculativePair:
         self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         # One generation at a time per replica: torch already uses the replica's cores for each pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # Health: while the engine thread has work (`_busy`), every round stamps `_progress`.
+        self.stall_timeout_s, self._busy, self._progress = stall_timeout_s, 0, time.monotonic()
+        self.counters = {"cancelled": 0, "timed_out": 0, "failed": 0, "retried_alone": 0}
         logger.info(f"SpeculativePair ready: target {target}, draft {draft or '(none: target alone)'}, gamma {gamma}")
 
     def info(self) -> dict:
-        return dict(self.info_)
+        return {**self.info_, **self.counters, "busy": self._busy}
 
     def check_health(self) -> None:
         if self._executor._shutdown:
             raise RuntimeError("the engine thread has stopped")
+        idle = time.monotonic() - self._progress
+        if self._busy and idle > self.stall_timeout_s:
+            raise RuntimeError(f"the engine thread has work but has made no progress for {idle:.0f} s "
+                               f"(serve.stall_timeout_s is {self.stall_timeout_s:g})")
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Stream one generation: {"token_ids": [...]} events, the last with finish_reason, stats and queue_s.
 
+        An event {"error": message} ends a generation that failed in the engine (this request alone). A caller that
+        goes away (cancellation: a client disconnect) or a passed `deadline` takes the request's rows out of the
+        engine's batch after the current speculative round; the others go on.
+
         Args:
-            request: {"prompt_ids": list[int], "params": SamplingParams, "gamma": int}.
+            request: {"prompt_ids": list[int], "params": SamplingParams, "gamma": int, "prior_output": int (optional),
+                "deadline": time.time() after which the generation ends with finish_reason "timeout" (optional)}.
         """
-        request = {**request, "arrived": time.perf_counter()}
-        async for event in self._generate_batch(request):
-            if event is not None:
-                yield event
+        import threading
+
+        request = {**request, "arrived": time.perf_counter(), "cancel": threading.Event()}
+        done = False
+        try:
+            async for event in self._generate_batch(request):
+                if event is not None:
+                    done = done or "finish_reason" in event or "error" in event
+                    yield event
+        finally:
+            if not done:
+                request["cancel"].set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _generate_batch(self, requests: list[dict]) -> AsyncIterator[list]:
@@ -224,15 +259,23 @@ class SpeculativePair:
             for kind, i, payload in batch_events:
                 if kind == "end":
                     end = True
-                elif kind == "error":
-                    raise payload
+                elif kind == "error":  # this request alone failed in the engine
+                    out[i] = {"error": payload}
+                    finished.add(i)
                 elif kind == "tokens":
-                    streamed[i] += len(payload)
-                    out[i] = {"token_ids": (out[i] or {}).get("token_ids", []) + payload}
+                    ids, lps = payload
+                    streamed[i] += len(ids)
+                    prev = out[i] or {}
+                    out[i] = {"token_ids": prev.get("token_ids", []) + ids}
+                    if lps is not None:
+                        out[i]["logprobs"] = prev.get("logprobs", []) + lps
                 else:  # done: the result; send ids the engine did not stream (if any) with it
                     result, gamma, rows = payload
                     rest = [int(t) for t in result.token_ids[streamed[i]:]]
-                    out[i] = {"token_ids": (out[i] or {}).get("token_ids", []) + rest,
+                    if result.logprobs is not None and rest:
+                        out[i] = {**(out[i] or {}), "logprobs": (out[i] or {}).get("logprobs", []) + [
+                            [lp, top] for lp, top in zip(result.logprobs[streamed[i]:], result.top_logprobs[streamed[i]:])]}
+                    out[i] = {**(out[i] or {}), "token_ids": (out[i] or {}).get("token_ids", []) + rest,
                               "finish_reason": result.finish_reason, "stats": result.stats.to_dict(), "gamma": gamma,
                               "queue_s": started - requests[i]["arrived"], "batch_rows": rows}
                     finished.add(i)
@@ -241,20 +284,67 @@ class SpeculativePair:
                 return
 
     def _run_groups(self, groups: dict, requests: list[dict], loop, events: asyncio.Queue) -> None:
-        """Engine thread: generate each group, posting ('tokens'|'done'|'error'|'end', index, payload) events."""
+        """Engine thread: generate each group, posting ('tokens'|'done'|'error'|'end', index, payload) events.
+
+        A group whose engine call fails is not failed whole: each of its unfinished requests is continued alone
+        from what it has streamed (`_continuation`), so only a request that fails on its own gets an error.
+        """
         post = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731
+        self._busy += 1
+        self._progress = time.monotonic()
         try:
             for (params, gamma), idxs in groups.items():
-                results = self.engine.generate(
-                    [requests[i]["prompt_ids"] for i in idxs], params, gamma=gamma,
-                    on_tokens=lambda j, ids, idxs=idxs: post("tokens", idxs[j], [int(t) for t in ids]))
-                for j, result in enumerate(results):
-                    post("done", idxs[j], (result, gamma, len(idxs)))
-        except Exception as exc:  # noqa: BLE001 - handed to the waiting requests, the replica stays up
-            logger.exception("engine failed")
-            post("error", -1, exc)
+                streamed = {i: [] for i in idxs}
+                try:
+                    self._run(requests, idxs, params, gamma, post, streamed)
+                except Exception as exc:  # noqa: BLE001 - isolate: retry each request of the group on its own
+                    left = [i for i in idxs if streamed[i] is not None]
+                    logger.warning(f"engine failed on a group of {len(idxs)} ({type(exc).__name__}: {exc}); "
+                                   f"continuing {len(left)} request(s) one by one")
+                    for i in left:
+                        if len(idxs) > 1:
+                            self.counters["retried_alone"] += 1
+                            try:
+                                rest = _continuation(requests[i], streamed[i])
+                                self._run([rest], [0], rest["params"], gamma, post, {0: streamed[i]}, alias=[i])
+                                continue
+                            except Exception as again:  # noqa: BLE001
+                                exc = again
+                        self.counters["failed"] += 1
+                        logger.error(f"request failed in the engine: {type(exc).__name__}: {exc}")
+                        post("error", i, f"{type(exc).__name__}: {exc}"[:500])
         finally:
+            self._busy -= 1
+            self._progress = time.monotonic()
             post("end", -1, None)
+
+    def _run(self, requests: list[dict], idxs: list[int], params, gamma: int, post, streamed: dict,
+             alias: list[int] | None = None) -> None:
+        """One engine call for requests[idxs] (posted under the indices `alias`, default `idxs`); `streamed[i]`
+        collects what each has streamed, and becomes None once its result is posted."""
+        names = alias or idxs
+
+        def on_tokens(j, ids, lps=None):
+            self._progress = time.monotonic()
+            streamed[idxs[j]].extend(int(t) for t in ids)
+            post("tokens", names[j], ([int(t) for t in ids], None if lps is None else [[lp, top] for lp, top in lps]))
+
+        def should_stop(j):
+            r = requests[idxs[j]]
+            if r["cancel"].is_set():
+                self.counters["cancelled"] += 1
+                return "abort"
+            if r.get("deadline") is not None and time.time() > r["deadline"]:
+                self.counters["timed_out"] += 1
+                return "timeout"
+            return None
+
+        results = self.engine.generate([requests[i]["prompt_ids"] for i in idxs], params, gamma=gamma,
+                                       on_tokens=on_tokens, should_stop=should_stop,
+                                       prior_output=[requests[i].get("prior_output", 0) for i in idxs])
+        for j, result in enumerate(results):
+            post("done", names[j], (result, gamma, len(idxs)))
+            streamed[idxs[j]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,16 +376,12 @@ def _eos_ids(tokenizer, model_config) -> set[int]:
     return ids
 
 
-def _continuation(request: dict, generated: list[int]) -> dict:
-    """The rest of `request` after its replica died: the prompt plus what was generated, fewer new tokens.
+class EngineFailure(Exception):
+    """The engine failed on this request (the others of its batch went on); answered with a 500."""
 
-    Exact for greedy decoding, and a correct sample for sampling (a continuation from a prefix).
-    """
-    params = request["params"]
-    # A fresh seed would repeat the lost attempt's first draws; derive one from the progress instead.
-    seed = None if params.seed is None else params.seed + 1_000_003 * (len(generated) + 1)
-    rest = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(generated), seed=seed)
-    return {**request, "prompt_ids": list(request["prompt_ids"]) + list(generated), "params": rest}
+
+class RequestTimeout(Exception):
+    """The request ran past its `timeout` / serve.request_timeout_s; answered with a 504."""
 
 
 @dataclass
@@ -311,6 +397,10 @@ class _Job:
     queue_s: float | None = None
     batch_rows: int | None = None
     """How many sequences shared the engine call (and its forward passes) with this one."""
+    logprobs: list = field(default_factory=list)
+    """With logprobs asked for: one [logprob, [[id, logprob], ...]] per token in `text.ids`."""
+    echo: str = ""
+    """The prompt's text, when the completion echoes it."""
 
 
 @dataclass
@@ -324,6 +414,11 @@ class _Plan:
     jobs: list[_Job]
     prompt_tokens: int
     created: int = field(default_factory=lambda: int(time.time()))
+    continuous_usage: bool = False
+    logprobs: int | None = None
+    ignored: list[str] = field(default_factory=list)
+    deadline: float = float("inf")
+    """time.time() by which the request must be answered."""
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -331,15 +426,17 @@ class _Plan:
 class OpenAIIngress:
     def __init__(self, pair: DeploymentHandle, target: str, cfg: ServeConfig, speculative: bool):
         from fastdraft.checkpoint import load_config
-        from fastdraft.tokenizer import load_tokenizer
+        from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
         self.pair, self.cfg = pair, cfg
         self.tokenizer = load_tokenizer(target)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         tcfg = load_config(target)
         self.limits = P.Limits(
             model_name=cfg.model_name, max_tokens_cap=cfg.max_tokens_cap, max_n=cfg.max_n, max_gamma=cfg.max_gamma,
             context_length=int(getattr(tcfg, "max_position_embeddings", 2048)), speculative=speculative,
-            max_prompts=cfg.max_batch_size)
+            max_prompts=cfg.max_batch_size, vocab_size=min(len(self.tokenizer), int(getattr(tcfg, "vocab_size", 1 << 30))),
+            request_timeout_s=cfg.request_timeout_s)
         self.stop_ids = tuple(sorted(_eos_ids(self.tokenizer, tcfg)))
         self.api_key = None
         if cfg.api_key_env:
@@ -366,7 +463,8 @@ class OpenAIIngress:
             self._authorize(request)
         except P.APIError as exc:
             return JSONResponse(exc.to_dict(), status_code=exc.status)
-        return JSONResponse(P.models_response(self.limits.model_name))
+        return JSONResponse(P.models_response(self.limits.model_name, tokenizer_fingerprint=self.fingerprint,
+                                              max_model_len=self.limits.context_length))
 
     @app.get("/health")
     async def health(self) -> Response:
@@ -375,7 +473,8 @@ class OpenAIIngress:
         except Exception as exc:  # noqa: BLE001 - any failure to reach the models is "unhealthy"
             return JSONResponse({"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"[:300]}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.limits.model_name, "speculative": self.limits.speculative,
-                             "gamma": info["gamma"], "draft": info["draft"]})
+                             "gamma": info["gamma"], "draft": info["draft"],
+                             "engine": {k: info.get(k) for k in ("busy", "cancelled", "timed_out", "failed", "retried_alone")}})
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
@@ -393,9 +492,16 @@ class OpenAIIngress:
         except P.APIError as exc:
             self.metrics.record_request(endpoint, exc.status, time.perf_counter() - start)
             return JSONResponse(exc.to_dict(), status_code=exc.status)
+        headers = {}
+        if plan.ignored:
+            # vLLM's behaviour: fields neither schema knows are ignored, logged, and named back to the client.
+            logger.warning(f"request {plan.rid}: ignored unknown field(s): {', '.join(plan.ignored)}")
+            headers["x-fastdraft-ignored-fields"] = ",".join(plan.ignored)[:4000]
         if plan.stream:
-            return StreamingResponse(self._stream(plan, start), media_type="text/event-stream")
-        return await self._complete(plan, start)
+            return StreamingResponse(self._stream(plan, start), media_type="text/event-stream", headers=headers)
+        response = await self._complete(plan, start)
+        response.headers.update(headers)
+        return response
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -410,58 +516,94 @@ class OpenAIIngress:
         if endpoint == "completions":
             req = P.parse_request(body, P.CompletionRequest, self.limits.max_body_bytes)
             P.check_sampling(req, self.limits)
-            prompts = [self._encode_prompt(p) for p in P.completion_prompts(req, self.limits)]
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            raw = P.completion_prompts(req, self.limits)
+            prompts = [self._truncate(self._encode_prompt(p, add_special), req.truncate_prompt_tokens) for p in raw]
+            echoes = [(p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens))
+                      if req.echo else "" for p in raw]
             max_param, max_value = "max_tokens", req.max_tokens
         else:
             req = P.parse_request(body, P.ChatCompletionRequest, self.limits.max_body_bytes)
             P.check_sampling(req, self.limits)
-            prompts = [self._encode_chat(P.chat_messages(req))]
+            prompts = [self._truncate(self._encode_chat(P.chat_messages(req), req), req.truncate_prompt_tokens)]
+            echoes = [""]
             max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             max_value = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         max_new = P.check_max_tokens(max_value, max_param, max(len(p) for p in prompts), self.limits)
+        if req.min_tokens > max_new:
+            raise P.APIError(400, f"'min_tokens' ({req.min_tokens}) exceeds '{max_param}' ({max_new})", param="min_tokens")
         if not self.limits.speculative or req.speculative is False:
             gamma = 0
         else:
             gamma = req.gamma if req.gamma is not None else self.cfg.gamma
         stops = P.stop_list(req.stop)
+        stop_ids = tuple(sorted(set(() if req.ignore_eos else self.stop_ids) | set(req.stop_token_ids or ())))
+        options = P.engine_options(req)
+        timeout = req.timeout if req.timeout is not None else self.limits.request_timeout_s
+        deadline = time.time() + timeout
         jobs = []
         for pi, ids in enumerate(prompts):
             for k in range(req.n):
                 # n samples with one seed would repeat each other: each choice gets its own seed.
-                params = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
-                                        max_new_tokens=max_new, stop_token_ids=self.stop_ids,
-                                        seed=None if req.seed is None else req.seed + pi * req.n + k)
-                jobs.append(_Job(pi * req.n + k, {"prompt_ids": ids, "params": params, "gamma": gamma},
-                                 P.TextStream(self.tokenizer, stops), speculative=P.speculative_usage(None, gamma)))
+                params = SamplingParams(max_new_tokens=max_new, stop_token_ids=stop_ids, min_new_tokens=req.min_tokens,
+                                        seed=None if req.seed is None else (req.seed + pi * req.n + k) % (1 << 63),
+                                        **options)
+                text = P.TextStream(self.tokenizer, stops, include_stop=req.include_stop_str_in_output,
+                                    skip_special_tokens=req.skip_special_tokens, stop_ids=stop_ids)
+                jobs.append(_Job(pi * req.n + k, {"prompt_ids": ids, "params": params, "gamma": gamma, "deadline": deadline},
+                                 text, speculative=P.speculative_usage(None, gamma), echo=echoes[pi]))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        continuous = bool(include_usage and req.stream_options.continuous_usage_stats)
         return _Plan(endpoint, P.new_id("cmpl" if endpoint == "completions" else "chatcmpl"), req.stream, include_usage,
-                     jobs, sum(len(p) for p in prompts))
+                     jobs, sum(len(p) for p in prompts), continuous_usage=continuous, logprobs=options["logprobs"],
+                     ignored=P.ignored_fields(req), deadline=deadline)
 
-    def _encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    @staticmethod
+    def _truncate(ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's truncate_prompt_tokens: only the last `keep` prompt tokens."""
+        return ids if keep is None else ids[-keep:]
+
+    def _encode_prompt(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
-            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        vocab = len(self.tokenizer)
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        vocab = self.limits.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise P.APIError(400, f"'prompt': token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
         return list(prompt)
 
-    def _encode_chat(self, messages: list[dict]) -> list[int]:
+    def _encode_chat(self, messages: list[dict], req=None) -> list[int]:
         if not self.tokenizer.chat_template:
             raise P.APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        kwargs = dict(req.chat_template_kwargs or {}) if req is not None else {}
+        reserved = {"tokenize", "add_generation_prompt", "continue_final_message", "conversation", "messages"} & set(kwargs)
+        if reserved:
+            raise P.APIError(400, f"'chat_template_kwargs': {sorted(reserved)[0]} is set by its own field",
+                             param="chat_template_kwargs")
+        add_generation = req.add_generation_prompt if req is not None else True
+        continue_final = bool(req.continue_final_message) if req is not None else False
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation,
+                                                      continue_final_message=continue_final, **kwargs)
         except Exception as exc:  # noqa: BLE001 - templates raise their own errors on conversations they refuse
             raise P.APIError(400, f"'messages': the chat template refused this conversation: {exc}", param="messages") from None
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        add_special = bool(req.add_special_tokens) if req is not None and req.add_special_tokens is not None else False
+        return list(self.tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
-    async def _events(self, plan: _Plan) -> AsyncIterator[tuple[int, str, str | None]]:
-        """All choices at once: (choice index, text delta, finish_reason or None) as they arrive."""
+    async def _events(self, plan: _Plan) -> AsyncIterator[tuple]:
+        """All choices at once: (choice index, text delta, finish_reason or None, new logprob entries) as they arrive."""
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._run_job(job, queue)) for job in plan.jobs]
+        grace = 5.0  # past the deadline, the engine ends the rows within a round: give that round time to come back
         try:
             for _ in range(len(tasks)):
-                while (item := await queue.get()) is not None:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), timeout=max(plan.deadline - time.time(), 0) + grace)
+                    except asyncio.TimeoutError:
+                        raise RequestTimeout(f"no answer within the request's timeout") from None
+                    if item is None:
+                        break
                     if isinstance(item, BaseException):
                         raise item
                     yield item
@@ -486,7 +628,7 @@ class OpenAIIngress:
                                    f"after {len(job.text.ids)} tokens on another replica")
                     if len(job.text.ids) >= base["params"].max_new_tokens:  # only the final event was lost
                         job.finish_reason, job.completion_tokens = "length", len(job.text.ids)
-                        await queue.put((job.index, job.text.finish(), "length"))
+                        await queue.put((job.index, job.text.finish(), "length", []))
                         break
                     job.request = _continuation(base, job.text.ids)
             await queue.put(None)
@@ -495,19 +637,35 @@ class OpenAIIngress:
 
     async def _stream_job(self, job: _Job, queue: asyncio.Queue) -> None:
         """Stream one generation; stop sequences end the choice early (its stats still arrive)."""
-        async for event in self.pair.options(stream=True).generate.remote(job.request):
-            delta = job.text.add(event["token_ids"]) if job.finish_reason is None else ""
-            if job.finish_reason is None and job.text.stopped:
-                job.finish_reason, job.completion_tokens = "stop", len(job.text.ids)
-                await queue.put((job.index, delta, "stop"))
-            elif job.finish_reason is None and "finish_reason" in event:
-                job.finish_reason, job.completion_tokens = event["finish_reason"], len(job.text.ids)
-                await queue.put((job.index, delta + job.text.finish(), job.finish_reason))
-            elif delta:
-                await queue.put((job.index, delta, None))
-            if "stats" in event:
-                job.speculative = P.speculative_usage(event["stats"], event["gamma"])
-                job.queue_s, job.batch_rows = event["queue_s"], event["batch_rows"]
+        stream = self.pair.options(stream=True).generate.remote(job.request)
+        finished = False
+        try:
+            async for event in stream:
+                if "error" in event:
+                    raise EngineFailure(event["error"])
+                if event.get("finish_reason") == "timeout":
+                    raise RequestTimeout("the request ran past its timeout")
+                entries = []
+                if job.finish_reason is None and "logprobs" in event:
+                    job.logprobs.extend(event["logprobs"])
+                    entries = event["logprobs"]
+                delta = job.text.add(event["token_ids"]) if job.finish_reason is None else ""
+                if job.finish_reason is None and job.text.stopped:
+                    job.finish_reason, job.completion_tokens = "stop", len(job.text.ids)
+                    await queue.put((job.index, delta, "stop", entries))
+                elif job.finish_reason is None and "finish_reason" in event:
+                    job.finish_reason, job.completion_tokens = event["finish_reason"], len(job.text.ids)
+                    await queue.put((job.index, delta + job.text.finish(), job.finish_reason, entries))
+                elif delta or entries:
+                    job.completion_tokens = len(job.text.ids)
+                    await queue.put((job.index, delta, None, entries))
+                if "stats" in event:
+                    job.speculative = P.speculative_usage(event["stats"], event["gamma"])
+                    job.queue_s, job.batch_rows = event["queue_s"], event["batch_rows"]
+                    finished = True
+        finally:
+            if not finished:  # the client went away, or the request failed: the replica drops its rows now
+                stream.cancel()
 
     def _finish_metrics(self, plan: _Plan, status: int, start: float, ttft: float | None) -> None:
         for job in plan.jobs:
@@ -515,11 +673,18 @@ class OpenAIIngress:
         self.metrics.record_request(plan.endpoint, status, time.perf_counter() - start, plan.prompt_tokens,
                                     sum(j.completion_tokens for j in plan.jobs), ttft)
 
+    def _logprobs(self, plan: _Plan, ids: list[int], entries: list, offset: int = 0) -> dict | None:
+        if plan.logprobs is None:
+            return None
+        if plan.endpoint == "completions":
+            return P.completion_logprobs(self.tokenizer, ids, entries, offset)
+        return P.chat_logprobs(self.tokenizer, ids, entries)
+
     async def _complete(self, plan: _Plan, start: float) -> Response:
-        texts = {job.index: [] for job in plan.jobs}
+        texts = {job.index: [job.echo] for job in plan.jobs}
         ttft = None
         try:
-            async for index, delta, _ in self._events(plan):
+            async for index, delta, _, _ in self._events(plan):
                 if delta and ttft is None:
                     ttft = time.perf_counter() - start
                 texts[index].append(delta)
@@ -527,43 +692,75 @@ class OpenAIIngress:
             return self._server_error(plan, exc, start)
         self._finish_metrics(plan, 200, start, ttft)
         choices = [P.Choice(j.index, "".join(texts[j.index]), j.finish_reason or "length", 0, j.completion_tokens,
-                            j.speculative) for j in plan.jobs]
+                            j.speculative, self._logprobs(plan, j.text.ids, j.logprobs, len(j.echo))) for j in plan.jobs]
         model = self.limits.model_name
         body = (P.completion_response(plan.rid, model, choices, plan.prompt_tokens) if plan.endpoint == "completions"
                 else P.chat_response(plan.rid, model, choices, plan.prompt_tokens))
         return JSONResponse(body)
 
+    def _usage(self, plan: _Plan) -> dict:
+        return P.usage_dict(plan.prompt_tokens, sum(j.completion_tokens for j in plan.jobs),
+                            P.merge_speculative([j.speculative for j in plan.jobs]))
+
     async def _stream(self, plan: _Plan, start: float) -> AsyncIterator[str]:
         model, chat, ttft = self.limits.model_name, plan.endpoint == "chat", None
+        jobs = {job.index: job for job in plan.jobs}
+        usage = (lambda: self._usage(plan)) if plan.continuous_usage else (lambda: None)  # noqa: E731
         if chat:  # OpenAI opens every choice with the assistant role
             for job in plan.jobs:
-                yield P.sse(P.chat_chunk(plan.rid, model, plan.created, job.index, {"role": "assistant", "content": ""}, None))
+                yield P.sse(P.chat_chunk(plan.rid, model, plan.created, job.index, {"role": "assistant", "content": ""},
+                                         None, usage=usage()))
+        else:
+            for job in plan.jobs:
+                if job.echo:
+                    yield P.sse(P.completion_chunk(plan.rid, model, plan.created, job.index, job.echo, None, usage=usage()))
+        pending: dict[int, list] = {job.index: [] for job in plan.jobs}  # logprob entries not yet sent
+        sent: dict[int, int] = {job.index: 0 for job in plan.jobs}       # tokens whose logprobs were sent
+        offsets: dict[int, int] = {job.index: len(job.echo) for job in plan.jobs}
         try:
-            async for index, delta, finish in self._events(plan):
+            async for index, delta, finish, entries in self._events(plan):
+                pending[index].extend(entries)
                 if delta and ttft is None:
                     ttft = time.perf_counter() - start
                 if delta or finish:
+                    lp = None
+                    if plan.logprobs is not None:
+                        n = len(pending[index])
+                        ids = jobs[index].text.ids[sent[index]:sent[index] + n]
+                        lp = self._logprobs(plan, ids, pending[index], offsets[index])
+                        sent[index] += n
+                        offsets[index] += sum(len(P.token_text(self.tokenizer, t)) for t in ids)
+                        pending[index] = []
                     yield P.sse(
-                        P.chat_chunk(plan.rid, model, plan.created, index, {"content": delta} if delta else {}, finish) if chat
-                        else P.completion_chunk(plan.rid, model, plan.created, index, delta, finish))
+                        P.chat_chunk(plan.rid, model, plan.created, index, {"content": delta} if delta else {}, finish,
+                                     lp, usage=usage()) if chat
+                        else P.completion_chunk(plan.rid, model, plan.created, index, delta, finish, lp, usage=usage()))
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+            err = self._error_for(exc)
             self._server_error(plan, exc, start)
-            yield P.sse(P.APIError(500, f"generation failed: {type(exc).__name__}", type="server_error").to_dict())
+            yield P.sse(err.to_dict())
             yield P.sse("[DONE]")
             return
         self._finish_metrics(plan, 200, start, ttft)
         if plan.include_usage:
-            usage = P.usage_dict(plan.prompt_tokens, sum(j.completion_tokens for j in plan.jobs),
-                                 P.merge_speculative([j.speculative for j in plan.jobs]))
             yield P.sse(P.usage_chunk(plan.rid, "chat.completion.chunk" if chat else "text_completion", model,
-                                      plan.created, usage))
+                                      plan.created, self._usage(plan)))
         yield P.sse("[DONE]")
 
+    @staticmethod
+    def _error_for(exc: BaseException) -> P.APIError:
+        if isinstance(exc, RequestTimeout):
+            return P.APIError(504, f"the request ran past its timeout ({exc})", param="timeout", code="timeout",
+                              type="timeout_error")
+        if isinstance(exc, EngineFailure):
+            return P.APIError(500, f"generation failed in the engine: {exc}", type="server_error", code="engine_error")
+        return P.APIError(503, f"generation failed ({type(exc).__name__}); retry the request", type="server_error")
+
     def _server_error(self, plan: _Plan, exc: BaseException, start: float) -> Response:
+        err = self._error_for(exc)
         logger.error(f"request {plan.rid} failed: {type(exc).__name__}: {exc}")
-        self.metrics.record_request(plan.endpoint, 503, time.perf_counter() - start)
-        err = P.APIError(503, f"generation failed ({type(exc).__name__}); retry the request", type="server_error")
-        return JSONResponse(err.to_dict(), status_code=503)
+        self.metrics.record_request(plan.endpoint, err.status, time.perf_counter() - start)
+        return JSONResponse(err.to_dict(), status_code=err.status)
 
 
 # --------------------------------------------------------------------------------------------

@@ -519,8 +519,13 @@ class TextStream:
     back until the next tokens tell. After a stop sequence is seen the text ends before it.
     """
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], include_stop: bool = False, skip_special_tokens: bool = True,
+                 stop_ids: tuple[int, ...] = ()):
+        """`include_stop`: the stop sequence (or the text of the stop token in `stop_ids` that ended the generation)
+        stays in the text, as vLLM's include_stop_str_in_output."""
         self.tokenizer, self.stop = tokenizer, stop
+        self.include_stop, self.skip_special = include_stop, skip_special_tokens
+        self.hidden = set() if include_stop else set(stop_ids)  # only ever the last token: it ended the generation
         self.ids: list[int] = []
         self.text = ""         # everything emitted so far
         self.stopped = False   # a stop sequence ended the text
@@ -530,11 +535,12 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
-        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
+        full = self._decode()
+        found = [(i, len(s)) for i, s in ((full.find(s), s) for s in self.stop) if i >= 0]
+        if found:
+            cut, length = min(found)
             self.stopped = True
-            return self._emit(full[:cut])
+            return self._emit(full[:cut + length] if self.include_stop else full[:cut])
         # A trailing run of U+FFFD may be a character whose remaining bytes are still to come.
         end = len(full.rstrip("\ufffd"))
         end -= self._held(full[:end])
@@ -544,7 +550,11 @@ class TextStream:
         """The text held back, once generation has ended without a stop sequence."""
         if self.stopped:
             return ""
-        return self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+        return self._emit(self._decode())
+
+    def _decode(self) -> str:
+        ids = self.ids[:-1] if self.ids and self.ids[-1] in self.hidden else self.ids
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
     def _held(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of a stop sequence."""
@@ -600,16 +610,51 @@ class Choice:
     prompt_tokens: int
     completion_tokens: int
     speculative: dict = field(default_factory=dict)
+    logprobs: dict | None = None
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def _finite(x: float) -> float:
+    return x if x > -1e30 else -9999.0  # a masked token's -inf is not JSON: OpenAI's floor is -9999
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 0) -> dict:
+    """The completions API's `logprobs` object for `ids`, from the engine's (logprob, [(id, logprob)...]) entries.
+
+    `offset`: where the first token's text starts in the choice's text (the echoed prompt's length).
+    """
+    tokens = [token_text(tokenizer, t) for t in ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [_finite(e[0]) for e in entries],
+            "top_logprobs": [{token_text(tokenizer, i): _finite(lp) for i, lp in e[1]} for e in entries],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, ids: list[int], entries: list) -> dict:
+    """The chat API's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+    def item(token_id: int, lp: float) -> dict:
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**item(t, e[0]), "top_logprobs": [item(i, lp) for i, lp in e[1]]} for t, e in zip(ids, entries)],
+            "refusal": None}
+
+
 def completion_response(rid: str, model: str, choices: list[Choice], unique_prompt_tokens: int) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
+        "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+                    for c in choices],
         "usage": usage_dict(unique_prompt_tokens, sum(c.completion_tokens for c in choices),
                             merge_speculative([c.speculative for c in choices])),
     }
@@ -618,21 +663,29 @@ def completion_response(rid: str, model: str, choices: list[Choice], unique_prom
 def chat_response(rid: str, model: str, choices: list[Choice], prompt_tokens: int) -> dict:
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs,
                      "finish_reason": c.finish_reason} for c in choices],
         "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices),
                             merge_speculative([c.speculative for c in choices])),
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None) -> dict:
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def completion_chunk(rid: str, model: str, created: int, index: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None, usage: dict | None = None) -> dict:
+    out = {"id": rid, "object": "text_completion", "created": created, "model": model,
+           "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
-def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+def chat_chunk(rid: str, model: str, created: int, index: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None, usage: dict | None = None) -> dict:
+    out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    if usage is not None:
+        out["usage"] = usage
+    return out
 
 
 def usage_chunk(rid: str, obj: str, model: str, created: int, usage: dict) -> dict:
@@ -645,5 +698,13 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def models_response(model: str, owned_by: str = "fastdraft") -> dict:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": int(time.time()), "owned_by": owned_by}]}
+def models_response(model: str, owned_by: str = "fastdraft", tokenizer_fingerprint: str | None = None,
+                    max_model_len: int | None = None) -> dict:
+    """GET /v1/models. `tokenizer_fingerprint` (`fastdraft.tokenizer.tokenizer_fingerprint` of the target) lets a
+    client check that its own tokenizer matches the server's before it sends token ids."""
+    entry = {"id": model, "object": "model", "created": int(time.time()), "owned_by": owned_by}
+    if tokenizer_fingerprint is not None:
+        entry["tokenizer_fingerprint"] = tokenizer_fingerprint
+    if max_model_len is not None:
+        entry["max_model_len"] = max_model_len
+    return {"object": "list", "data": [entry]}
