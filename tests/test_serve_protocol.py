@@ -13,7 +13,7 @@ from fastdraft.serving import protocol as P
 
 REPO = Path(__file__).resolve().parent.parent
 LIMITS = P.Limits(model_name="fastdraft", max_tokens_cap=64, max_n=4, max_gamma=8, context_length=128, speculative=True,
-                  max_prompts=4)
+                  max_prompts=4, vocab_size=1000)
 
 
 def _completion_error(body) -> P.APIError:
@@ -48,7 +48,22 @@ def _completion_error(body) -> P.APIError:
     ({"prompt": "hi", "stop": ["a", 1]}, 400, "stop", "a string or a list"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
     ({"prompt": "hi", "gamma": 9}, 400, "gamma", "serve.max_gamma"),
-    ({"prompt": "hi", "bogus": 1}, 400, "bogus", "unrecognized"),
+    ({"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias", "token ids"),
+    ({"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias", "between -100 and 100"),
+    ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "between -2 and 2"),
+    ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "(0, 2]"),
+    ({"prompt": "hi", "logprobs": 21}, 400, "logprobs", "between 0 and 20"),
+    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", "prompt's logprobs"),
+    ({"prompt": "hi", "suffix": "x"}, 400, "suffix", "fill-in-the-middle"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of", "not ranked"),
+    ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format", "constrained decoding"),
+    ({"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search", "beams"),
+    ({"prompt": "hi", "guided_json": {"type": "object"}}, 400, "guided_json", "not served"),
+    ({"prompt": "hi", "stop_token_ids": [5, 10 ** 6]}, 400, "stop_token_ids", "outside the vocabulary"),
+    ({"prompt": "hi", "allowed_token_ids": []}, 400, "allowed_token_ids", "must not be empty"),
+    ({"prompt": "hi", "min_tokens": -1}, 400, "min_tokens", ">= 0"),
+    ({"prompt": "hi", "timeout": 700}, 400, "timeout", "serve.request_timeout_s"),
+    ({"prompt": "hi", "stream_options": {"include_usage": "yes"}}, 400, "stream_options.include_usage", "boolean"),
     ({"prompt": "hi", "stream": "yes"}, 400, "stream", "boolean"),
     ({"prompt": ["a"] * 5}, 400, "prompt", "at most 4 prompts"),
 ])
@@ -58,6 +73,116 @@ def test_bad_completion_requests_get_a_4xx_naming_the_field(body, status, param,
     assert err.param == param
     assert words in err.message
     assert err.to_dict()["error"]["message"] == err.message
+
+
+def _chat(body: dict):
+    req = P.parse_request(json.dumps({"messages": [{"role": "user", "content": "hi"}], **body}).encode(),
+                          P.ChatCompletionRequest)
+    P.check_sampling(req, LIMITS)
+    return req
+
+
+# Every field of OpenAI's chat-completions schema, with a value this server honours (or that changes nothing).
+OPENAI_CHAT_FIELDS = {
+    "model": "fastdraft", "frequency_penalty": 0.5, "logit_bias": {"17": -3.0}, "logprobs": True, "top_logprobs": 2,
+    "max_completion_tokens": 8, "metadata": {"team": "a"}, "modalities": ["text"], "n": 2, "parallel_tool_calls": True,
+    "presence_penalty": 0.2, "prompt_cache_key": "k", "response_format": {"type": "text"}, "safety_identifier": "u1",
+    "seed": 3, "service_tier": "auto", "stop": ["\n\n"], "store": False, "stream": True,
+    "stream_options": {"include_usage": True, "include_obfuscation": False, "continuous_usage_stats": True},
+    "temperature": 0.7, "tool_choice": "none", "tools": [], "top_p": 0.9, "user": "someone", "functions": [],
+    "function_call": "none", "audio": None, "prediction": None, "reasoning_effort": None, "verbosity": None,
+    "web_search_options": None, "max_tokens": None,
+}
+OPENAI_COMPLETION_FIELDS = {
+    "model": "fastdraft", "prompt": "hi", "best_of": 1, "echo": True, "frequency_penalty": 0.1, "logit_bias": {"3": 1},
+    "logprobs": None, "max_tokens": 8, "n": 1, "presence_penalty": 0.1, "seed": 1, "stop": "x", "stream": False,
+    "stream_options": None, "suffix": None, "temperature": 0, "top_p": 1, "user": "u",
+}
+VLLM_FIELDS = {
+    "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "length_penalty": 1.0, "use_beam_search": False,
+    "stop_token_ids": [7], "include_stop_str_in_output": True, "ignore_eos": True, "min_tokens": 2,
+    "skip_special_tokens": False, "spaces_between_special_tokens": True, "truncate_prompt_tokens": 10,
+    "allowed_token_ids": [3, 7, 9], "add_special_tokens": False, "priority": 0, "request_id": "r-1",
+}
+
+
+def test_every_openai_and_vllm_field_is_accepted_and_mapped_to_the_engine():
+    req = _chat({**OPENAI_CHAT_FIELDS, **VLLM_FIELDS})
+    assert P.ignored_fields(req) == []
+    opts = P.engine_options(req)
+    assert opts == {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "presence_penalty": 0.2,
+                    "frequency_penalty": 0.5, "repetition_penalty": 1.1, "logit_bias": ((17, -3.0),),
+                    "allowed_token_ids": (3, 7, 9), "logprobs": 2}
+    raw = json.dumps({**OPENAI_COMPLETION_FIELDS, **VLLM_FIELDS}).encode()
+    creq = P.parse_request(raw, P.CompletionRequest)
+    P.check_sampling(creq, LIMITS)
+    assert P.ignored_fields(creq) == [] and creq.echo and P.engine_options(creq)["logprobs"] is None
+    nulls = P.parse_request(b'{"prompt": "hi", "temperature": null, "n": null, "top_k": null}', P.CompletionRequest)
+    assert (nulls.temperature, nulls.n, nulls.top_k) == (1.0, 1, 0)  # null = not given
+
+
+def test_unknown_fields_are_ignored_and_named_at_any_depth():
+    req = _chat({"bogus": 1, "stream_options": {"include_usage": True, "colour": "red"}})
+    req.messages  # noqa: B018
+    nested = P.parse_request(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "x": 1}],
+                                                       "mood": "calm"}], "zz": None}).encode(), P.ChatCompletionRequest)
+    assert P.ignored_fields(req) == ["bogus", "stream_options.colour"]
+    assert P.ignored_fields(nested) == ["zz", "messages[0].mood", "messages[0].content[0].x"]
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "tool calling"),
+    ({"tool_choice": "required"}, "tool_choice", "tool calling"),
+    ({"functions": [{"name": "f"}]}, "functions", "function calling"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format",
+     "json_schema"),
+    ({"n": 5}, "n", "serve.max_n"),
+    ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio", "text only"),
+    ({"modalities": ["text", "audio"]}, "modalities", "text only"),
+    ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs"),
+    ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning"),
+    ({"web_search_options": {}}, "web_search_options", "web search"),
+    ({"top_logprobs": 3}, "top_logprobs", "'logprobs': true"),
+    ({"logprobs": True, "top_logprobs": 25}, "top_logprobs", "between 0 and 20"),
+    ({"chat_template": "{{ messages }}"}, "chat_template", "own chat template"),
+    ({"echo": True}, "echo", "do not echo"),
+    ({"continue_final_message": True}, "continue_final_message", "add_generation_prompt"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]},
+     "messages[0].content[0].type", "text only"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]}, "messages[0].tool_calls", "tool calling"),
+])
+def test_fields_that_cannot_be_honoured_get_a_400_naming_them(body, param, words):
+    with pytest.raises(P.APIError) as info:
+        _chat(body)
+    assert info.value.status == 400 and info.value.param == param and words in info.value.message
+    assert param in info.value.message
+
+
+def test_logprobs_objects_follow_openais_shapes():
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(96 + i) for i in ids)
+
+    entries = [[-0.5, [[1, -0.5], [2, -1.5]]], [float("-inf"), []]]
+    comp = P.completion_logprobs(Tok(), [1, 3], entries, offset=4)
+    assert comp == {"tokens": ["a", "c"], "token_logprobs": [-0.5, -9999.0], "top_logprobs": [{"a": -0.5, "b": -1.5}, {}],
+                    "text_offset": [4, 5]}
+    chat = P.chat_logprobs(Tok(), [1], entries[:1])
+    assert chat == {"content": [{"token": "a", "logprob": -0.5, "bytes": [97], "top_logprobs": [
+        {"token": "a", "logprob": -0.5, "bytes": [97]}, {"token": "b", "logprob": -1.5, "bytes": [98]}]}], "refusal": None}
+
+
+def test_text_stream_can_keep_the_stop_string_and_hides_the_stop_token():
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join("<eos>" if i == 0 and not skip_special_tokens else "" if i == 0 else chr(96 + i) for i in ids)
+
+    keep = P.TextStream(Tok(), ["cd"], include_stop=True)
+    assert keep.add([1, 2, 3, 4, 5]) == "abcd" and keep.stopped
+    hidden = P.TextStream(Tok(), [], skip_special_tokens=False, stop_ids=(0, 7))
+    assert hidden.add([1, 2]) + hidden.add([7]) + hidden.finish() == "ab"  # a stop token ends the text unseen
+    shown = P.TextStream(Tok(), [], skip_special_tokens=False, include_stop=True, stop_ids=(0,))
+    assert shown.add([1, 0]) + shown.finish() == "a<eos>"
 
 
 def test_oversized_bodies_are_refused_before_parsing():

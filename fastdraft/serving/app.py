@@ -197,7 +197,7 @@ class SpeculativePair:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         # Health: while the engine thread has work (`_busy`), every round stamps `_progress`.
         self.stall_timeout_s, self._busy, self._progress = stall_timeout_s, 0, time.monotonic()
-        self.counters = {"cancelled": 0, "timed_out": 0, "failed": 0, "retried_alone": 0}
+        self.counters = {"cancelled": 0, "timed_out": 0, "failed": 0, "retried_alone": 0, "last_cancelled_tokens": None}
         logger.info(f"SpeculativePair ready: target {target}, draft {draft or '(none: target alone)'}, gamma {gamma}")
 
     def info(self) -> dict:
@@ -333,6 +333,7 @@ class SpeculativePair:
             r = requests[idxs[j]]
             if r["cancel"].is_set():
                 self.counters["cancelled"] += 1
+                self.counters["last_cancelled_tokens"] = len(streamed[idxs[j]])  # how far it got: for tests and logs
                 return "abort"
             if r.get("deadline") is not None and time.time() > r["deadline"]:
                 self.counters["timed_out"] += 1
@@ -474,7 +475,8 @@ class OpenAIIngress:
             return JSONResponse({"status": "unavailable", "reason": f"{type(exc).__name__}: {exc}"[:300]}, status_code=503)
         return JSONResponse({"status": "ok", "model": self.limits.model_name, "speculative": self.limits.speculative,
                              "gamma": info["gamma"], "draft": info["draft"],
-                             "engine": {k: info.get(k) for k in ("busy", "cancelled", "timed_out", "failed", "retried_alone")}})
+                             "engine": {k: info.get(k) for k in ("busy", "cancelled", "timed_out", "failed", "retried_alone",
+                                                                 "last_cancelled_tokens")}})
 
     @app.get("/metrics")
     async def prometheus(self) -> Response:
