@@ -19,7 +19,7 @@ import torch
 pytestmark = pytest.mark.timeout(300)
 
 KEY_ENV, KEY = "FASTDRAFT_TEST_SERVE_KEY", "sk-test-0123456789"
-MAX_TOKENS_CAP = 48
+MAX_TOKENS_CAP = 960  # room for a long generation to cancel
 
 
 @dataclass
@@ -87,8 +87,29 @@ def reference(tiny_target_dir):
         new = out[0, len(prompt_ids):].tolist()
         return tok.decode(new, skip_special_tokens=True), len(new)
 
-    greedy.tok = tok
+    greedy.tok, greedy.model = tok, model
     return greedy
+
+
+def penalized_greedy(model, prompt_ids: list[int], max_new: int, eos: int, presence=0.0, frequency=0.0,
+                     bias: dict | None = None) -> tuple[list[int], list[list[float]]]:
+    """Plain target greedy with OpenAI's penalties and logit_bias written out token by token; also the log-softmax
+    of the processed logits at each step (the logprobs the server must report)."""
+    ids, out, lps = list(prompt_ids), [], []
+    for _ in range(max_new):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1].double()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        for t in set(out):
+            logits[t] -= frequency * out.count(t) + presence
+        tok = int(logits.argmax())
+        lps.append(logits.log_softmax(-1))
+        out.append(tok)
+        ids.append(tok)
+        if tok == eos:
+            break
+    return out, lps
 
 
 PROMPTS = ["def fibonacci(n):\n    ", "The standard library provides", "import os\nimport sys\n"]
@@ -249,3 +270,272 @@ def test_metrics_endpoint_reports_requests_tokens_and_acceptance(server):
     assert 0 <= values["fastdraft_acceptance_rate"] <= 1 and values["fastdraft_tau"] >= 1
     assert values["fastdraft_queue_time_seconds_count"] >= 1
     assert values['fastdraft_time_to_first_token_seconds_count{endpoint="completions"}'] >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# The protocol as clients send it (issue 20)
+# ------------------------------------------------------------------------------------------
+def _client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+
+
+def test_models_carry_the_targets_tokenizer_fingerprint(server, tiny_target_dir):
+    from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    [entry] = _client(server).models.list().data
+    assert entry.model_extra["tokenizer_fingerprint"] == tokenizer_fingerprint(load_tokenizer(tiny_target_dir))
+    assert entry.model_extra["tokenizer_fingerprint"].startswith("tok-")
+
+
+def test_every_openai_field_is_accepted_and_greedy_stays_exact(server, reference):
+    client = _client(server)
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    chat = client.chat.completions.create(
+        model="tiny-pair", messages=messages, max_completion_tokens=16, temperature=0, top_p=1, n=1, seed=1,
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, response_format={"type": "text"}, user="u", store=False,
+        metadata={"k": "v"}, service_tier="auto", modalities=["text"], parallel_tool_calls=False, tool_choice="none",
+        prompt_cache_key="c", safety_identifier="s", stop=["never-here"])
+    tok = reference.tok
+    ids = tok(tok.apply_chat_template([{"role": m["role"], "content": "Be brief." if i == 0 else "Hi"}
+                                       for i, m in enumerate(messages)], tokenize=False, add_generation_prompt=True),
+              add_special_tokens=False)["input_ids"]
+    assert chat.choices[0].message.content == reference(ids, 16)[0]
+    out = client.completions.create(model="tiny-pair", prompt=PROMPTS[0], max_tokens=16, temperature=0, best_of=1,
+                                    echo=False, suffix=None, user="u", logit_bias={}, stream=False)
+    assert out.choices[0].text == reference(tok(PROMPTS[0])["input_ids"], 16)[0]
+
+
+def test_unknown_fields_are_ignored_logged_and_named_in_a_header(server, reference):
+    raw = _client(server).completions.with_raw_response.create(
+        model="tiny-pair", prompt=PROMPTS[1], max_tokens=12, temperature=0,
+        extra_body={"frobnicate": True, "stream_options_x": 1})
+    assert raw.headers["x-fastdraft-ignored-fields"] == "frobnicate,stream_options_x"
+    assert raw.parse().choices[0].text == reference(reference.tok(PROMPTS[1])["input_ids"], 12)[0]
+    with httpx.stream("POST", server.url + "/v1/chat/completions", headers=server.headers, timeout=120,
+                      json={"messages": [{"role": "user", "content": "x", "mood": 1}], "max_tokens": 2, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["x-fastdraft-ignored-fields"] == "messages[0].mood"
+    plain = server.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert "x-fastdraft-ignored-fields" not in plain.headers
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]}, "tools"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "response_format"),
+    ({"n": 4}, "n"),
+    ({"extra_body": {"use_beam_search": True}}, "use_beam_search"),
+])
+def test_fields_that_cannot_be_honoured_get_a_400_naming_them(server, kwargs, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        _client(server).chat.completions.create(model="tiny-pair", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=4, **kwargs)
+    assert info.value.body["param"] == param and param in info.value.body["message"]
+
+
+def test_penalties_and_logit_bias_are_lossless_wrt_the_penalized_target(server, reference):
+    client, tok = _client(server), reference.tok
+    prompt = PROMPTS[2]
+    ids = tok(prompt)["input_ids"]
+    plain = reference(ids, 30)[0]
+    bias_token = tok(" the", add_special_tokens=False)["input_ids"][-1]
+    for kw in (dict(presence_penalty=1.5), dict(frequency_penalty=1.0, presence_penalty=0.3),
+               dict(logit_bias={str(bias_token): 8.0})):
+        want, _ = penalized_greedy(reference.model, ids, 30, tok.eos_token_id, presence=kw.get("presence_penalty", 0.0),
+                                   frequency=kw.get("frequency_penalty", 0.0),
+                                   bias={int(k): v for k, v in kw.get("logit_bias", {}).items()})
+        got = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=30, temperature=0, **kw)
+        assert got.choices[0].text == tok.decode(want, skip_special_tokens=True), kw
+        assert got.choices[0].text != plain
+        assert got.usage.model_extra["speculative"]["drafted"] > 0
+    with torch.no_grad():  # vLLM's repetition_penalty: transformers' rule, over prompt and output
+        ref = reference.model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False, repetition_penalty=1.3,
+                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[0, len(ids):]
+    got = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=30, temperature=0,
+                                    extra_body={"repetition_penalty": 1.3})
+    assert got.choices[0].text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_logprobs_are_the_targets_own(server, reference):
+    client, tok = _client(server), reference.tok
+    ids = tok(PROMPTS[0])["input_ids"]
+    want, lps = penalized_greedy(reference.model, ids, 20, tok.eos_token_id, frequency=0.4)
+    out = client.completions.create(model="tiny-pair", prompt=PROMPTS[0], max_tokens=20, temperature=0, logprobs=2,
+                                    frequency_penalty=0.4)
+    lp = out.choices[0].logprobs
+    assert lp.token_logprobs == pytest.approx([float(d[t]) for d, t in zip(lps, want)], abs=2e-4)
+    assert lp.tokens == [tok.decode([t]) for t in want] and all(len(t) == 2 for t in lp.top_logprobs)
+    assert lp.text_offset[0] == 0 and "".join(lp.tokens).startswith(out.choices[0].text)
+    messages = [{"role": "user", "content": "Name a prime."}]
+    chat = client.chat.completions.create(model="tiny-pair", messages=messages, max_tokens=12, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    cids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    cwant, clps = penalized_greedy(reference.model, cids, 12, tok.eos_token_id)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx([float(d[t]) for d, t in zip(clps, cwant)], abs=2e-4)
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token for c in content)  # greedy = top 1
+    streamed = client.chat.completions.create(model="tiny-pair", messages=messages, max_tokens=12, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True)
+    chunks = [c for c in streamed if c.choices and c.choices[0].logprobs]
+    assert [x.logprob for c in chunks for x in c.choices[0].logprobs.content] == [c.logprob for c in content]
+
+
+def test_echo_returns_the_prompt_before_the_completion(server, reference):
+    client = _client(server)
+    out = client.completions.create(model="tiny-pair", prompt=PROMPTS[1], max_tokens=10, temperature=0, echo=True)
+    assert out.choices[0].text == PROMPTS[1] + reference(reference.tok(PROMPTS[1])["input_ids"], 10)[0]
+    streamed = client.completions.create(model="tiny-pair", prompt=PROMPTS[1], max_tokens=10, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def test_vllm_sampling_extensions(server, reference):
+    client, tok = _client(server), reference.tok
+    prompt = PROMPTS[0]
+    free = reference(tok(prompt)["input_ids"], 40)[0]
+    n = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=40, temperature=0,
+                                  extra_body={"ignore_eos": True, "min_tokens": 40})
+    assert n.usage.completion_tokens == 40 and n.choices[0].finish_reason == "length"
+    ids = tok(prompt)["input_ids"]
+    gen = reference.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                   eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+    stop_id = gen[5]
+    k = gen.index(stop_id)
+    cut = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=12, temperature=0,
+                                    extra_body={"stop_token_ids": [stop_id]})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == k + 1
+    assert cut.choices[0].text == tok.decode(gen[:k], skip_special_tokens=True)  # the stop token's text is not shown
+    kept = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"stop_token_ids": [stop_id], "include_stop_str_in_output": True})
+    assert kept.choices[0].text == tok.decode(gen[:k + 1], skip_special_tokens=True)
+    stop = free[len(free) // 2: len(free) // 2 + 3]
+    with_stop = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
+                                          extra_body={"include_stop_str_in_output": True})
+    assert with_stop.choices[0].text == free[: free.index(stop) + len(stop)]
+    chunks = list(client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"stream_options": {"include_usage": True,
+                                                                           "continuous_usage_stats": True}}))
+    assert all(c.usage is not None for c in chunks)
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 20 and counts[0] < 20
+
+
+def test_a_client_disconnect_stops_its_generation_within_a_round(server):
+    before = httpx.get(server.url + "/health", timeout=30).json()["engine"]["cancelled"]
+    body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS_CAP, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=120) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 3:
+                break  # leaving the block closes the connection mid-stream
+    for _ in range(100):
+        engine = httpx.get(server.url + "/health", timeout=30).json()["engine"]
+        if engine["cancelled"] > before:
+            break
+        import time
+        time.sleep(0.1)
+    assert engine["cancelled"] == before + 1
+    assert 0 < engine["last_cancelled_tokens"] < MAX_TOKENS_CAP
+    # the replica is free again and still exact
+    r = server.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200
+
+
+def test_a_request_past_its_timeout_gets_a_504_and_the_rest_go_on(server, reference):
+    import openai
+
+    client = _client(server)
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(lambda: client.completions.create(
+            model="tiny-pair", prompt=PROMPTS[0], max_tokens=MAX_TOKENS_CAP, temperature=0,
+            extra_body={"ignore_eos": True, "timeout": 0.3}))
+        fine = pool.submit(lambda: client.completions.create(model="tiny-pair", prompt=PROMPTS[1], max_tokens=16,
+                                                             temperature=0))
+        with pytest.raises(openai.APIStatusError) as info:
+            slow.result()
+        assert fine.result().choices[0].text == reference(reference.tok(PROMPTS[1])["input_ids"], 16)[0]
+    assert info.value.status_code == 504 and info.value.body["param"] == "timeout"
+    assert httpx.get(server.url + "/health", timeout=30).json()["engine"]["timed_out"] >= 1
+
+
+# ------------------------------------------------------------------------------------------
+# Isolation inside a model replica (the deployment class itself, a fake engine, no Serve)
+# ------------------------------------------------------------------------------------------
+class _FlakyEngine:
+    """Counts up from the last prompt token; any call whose batch holds a prompt containing 13 fails midway."""
+
+    def generate(self, prompts, params, gamma=None, on_tokens=None, should_stop=None, prior_output=None):
+        from fastdraft.speculative.types import GenerationResult
+
+        out = [[] for _ in prompts]
+        live = set(range(len(prompts)))
+        for step in range(params.max_new_tokens):
+            if step == 2 and any(13 in p for p in prompts):
+                raise RuntimeError("poisoned prompt")
+            for i in sorted(live):
+                tok = (prompts[i] + out[i])[-1] + 1
+                out[i].append(tok)
+                on_tokens(i, [tok])
+                if should_stop and should_stop(i):
+                    live.discard(i)
+        return [GenerationResult(o, "length") for o in out]
+
+
+def _replica(engine):
+    import asyncio  # noqa: F401
+    from concurrent.futures import ThreadPoolExecutor as Pool
+
+    from fastdraft.serving.app import SpeculativePair
+
+    cls = SpeculativePair.func_or_class
+    pair = object.__new__(cls)
+    pair.engine, pair.info_ = engine, {}
+    pair._executor = Pool(max_workers=1)
+    pair.stall_timeout_s, pair._busy, pair._progress = 0.5, 0, __import__("time").monotonic()
+    pair.counters = {"cancelled": 0, "timed_out": 0, "failed": 0, "retried_alone": 0, "last_cancelled_tokens": None}
+    return pair
+
+
+def test_an_engine_failure_fails_only_its_own_request():
+    import asyncio
+
+    from fastdraft.speculative.types import SamplingParams
+
+    import threading
+
+    pair = _replica(_FlakyEngine())
+    params = SamplingParams(max_new_tokens=5)
+    requests = [{"prompt_ids": p, "params": params, "gamma": 3, "arrived": 0.0, "cancel": threading.Event()}
+                for p in ([1, 2], [5, 13], [20])]
+
+    async def main():  # one @serve.batch call (the undecorated batch handler): one group, one engine call
+        per = [[], [], []]
+        async for out in type(pair)._generate_batch.__wrapped__(pair, requests):
+            for i, e in enumerate(out):
+                if isinstance(e, dict):
+                    per[i].append(e)
+        return per
+
+    good, bad, other = asyncio.run(main())
+    assert [t for e in good for t in e["token_ids"]] == [3, 4, 5, 6, 7] and good[-1]["finish_reason"] == "length"
+    assert [t for e in other for t in e["token_ids"]] == [21, 22, 23, 24, 25]
+    assert "poisoned prompt" in bad[-1]["error"] and "finish_reason" not in bad[-1]
+    assert pair.counters["failed"] == 1 and pair.counters["retried_alone"] == 3
+
+
+def test_health_check_fails_when_the_engine_thread_stops_making_progress():
+    import time
+
+    pair = _replica(_FlakyEngine())
+    pair.check_health()
+    pair._busy, pair._progress = 1, time.monotonic() - 5  # work in hand, nothing committed for 5 s
+    with pytest.raises(RuntimeError, match="no progress"):
+        pair.check_health()
+    pair._busy = 0
+    pair.check_health()  # idle is not stalled
