@@ -367,7 +367,9 @@ def test_logprobs_are_the_targets_own(server, reference):
                                     frequency_penalty=0.4)
     lp = out.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([float(d[t]) for d, t in zip(lps, want)], abs=2e-4)
-    assert lp.tokens == [tok.decode([t]) for t in want] and all(len(t) == 2 for t in lp.top_logprobs)
+    # top_logprobs is keyed by token text: two ids with one text (a partial UTF-8 character) share an entry
+    assert lp.tokens == [tok.decode([t]) for t in want] and all(1 <= len(t) <= 2 for t in lp.top_logprobs)
+    assert all(t in top for top, t in zip(lp.top_logprobs, lp.tokens))  # greedy: the chosen token is the top one
     assert lp.text_offset[0] == 0 and "".join(lp.tokens).startswith(out.choices[0].text)
     messages = [{"role": "user", "content": "Name a prime."}]
     chat = client.chat.completions.create(model="tiny-pair", messages=messages, max_tokens=12, temperature=0,
@@ -454,7 +456,7 @@ def test_a_request_past_its_timeout_gets_a_504_and_the_rest_go_on(server, refere
     with ThreadPoolExecutor(2) as pool:
         slow = pool.submit(lambda: client.completions.create(
             model="tiny-pair", prompt=PROMPTS[0], max_tokens=MAX_TOKENS_CAP, temperature=0,
-            extra_body={"ignore_eos": True, "timeout": 0.3}))
+            extra_body={"ignore_eos": True, "timeout": 0.05}))  # all 960 tokens take ~0.5 s here
         fine = pool.submit(lambda: client.completions.create(model="tiny-pair", prompt=PROMPTS[1], max_tokens=16,
                                                              temperature=0))
         with pytest.raises(openai.APIStatusError) as info:

@@ -424,6 +424,9 @@ def _check_unsupported(req: _SamplingFields) -> None:
     if req.continue_final_message and req.add_generation_prompt:
         raise _bad("continue_final_message", "set 'add_generation_prompt' to false with it")
     for i, m in enumerate(req.messages):
+        if m.content is None and m.role != "assistant":
+            raise APIError(400, f"'messages[{i}].content' is a required field", param=f"messages[{i}].content",
+                           code="missing_field")
         if m.role == "function":
             raise _unsupported(f"messages[{i}].role", "function messages need function calling")
         if m.tool_calls:
