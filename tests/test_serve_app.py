@@ -318,6 +318,9 @@ def test_unknown_fields_are_ignored_logged_and_named_in_a_header(server, referen
         assert r.status_code == 200 and r.headers["x-fastdraft-ignored-fields"] == "messages[0].mood"
     plain = server.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
     assert "x-fastdraft-ignored-fields" not in plain.headers
+    metrics = httpx.get(server.url + "/metrics", timeout=30).text
+    assert float(next(line.split()[1] for line in metrics.splitlines()
+                      if line.startswith("fastdraft_requests_with_ignored_fields_total"))) >= 2
 
 
 @pytest.mark.parametrize("kwargs, param", [
@@ -418,13 +421,12 @@ def test_vllm_sampling_extensions(server, reference):
     with_stop = client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=40, temperature=0, stop=[stop],
                                           extra_body={"include_stop_str_in_output": True})
     assert with_stop.choices[0].text == free[: free.index(stop) + len(stop)]
-    chunks = list(client.completions.create(model="tiny-pair", prompt=prompt, max_tokens=20, temperature=0, stream=True,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"stream_options": {"include_usage": True,
-                                                                           "continuous_usage_stats": True}}))
-    assert all(c.usage is not None for c in chunks)
+    chunks = list(client.chat.completions.create(
+        model="tiny-pair", messages=[{"role": "user", "content": "hi"}], max_tokens=20, temperature=0, stream=True,
+        extra_body={"ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    assert all(c.usage is not None for c in chunks)  # usage so far on every chunk, the role chunk first with none yet
     counts = [c.usage.completion_tokens for c in chunks]
-    assert counts == sorted(counts) and counts[-1] == 20 and counts[0] < 20
+    assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 20
 
 
 def test_a_client_disconnect_stops_its_generation_within_a_round(server):
@@ -444,9 +446,10 @@ def test_a_client_disconnect_stops_its_generation_within_a_round(server):
         time.sleep(0.1)
     assert engine["cancelled"] == before + 1
     assert 0 < engine["last_cancelled_tokens"] < MAX_TOKENS_CAP
-    # the replica is free again and still exact
+    # the replica is free again; the ingress counted a client that went away
     r = server.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200
+    assert 'fastdraft_requests_total{endpoint="completions",status="499"}' in httpx.get(server.url + "/metrics", timeout=30).text
 
 
 def test_a_request_past_its_timeout_gets_a_504_and_the_rest_go_on(server, reference):

@@ -498,10 +498,15 @@ class OpenAIIngress:
         if plan.ignored:
             # vLLM's behaviour: fields neither schema knows are ignored, logged, and named back to the client.
             logger.warning(f"request {plan.rid}: ignored unknown field(s): {', '.join(plan.ignored)}")
+            self.metrics.ignored.record(1)
             headers["x-fastdraft-ignored-fields"] = ",".join(plan.ignored)[:4000]
         if plan.stream:
             return StreamingResponse(self._stream(plan, start), media_type="text/event-stream", headers=headers)
-        response = await self._complete(plan, start)
+        try:
+            response = await self._complete(plan, start)
+        except asyncio.CancelledError:  # the client went away: its generations were cancelled with this task
+            self.metrics.record_request(endpoint, 499, time.perf_counter() - start)
+            raise
         response.headers.update(headers)
         return response
 
@@ -719,6 +724,7 @@ class OpenAIIngress:
         pending: dict[int, list] = {job.index: [] for job in plan.jobs}  # logprob entries not yet sent
         sent: dict[int, int] = {job.index: 0 for job in plan.jobs}       # tokens whose logprobs were sent
         offsets: dict[int, int] = {job.index: len(job.echo) for job in plan.jobs}
+        answered = False
         try:
             async for index, delta, finish, entries in self._events(plan):
                 pending[index].extend(entries)
@@ -738,11 +744,17 @@ class OpenAIIngress:
                                      lp, usage=usage()) if chat
                         else P.completion_chunk(plan.rid, model, plan.created, index, delta, finish, lp, usage=usage()))
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band, as OpenAI does
+            answered = True
             err = self._error_for(exc)
             self._server_error(plan, exc, start)
             yield P.sse(err.to_dict())
             yield P.sse("[DONE]")
             return
+        finally:
+            if not answered and any(j.finish_reason is None for j in plan.jobs):
+                # The client went away mid-stream (the generator is closed or cancelled): `_events` has cancelled the
+                # choices, and each model replica drops their rows after its current speculative round.
+                self.metrics.record_request(plan.endpoint, 499, time.perf_counter() - start)
         self._finish_metrics(plan, 200, start, ttft)
         if plan.include_usage:
             yield P.sse(P.usage_chunk(plan.rid, "chat.completion.chunk" if chat else "text_completion", model,

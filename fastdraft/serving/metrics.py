@@ -82,6 +82,9 @@ class ServeMetrics:
         self.tokens_per_s = _Metric("histogram", "fastdraft_output_tokens_per_second",
                                     "output tokens per second of each request, first token to last", (), RATE_BUCKETS,
                                     registry=r)
+        self.ignored = _Metric("counter", "fastdraft_requests_with_ignored_fields",
+                               "requests that carried fields neither OpenAI's schema nor the extensions know (ignored)",
+                               registry=r)
         self._totals = {"drafted": 0, "accepted": 0, "target_passes": 0, "emitted": 0}
 
     def record_generation(self, spec: dict, queue_s: float | None, batch_rows: int | None = None) -> None:
@@ -102,6 +105,7 @@ class ServeMetrics:
 
     def record_request(self, endpoint: str, status: int, latency_s: float, prompt_tokens: int = 0,
                        completion_tokens: int = 0, ttft_s: float | None = None) -> None:
+        """One answered request; status 499 (nginx's "client closed request") counts a client that went away."""
         self.requests.record(1, endpoint=endpoint, status=str(status))
         if status >= 400:
             return
