@@ -171,6 +171,49 @@ def test_transformers_sampling_agrees_with_the_same_exact_distribution(pair):
     assert chi_square_p(counts4, x4) > 0.01
 
 
+def penalized_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Next-token distributions after `prefixes` (PROMPT + output) with the penalties written out independently:
+    logit_bias, repetition (prompt + output), then frequency / presence (output only), then the warpers."""
+    with torch.no_grad():
+        logits = model(prefixes).logits[:, -1].clone()
+    outputs = prefixes[:, len(PROMPT):]
+    for t, b in params.logit_bias:
+        logits[:, t] += b
+    counts = torch.nn.functional.one_hot(outputs, V).sum(1) if outputs.shape[1] else torch.zeros_like(logits, dtype=torch.long)
+    seen = (counts > 0) | torch.nn.functional.one_hot(torch.tensor(PROMPT), V).sum(0).bool()
+    rp = params.repetition_penalty
+    logits = torch.where(seen, torch.where(logits < 0, logits * rp, logits / rp), logits)
+    logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    return warp_logits(logits, params).softmax(-1)
+
+
+@pytest.mark.timeout(240)
+def test_penalized_sampling_follows_the_penalized_target_distribution(pair):
+    """Penalties depend on the tokens so far, draft proposals included: the engine's samples must follow the
+    penalized target's exact distribution (enumerated with an independent implementation of the penalties)."""
+    target, draft = pair
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, presence_penalty=0.8, frequency_penalty=0.6,
+                            repetition_penalty=1.3, logit_bias=((4, 1.5), (9, -2.0)), min_p=0.02)
+    prompt = torch.tensor(PROMPT)
+    p1 = penalized_probs(target, prompt[None], params)[0]
+    one = torch.arange(V)[:, None]
+    p2 = penalized_probs(target, torch.cat([prompt.expand(V, -1), one], 1), params)
+    joint12 = p1[:, None] * p2
+    two = torch.cartesian_prod(torch.arange(V), torch.arange(V))
+    p3 = penalized_probs(target, torch.cat([prompt.expand(V * V, -1), two], 1), params)
+    three = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
+    p4 = penalized_probs(target, torch.cat([prompt.expand(V ** 3, -1), three], 1), params)
+    x4 = ((joint12.flatten()[:, None] * p3).flatten()[:, None] * p4).sum(0)
+    plain, _ = exact_distributions(target, SamplingParams(temperature=1.0, max_new_tokens=4, min_p=0.02))
+    assert (joint12 - plain).abs().sum() > 0.1  # the penalties move the distribution
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    results = engine.generate([PROMPT] * 4000, SamplingParams(**{**params.__dict__, "seed": 2}))
+    assert 0.1 < engine.last_stats.acceptance_rate < 0.95
+    counts12, counts4 = histograms(torch.tensor([r.token_ids for r in results]))
+    assert chi_square_p(counts12, joint12) > 0.01
+    assert chi_square_p(counts4, x4) > 0.01
+
+
 def test_seeded_sampling_is_reproducible(pair):
     target, draft = pair
     engine = SpeculativeEngine(target, draft, gamma=2)
