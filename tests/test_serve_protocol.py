@@ -91,7 +91,8 @@ OPENAI_CHAT_FIELDS = {
     "stream_options": {"include_usage": True, "include_obfuscation": False, "continuous_usage_stats": True},
     "temperature": 0.7, "tool_choice": "none", "tools": [], "top_p": 0.9, "user": "someone", "functions": [],
     "function_call": "none", "audio": None, "prediction": None, "reasoning_effort": None, "verbosity": None,
-    "web_search_options": None, "max_tokens": None,
+    "web_search_options": None, "max_tokens": None, "prompt_cache_retention": "in_memory",
+    "prompt_cache_options": {"mode": "implicit"}, "moderation": None,
 }
 OPENAI_COMPLETION_FIELDS = {
     "model": "fastdraft", "prompt": "hi", "best_of": 1, "echo": True, "frequency_penalty": 0.1, "logit_bias": {"3": 1},
@@ -104,6 +105,17 @@ VLLM_FIELDS = {
     "skip_special_tokens": False, "spaces_between_special_tokens": True, "truncate_prompt_tokens": 10,
     "allowed_token_ids": [3, 7, 9], "add_special_tokens": False, "priority": 0, "request_id": "r-1",
 }
+
+
+def test_the_schemas_know_every_field_of_the_openai_sdk():
+    """The installed openai SDK's own parameter lists: none of them may be reported as unknown."""
+    from openai.types import completion_create_params as completion
+    from openai.types.chat import chat_completion_content_part_text_param as part
+    from openai.types.chat import completion_create_params as chat
+
+    assert set(chat.CompletionCreateParamsBase.__annotations__) <= set(P.ChatCompletionRequest.model_fields)
+    assert set(completion.CompletionCreateParamsBase.__annotations__) <= set(P.CompletionRequest.model_fields)
+    assert set(part.ChatCompletionContentPartTextParam.__annotations__) <= set(P.ChatContentPart.model_fields)
 
 
 def test_every_openai_and_vllm_field_is_accepted_and_mapped_to_the_engine():
@@ -141,6 +153,7 @@ def test_unknown_fields_are_ignored_and_named_at_any_depth():
     ({"modalities": ["text", "audio"]}, "modalities", "text only"),
     ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs"),
     ({"reasoning_effort": "high"}, "reasoning_effort", "reasoning"),
+    ({"moderation": {"model": "omni"}}, "moderation", "moderation"),
     ({"web_search_options": {}}, "web_search_options", "web search"),
     ({"top_logprobs": 3}, "top_logprobs", "'logprobs': true"),
     ({"logprobs": True, "top_logprobs": 25}, "top_logprobs", "between 0 and 20"),

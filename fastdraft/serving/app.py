@@ -20,6 +20,16 @@ Run it:
 `speculative: false` serves the target alone (no draft is loaded); a request may also ask for
 `"speculative": false` or another `"gamma"` (up to `serve.max_gamma`). Responses carry the engine's
 counters in `usage.speculative` (`fastdraft.evaluation.metrics`: acceptance_rate = A/D, tau = N/F).
+What requests may say, and how each field is honoured: `fastdraft.serving.protocol`.
+
+Isolation, request by request:
+- an engine failure fails its own request alone: a failed engine call is retried request by request, each continued
+  from what it has streamed, and only a request that fails on its own gets an error (500, or in-band when streaming);
+- a client that disconnects cancels its generations: the model replica drops their rows from the batch after the
+  current speculative round (`should_stop`), the others go on (counted as status 499 in /metrics);
+- a request past its `timeout` (default and cap: serve.request_timeout_s) ends the same way, with a 504;
+- a model replica whose engine thread has work but commits nothing for serve.stall_timeout_s fails `check_health`,
+  and Serve replaces it (requests in flight continue on another replica).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures' types at runtime, in the

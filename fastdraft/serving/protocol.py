@@ -21,8 +21,9 @@ Requests accept every field of OpenAI's completions and chat-completions schemas
 - logprobs are the TARGET's: the log-softmax of its processed logits (penalties, bias, masks; before temperature,
   top-k, top-p) at each emitted token, from the verification pass that scored it, whether the draft proposed the
   token (accepted) or the target chose it (correction / bonus).
-- metadata-only fields (user, metadata, store, service_tier, prompt_cache_key, safety_identifier, request_id,
-  parallel_tool_calls, stream_options.include_obfuscation) are accepted and change nothing.
+- metadata-only fields (user, metadata, store, service_tier, prompt_cache_key / _retention / _options, content parts'
+  prompt_cache_breakpoint, safety_identifier, request_id, parallel_tool_calls, stream_options.include_obfuscation)
+  are accepted and change nothing.
 - a value that cannot be honoured (tools, n above serve.max_n, response_format json_object / json_schema, audio,
   best_of above n, guided decoding, beam search, ...) is a 400 whose message and `param` name the field.
 - a field neither schema knows is ignored and reported (`ignored_fields`): the server logs it and answers with the
@@ -158,6 +159,8 @@ class ChatContentPart(_Strict):
     input_audio: Any = None
     file: Any = None
     refusal: str | None = None
+    prompt_cache_breakpoint: Any = None
+    """A caching hint: there is no prompt cache to break (accepted, no-op)."""
 
 
 class ChatMessage(_Strict):
@@ -191,6 +194,9 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
     prediction: Any = None
     prompt_cache_key: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: Any = None
     reasoning_effort: str | None = None
     safety_identifier: str | None = None
     service_tier: str | None = None
@@ -413,6 +419,7 @@ def _check_unsupported(req: _SamplingFields) -> None:
     for name, why in (("prediction", "predicted outputs are not served"),
                       ("web_search_options", "there is no web search"),
                       ("reasoning_effort", "the models are not reasoning models"),
+                      ("moderation", "there is no moderation model"),
                       ("verbosity", "output length is set by max_tokens only"),
                       ("chat_template", "only the model's own chat template is applied"),
                       ("documents", "the chat template gets messages only"),
