@@ -198,6 +198,18 @@ def test_text_stream_can_keep_the_stop_string_and_hides_the_stop_token():
     assert shown.add([1, 0]) + shown.finish() == "a<eos>"
 
 
+def test_stop_sequences_wait_for_min_tokens_as_in_vllm():
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(96 + i) for i in ids)
+
+    late = P.TextStream(Tok(), ["ab", "de"], min_tokens=3)
+    assert late.add([1, 2, 3]) == "abc" and not late.stopped  # "ab" came before the third token: not a stop
+    assert late.add([4]) == "" and late.add([5]) == "" and late.stopped and late.text == "abc"
+    edge = P.TextStream(Tok(), ["cd"], min_tokens=3)
+    assert edge.add([1, 2, 3]) == "abc" and edge.add([4]) == "" and edge.stopped  # a stop ending after them counts
+
+
 def test_oversized_bodies_are_refused_before_parsing():
     err = _completion_error(b'{"prompt": "' + b"x" * (P.MAX_BODY_BYTES + 1) + b'"}')
     assert err.status == 413

@@ -566,7 +566,8 @@ class OpenAIIngress:
                                         seed=None if req.seed is None else (req.seed + pi * req.n + k) % (1 << 63),
                                         **options)
                 text = P.TextStream(self.tokenizer, stops, include_stop=req.include_stop_str_in_output,
-                                    skip_special_tokens=req.skip_special_tokens, stop_ids=stop_ids)
+                                    skip_special_tokens=req.skip_special_tokens, stop_ids=stop_ids,
+                                    min_tokens=req.min_tokens)
                 jobs.append(_Job(pi * req.n + k, {"prompt_ids": ids, "params": params, "gamma": gamma, "deadline": deadline},
                                  text, speculative=P.speculative_usage(None, gamma), echo=echoes[pi]))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -530,15 +530,17 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, stop: list[str], include_stop: bool = False, skip_special_tokens: bool = True,
-                 stop_ids: tuple[int, ...] = ()):
+                 stop_ids: tuple[int, ...] = (), min_tokens: int = 0):
         """`include_stop`: the stop sequence (or the text of the stop token in `stop_ids` that ended the generation)
-        stays in the text, as vLLM's include_stop_str_in_output."""
+        stays in the text, as vLLM's include_stop_str_in_output. `min_tokens`: as in vLLM, stop sequences are not
+        looked for until that many tokens are out, and then only in text that ends after them."""
         self.tokenizer, self.stop = tokenizer, stop
         self.include_stop, self.skip_special = include_stop, skip_special_tokens
         self.hidden = set() if include_stop else set(stop_ids)  # only ever the last token: it ended the generation
         self.ids: list[int] = []
         self.text = ""         # everything emitted so far
         self.stopped = False   # a stop sequence ended the text
+        self.min_tokens, self.search_from = min_tokens, 0
 
     def add(self, new_ids: list[int]) -> str:
         """Append ids; return the new text that is safe to emit ('' when stopped)."""
@@ -546,7 +548,11 @@ class TextStream:
             return ""
         self.ids.extend(new_ids)
         full = self._decode()
-        found = [(i, len(s)) for i, s in ((full.find(s), s) for s in self.stop) if i >= 0]
+        if len(self.ids) <= self.min_tokens:  # too early for stop sequences: nothing to hold back for them either
+            self.search_from = len(full.rstrip("\ufffd"))
+            return self._emit(full[:self.search_from])
+        found = [(i, len(s)) for i, s in ((full.find(s, max(0, self.search_from - len(s) + 1)), s) for s in self.stop)
+                 if i >= 0]
         if found:
             cut, length = min(found)
             self.stopped = True
