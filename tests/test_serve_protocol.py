@@ -131,6 +131,7 @@ def test_every_openai_and_vllm_field_is_accepted_and_mapped_to_the_engine():
     assert P.ignored_fields(creq) == [] and creq.echo and P.engine_options(creq)["logprobs"] is None
     nulls = P.parse_request(b'{"prompt": "hi", "temperature": null, "n": null, "top_k": null}', P.CompletionRequest)
     assert (nulls.temperature, nulls.n, nulls.top_k) == (1.0, 1, 0)  # null = not given
+    assert P.parse_request(b'{"prompt": "hi", "max_tokens": null}', P.CompletionRequest).max_tokens is None  # = all room
 
 
 def test_unknown_fields_are_ignored_and_named_at_any_depth():

@@ -128,9 +128,10 @@ class _SamplingFields(_Strict):
     structured_outputs: Any = None
     @model_validator(mode="after")
     def _null_means_default(self):
-        # Clients send `"temperature": null` for "not given": a null where the default is not null takes the default.
+        # Clients send `"temperature": null` for "not given": a null where the default is not null takes the default
+        # (but `"max_tokens": null` keeps its meaning: as many as the context and serve.max_tokens_cap allow).
         for name, f in type(self).model_fields.items():
-            if getattr(self, name) is None and f.default is not None:
+            if getattr(self, name) is None and f.default is not None and name != "max_tokens":
                 object.__setattr__(self, name, f.default)
         return self
 
