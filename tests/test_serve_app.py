@@ -398,6 +398,32 @@ def test_echo_returns_the_prompt_before_the_completion(server, reference):
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
 
 
+def test_echo_with_logprobs_scores_the_prompt_with_the_target(server, reference):
+    client, tok = _client(server), reference.tok
+    ids = tok(PROMPTS[2])["input_ids"]
+    with torch.no_grad():
+        plp = reference.model(torch.tensor([ids])).logits[0, :-1].double().log_softmax(-1)
+    out = client.completions.create(model="tiny-pair", prompt=PROMPTS[2], max_tokens=8, temperature=0, echo=True,
+                                    logprobs=1)
+    text, n = reference(ids, 8)
+    choice = out.choices[0]
+    assert choice.text == PROMPTS[2] + text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + n and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx([float(plp[i, t]) for i, t in enumerate(ids[1:])], abs=2e-4)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[len(ids)] == len("".join(lp.tokens[:len(ids)]))
+    chunks = list(client.completions.create(model="tiny-pair", prompt=PROMPTS[2], max_tokens=8, temperature=0,
+                                            echo=True, logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    # vLLM's prompt_logprobs, on chat too: None first, then the prompt token's own entry with its rank
+    body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                "prompt_logprobs": 2}).json()
+    plps = body["choices"][0]["prompt_logprobs"]
+    assert len(plps) == body["usage"]["prompt_tokens"] and plps[0] is None
+    assert all(1 <= len(e) <= 3 and all(v["rank"] >= 1 for v in e.values()) for e in plps[1:])
+
+
 def test_vllm_sampling_extensions(server, reference):
     client, tok = _client(server), reference.tok
     prompt = PROMPTS[0]
@@ -475,7 +501,8 @@ def test_a_request_past_its_timeout_gets_a_504_and_the_rest_go_on(server, refere
 class _FlakyEngine:
     """Counts up from the last prompt token; any call whose batch holds a prompt containing 13 fails midway."""
 
-    def generate(self, prompts, params, gamma=None, on_tokens=None, should_stop=None, prior_output=None):
+    def generate(self, prompts, params, gamma=None, on_tokens=None, should_stop=None, prior_output=None,
+                 on_prompt_logprobs=None):
         from fastdraft.speculative.types import GenerationResult
 
         out = [[] for _ in prompts]

@@ -53,7 +53,7 @@ def _completion_error(body) -> P.APIError:
     ({"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty", "between -2 and 2"),
     ({"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty", "(0, 2]"),
     ({"prompt": "hi", "logprobs": 21}, 400, "logprobs", "between 0 and 20"),
-    ({"prompt": "hi", "echo": True, "logprobs": 1}, 400, "echo", "prompt's logprobs"),
+    ({"prompt": "hi", "prompt_logprobs": 30}, 400, "prompt_logprobs", "between 0 and 20"),
     ({"prompt": "hi", "suffix": "x"}, 400, "suffix", "fill-in-the-middle"),
     ({"prompt": "hi", "best_of": 3}, 400, "best_of", "not ranked"),
     ({"prompt": "hi", "response_format": {"type": "json_object"}}, 400, "response_format", "constrained decoding"),
@@ -124,11 +124,13 @@ def test_every_openai_and_vllm_field_is_accepted_and_mapped_to_the_engine():
     opts = P.engine_options(req)
     assert opts == {"temperature": 0.7, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "presence_penalty": 0.2,
                     "frequency_penalty": 0.5, "repetition_penalty": 1.1, "logit_bias": ((17, -3.0),),
-                    "allowed_token_ids": (3, 7, 9), "logprobs": 2}
+                    "allowed_token_ids": (3, 7, 9), "logprobs": 2, "prompt_logprobs": None}
     raw = json.dumps({**OPENAI_COMPLETION_FIELDS, **VLLM_FIELDS}).encode()
     creq = P.parse_request(raw, P.CompletionRequest)
     P.check_sampling(creq, LIMITS)
     assert P.ignored_fields(creq) == [] and creq.echo and P.engine_options(creq)["logprobs"] is None
+    scored = P.parse_request(b'{"prompt": "hi", "echo": true, "logprobs": 3, "prompt_logprobs": 1}', P.CompletionRequest)
+    assert P.engine_options(scored)["prompt_logprobs"] == 3  # echo + logprobs scores the prompt too
     nulls = P.parse_request(b'{"prompt": "hi", "temperature": null, "n": null, "top_k": null}', P.CompletionRequest)
     assert (nulls.temperature, nulls.n, nulls.top_k) == (1.0, 1, 0)  # null = not given
     assert P.parse_request(b'{"prompt": "hi", "max_tokens": null}', P.CompletionRequest).max_tokens is None  # = all room

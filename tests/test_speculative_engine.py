@@ -322,6 +322,27 @@ def test_logprobs_are_the_targets_at_every_position(pairs, pair):
         assert r.logprobs == pytest.approx(want, abs=1e-9) and r.top_logprobs == [[] for _ in r.token_ids]
 
 
+@pytest.mark.parametrize("pair", ["agreeing", "factory"])  # factory: the lean decoder; agreeing: also float64
+def test_prompt_logprobs_are_the_targets_from_the_prefill(pairs, pair):
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft)
+    prompts = make_prompts(3, seed=37) + [[9]]
+    seen = {}
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=6, prompt_logprobs=2), gamma=3,
+                              on_prompt_logprobs=lambda i, e: seen.setdefault(i, e))
+    assert [r.token_ids for r in results] == [hf_greedy(target, p, 6, stop=-1) for p in prompts]  # still exact
+    for i, (p, r) in enumerate(zip(prompts, results)):
+        assert seen[i] == r.prompt_logprobs and len(r.prompt_logprobs) == len(p) - 1
+        if len(p) == 1:
+            continue
+        with torch.inference_mode():
+            lp = target(torch.tensor([p])).logits[0, :-1].double().log_softmax(-1)
+        want = lp[torch.arange(len(p) - 1), torch.tensor(p[1:])]
+        assert [e[0] for e in r.prompt_logprobs] == pytest.approx(want.tolist(), abs=1e-6)
+        assert [e[1] for e in r.prompt_logprobs] == [int((row > w).sum()) + 1 for row, w in zip(lp, want)]
+        assert all(len(e[2]) == 2 and e[2][0][1] >= e[2][1][1] for e in r.prompt_logprobs)
+
+
 def test_should_stop_ends_one_row_within_a_round_and_the_rest_stay_exact(pairs):
     target, draft = pairs["agreeing"]
     engine = SpeculativeEngine(target, draft)

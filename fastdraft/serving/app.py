@@ -177,7 +177,9 @@ def _continuation(request: dict, generated: list[int]) -> dict:
     params = request["params"]
     # A fresh seed would repeat the lost attempt's first draws; derive one from the progress instead.
     seed = None if params.seed is None else (params.seed + 1_000_003 * (len(generated) + 1)) % (1 << 63)
-    rest = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(generated), seed=seed)
+    # Once tokens came, the prompt was scored (its logprobs precede them): the continuation does not score it again.
+    rest = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(generated), seed=seed,
+                               prompt_logprobs=params.prompt_logprobs if not generated else None)
     # What was generated stays output: min_tokens and the presence/frequency penalties count it (`prior_output`).
     prior = request.get("prior_output", 0) + len(generated)
     return {**request, "prompt_ids": list(request["prompt_ids"]) + list(generated), "params": rest, "prior_output": prior}
@@ -272,11 +274,13 @@ class SpeculativePair:
                 elif kind == "error":  # this request alone failed in the engine
                     out[i] = {"error": payload}
                     finished.add(i)
+                elif kind == "prompt":  # the prefill's prompt logprobs, ahead of any token
+                    out[i] = {**(out[i] or {}), "token_ids": (out[i] or {}).get("token_ids", []), "prompt_logprobs": payload}
                 elif kind == "tokens":
                     ids, lps = payload
                     streamed[i] += len(ids)
                     prev = out[i] or {}
-                    out[i] = {"token_ids": prev.get("token_ids", []) + ids}
+                    out[i] = {**prev, "token_ids": prev.get("token_ids", []) + ids}
                     if lps is not None:
                         out[i]["logprobs"] = prev.get("logprobs", []) + lps
                 else:  # done: the result; send ids the engine did not stream (if any) with it
@@ -352,7 +356,8 @@ class SpeculativePair:
 
         results = self.engine.generate([requests[i]["prompt_ids"] for i in idxs], params, gamma=gamma,
                                        on_tokens=on_tokens, should_stop=should_stop,
-                                       prior_output=[requests[i].get("prior_output", 0) for i in idxs])
+                                       prior_output=[requests[i].get("prior_output", 0) for i in idxs],
+                                       on_prompt_logprobs=lambda j, e: post("prompt", names[j], [list(x) for x in e]))
         for j, result in enumerate(results):
             post("done", names[j], (result, gamma, len(idxs)))
             streamed[idxs[j]] = None
@@ -412,6 +417,8 @@ class _Job:
     """With logprobs asked for: one [logprob, [[id, logprob], ...]] per token in `text.ids`."""
     echo: str = ""
     """The prompt's text, when the completion echoes it."""
+    prompt_entries: list | None = None
+    """With prompt scoring asked for: per prompt token after the first, [logprob, rank, [[id, logprob], ...]]."""
 
 
 @dataclass
@@ -430,6 +437,10 @@ class _Plan:
     ignored: list[str] = field(default_factory=list)
     deadline: float = float("inf")
     """time.time() by which the request must be answered."""
+    echo_logprobs: bool = False
+    """Completions with echo and logprobs: the logprobs object starts with the prompt's tokens."""
+    prompt_logprobs: int | None = None
+    """vLLM's prompt_logprobs count: each choice carries `prompt_logprobs`."""
 
 
 @serve.deployment(name="OpenAIIngress")
@@ -574,7 +585,9 @@ class OpenAIIngress:
         continuous = bool(include_usage and req.stream_options.continuous_usage_stats)
         return _Plan(endpoint, P.new_id("cmpl" if endpoint == "completions" else "chatcmpl"), req.stream, include_usage,
                      jobs, sum(len(p) for p in prompts), continuous_usage=continuous, logprobs=options["logprobs"],
-                     ignored=P.ignored_fields(req), deadline=deadline)
+                     ignored=P.ignored_fields(req), deadline=deadline,
+                     echo_logprobs=bool(endpoint == "completions" and req.echo and req.logprobs is not None),
+                     prompt_logprobs=req.prompt_logprobs)
 
     @staticmethod
     def _truncate(ids: list[int], keep: int | None) -> list[int]:
@@ -646,7 +659,7 @@ class OpenAIIngress:
                                    f"after {len(job.text.ids)} tokens on another replica")
                     if len(job.text.ids) >= base["params"].max_new_tokens:  # only the final event was lost
                         job.finish_reason, job.completion_tokens = "length", len(job.text.ids)
-                        await queue.put((job.index, job.text.finish(), "length", []))
+                        await queue.put((job.index, job.text.finish(), "length", [], False))
                         break
                     job.request = _continuation(base, job.text.ids)
             await queue.put(None)
@@ -663,6 +676,9 @@ class OpenAIIngress:
                     raise EngineFailure(event["error"])
                 if event.get("finish_reason") == "timeout":
                     raise RequestTimeout("the request ran past its timeout")
+                if "prompt_logprobs" in event and job.prompt_entries is None:  # a retry may score it again
+                    job.prompt_entries = event["prompt_logprobs"]
+                    await queue.put((job.index, "", None, [], True))
                 entries = []
                 if job.finish_reason is None and "logprobs" in event:
                     job.logprobs.extend(event["logprobs"])
@@ -670,13 +686,13 @@ class OpenAIIngress:
                 delta = job.text.add(event["token_ids"]) if job.finish_reason is None else ""
                 if job.finish_reason is None and job.text.stopped:
                     job.finish_reason, job.completion_tokens = "stop", len(job.text.ids)
-                    await queue.put((job.index, delta, "stop", entries))
+                    await queue.put((job.index, delta, "stop", entries, False))
                 elif job.finish_reason is None and "finish_reason" in event:
                     job.finish_reason, job.completion_tokens = event["finish_reason"], len(job.text.ids)
-                    await queue.put((job.index, delta + job.text.finish(), job.finish_reason, entries))
+                    await queue.put((job.index, delta + job.text.finish(), job.finish_reason, entries, False))
                 elif delta or entries:
                     job.completion_tokens = len(job.text.ids)
-                    await queue.put((job.index, delta, None, entries))
+                    await queue.put((job.index, delta, None, entries, False))
                 if "stats" in event:
                     job.speculative = P.speculative_usage(event["stats"], event["gamma"])
                     job.queue_s, job.batch_rows = event["queue_s"], event["batch_rows"]
@@ -691,9 +707,13 @@ class OpenAIIngress:
         self.metrics.record_request(plan.endpoint, status, time.perf_counter() - start, plan.prompt_tokens,
                                     sum(j.completion_tokens for j in plan.jobs), ttft)
 
-    def _logprobs(self, plan: _Plan, ids: list[int], entries: list, offset: int = 0) -> dict | None:
+    def _logprobs(self, plan: _Plan, ids: list[int], entries: list, offset: int = 0, job: _Job | None = None) -> dict | None:
+        """The choice's `logprobs` object for `ids`; with `job` and echo + logprobs, the prompt's tokens lead it."""
         if plan.logprobs is None:
             return None
+        if job is not None and plan.echo_logprobs:
+            return P.echo_logprobs(self.tokenizer, job.request["prompt_ids"], job.prompt_entries or [], plan.logprobs,
+                                   ids, entries)
         if plan.endpoint == "completions":
             return P.completion_logprobs(self.tokenizer, ids, entries, offset)
         return P.chat_logprobs(self.tokenizer, ids, entries)
@@ -702,7 +722,7 @@ class OpenAIIngress:
         texts = {job.index: [job.echo] for job in plan.jobs}
         ttft = None
         try:
-            async for index, delta, _, _ in self._events(plan):
+            async for index, delta, *_ in self._events(plan):
                 if delta and ttft is None:
                     ttft = time.perf_counter() - start
                 texts[index].append(delta)
@@ -710,11 +730,18 @@ class OpenAIIngress:
             return self._server_error(plan, exc, start)
         self._finish_metrics(plan, 200, start, ttft)
         choices = [P.Choice(j.index, "".join(texts[j.index]), j.finish_reason or "length", 0, j.completion_tokens,
-                            j.speculative, self._logprobs(plan, j.text.ids, j.logprobs, len(j.echo))) for j in plan.jobs]
+                            j.speculative, self._logprobs(plan, j.text.ids, j.logprobs, len(j.echo), j),
+                            self._prompt_logprobs(plan, j)) for j in plan.jobs]
         model = self.limits.model_name
         body = (P.completion_response(plan.rid, model, choices, plan.prompt_tokens) if plan.endpoint == "completions"
                 else P.chat_response(plan.rid, model, choices, plan.prompt_tokens))
         return JSONResponse(body)
+
+    def _prompt_logprobs(self, plan: _Plan, job: _Job) -> list | None:
+        if plan.prompt_logprobs is None:
+            return None
+        return P.vllm_prompt_logprobs(self.tokenizer, job.request["prompt_ids"], job.prompt_entries or [],
+                                      plan.prompt_logprobs)
 
     def _usage(self, plan: _Plan) -> dict:
         return P.usage_dict(plan.prompt_tokens, sum(j.completion_tokens for j in plan.jobs),
@@ -728,7 +755,7 @@ class OpenAIIngress:
             for job in plan.jobs:
                 yield P.sse(P.chat_chunk(plan.rid, model, plan.created, job.index, {"role": "assistant", "content": ""},
                                          None, usage=usage()))
-        else:
+        elif not plan.echo_logprobs:  # with logprobs, the echo waits for the prompt's logprobs (from the prefill)
             for job in plan.jobs:
                 if job.echo:
                     yield P.sse(P.completion_chunk(plan.rid, model, plan.created, job.index, job.echo, None, usage=usage()))
@@ -737,7 +764,22 @@ class OpenAIIngress:
         offsets: dict[int, int] = {job.index: len(job.echo) for job in plan.jobs}
         answered = False
         try:
-            async for index, delta, finish, entries in self._events(plan):
+            async for index, delta, finish, entries, scored in self._events(plan):
+                if scored:  # the prompt's logprobs: the echo (completions) or vLLM's prompt_logprobs lead the choice
+                    job = jobs[index]
+                    chunk = None
+                    if plan.echo_logprobs:
+                        lp = P.echo_logprobs(self.tokenizer, job.request["prompt_ids"], job.prompt_entries, plan.logprobs,
+                                             [], [])
+                        chunk = P.completion_chunk(plan.rid, model, plan.created, index, job.echo, None, lp, usage=usage())
+                    if plan.prompt_logprobs is not None:
+                        chunk = chunk or (P.chat_chunk(plan.rid, model, plan.created, index, {}, None, usage=usage()) if chat
+                                          else P.completion_chunk(plan.rid, model, plan.created, index, "", None,
+                                                                  usage=usage()))
+                        chunk["choices"][0]["prompt_logprobs"] = self._prompt_logprobs(plan, job)
+                    if chunk is not None:
+                        yield P.sse(chunk)
+                    continue
                 pending[index].extend(entries)
                 if delta and ttft is None:
                     ttft = time.perf_counter() - start

@@ -12,8 +12,9 @@ server speaks:
 Requests accept every field of OpenAI's completions and chat-completions schemas, and vLLM's sampling extensions:
 - honoured exactly: temperature, top_p, n, stop, seed, max_tokens / max_completion_tokens, stream, stream_options
   (include_usage; vLLM's continuous_usage_stats: usage so far on every chunk), presence_penalty, frequency_penalty,
-  logit_bias, response_format {"type": "text"}, echo (completions), logprobs (completions: an int; chat: logprobs +
-  top_logprobs), and vLLM's top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
+  logit_bias, response_format {"type": "text"}, echo (completions, with logprobs too: the prompt's are scored by the
+  target's prefill), logprobs (completions: an int; chat: logprobs + top_logprobs), and vLLM's prompt_logprobs,
+  top_k, min_p, repetition_penalty, min_tokens, ignore_eos, stop_token_ids,
   include_stop_str_in_output, skip_special_tokens, allowed_token_ids, truncate_prompt_tokens, add_special_tokens,
   add_generation_prompt, continue_final_message, chat_template_kwargs. Penalties, bias and masks apply to the draft's
   and the target's logits alike before acceptance (`fastdraft.speculative.sampling.process_logits`), so the output is
@@ -382,8 +383,8 @@ def _check_unsupported(req: _SamplingFields) -> None:
         raise _unsupported("spaces_between_special_tokens", "fast tokenizers decode special tokens one way only")
     if req.bad_words:
         raise _unsupported("bad_words", "multi-token bans are not implemented")
-    if req.prompt_logprobs is not None:
-        raise _unsupported("prompt_logprobs", "prompt tokens are not scored")
+    if req.prompt_logprobs is not None and not 0 <= req.prompt_logprobs <= MAX_LOGPROBS:
+        raise _bad("prompt_logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {req.prompt_logprobs}")
     if req.priority:
         raise _unsupported("priority", "requests are served in arrival order")
     if req.return_tokens_as_token_ids:
@@ -399,8 +400,6 @@ def _check_unsupported(req: _SamplingFields) -> None:
             raise _unsupported("best_of", "choices are not ranked; give best_of equal to n, or leave it out")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise _bad("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}")
-        if req.echo and req.logprobs is not None:
-            raise _unsupported("echo", "with logprobs it needs the prompt's logprobs, which are not computed")
         return
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
@@ -450,6 +449,14 @@ def _check_unsupported(req: _SamplingFields) -> None:
                 raise _bad(f"messages[{i}].content[{j}]", f"a '{part.type}' part needs its '{part.type}' string")
 
 
+def prompt_logprobs_count(req: _SamplingFields) -> int | None:
+    """How many alternatives per prompt token the prefill must report (None: no prompt scoring): vLLM's
+    `prompt_logprobs`, or the completions API's `echo` with `logprobs` (the larger count serves both)."""
+    asked = [k for k in (req.prompt_logprobs,
+                         req.logprobs if isinstance(req, CompletionRequest) and req.echo else None) if k is not None]
+    return max(asked) if asked else None
+
+
 def logprobs_count(req: _SamplingFields) -> int | None:
     """How many alternatives per token the request wants (None: no logprobs at all)."""
     if isinstance(req, CompletionRequest):
@@ -465,7 +472,7 @@ def engine_options(req: _SamplingFields) -> dict:
         "repetition_penalty": req.repetition_penalty,
         "logit_bias": tuple(sorted((int(k), float(v)) for k, v in (req.logit_bias or {}).items())),
         "allowed_token_ids": tuple(sorted(set(req.allowed_token_ids))) if req.allowed_token_ids is not None else None,
-        "logprobs": logprobs_count(req),
+        "logprobs": logprobs_count(req), "prompt_logprobs": prompt_logprobs_count(req),
     }
 
 
@@ -628,6 +635,8 @@ class Choice:
     completion_tokens: int
     speculative: dict = field(default_factory=dict)
     logprobs: dict | None = None
+    prompt_logprobs: list | None = None
+    """vLLM's, when asked for."""
 
 
 def new_id(prefix: str) -> str:
@@ -657,6 +666,31 @@ def completion_logprobs(tokenizer, ids: list[int], entries: list, offset: int = 
             "text_offset": offsets}
 
 
+def echo_logprobs(tokenizer, prompt_ids: list[int], prompt_entries: list, k: int, ids: list[int], entries: list) -> dict:
+    """The completions API's `logprobs` with `echo`: the prompt's tokens first (the first one without a logprob, as
+    OpenAI gives it), then the completion's, offsets counted from the start of the echoed text."""
+    head = completion_logprobs(tokenizer, prompt_ids[1:], [[e[0], e[2][:k]] for e in prompt_entries],
+                               len(token_text(tokenizer, prompt_ids[0])))
+    first = token_text(tokenizer, prompt_ids[0])
+    tail = completion_logprobs(tokenizer, ids, entries, len(first) + sum(len(t) for t in head["tokens"]))
+    return {"tokens": [first] + head["tokens"] + tail["tokens"],
+            "token_logprobs": [None] + head["token_logprobs"] + tail["token_logprobs"],
+            "top_logprobs": [None] + head["top_logprobs"] + tail["top_logprobs"],
+            "text_offset": [0] + head["text_offset"] + tail["text_offset"]}
+
+
+def vllm_prompt_logprobs(tokenizer, prompt_ids: list[int], prompt_entries: list, k: int) -> list:
+    """vLLM's `prompt_logprobs` of a choice: None for the first token, then {id: {logprob, rank, decoded_token}} with
+    the prompt's own token and the k most likely ones."""
+    out: list = [None]
+    for token, (lp, rank, top) in zip(prompt_ids[1:], prompt_entries):
+        entry = {str(i): {"logprob": _finite(v), "rank": n + 1, "decoded_token": token_text(tokenizer, i)}
+                 for n, (i, v) in enumerate(top[:k])}
+        entry[str(token)] = {"logprob": _finite(lp), "rank": rank, "decoded_token": token_text(tokenizer, token)}
+        out.append(entry)
+    return out
+
+
 def chat_logprobs(tokenizer, ids: list[int], entries: list) -> dict:
     """The chat API's `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
     def item(token_id: int, lp: float) -> dict:
@@ -670,7 +704,8 @@ def chat_logprobs(tokenizer, ids: list[int], entries: list) -> dict:
 def completion_response(rid: str, model: str, choices: list[Choice], unique_prompt_tokens: int) -> dict:
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+        "choices": [{"index": c.index, "text": c.text, "logprobs": c.logprobs, "finish_reason": c.finish_reason,
+                     **({"prompt_logprobs": c.prompt_logprobs} if c.prompt_logprobs is not None else {})}
                     for c in choices],
         "usage": usage_dict(unique_prompt_tokens, sum(c.completion_tokens for c in choices),
                             merge_speculative([c.speculative for c in choices])),
@@ -681,7 +716,9 @@ def chat_response(rid: str, model: str, choices: list[Choice], prompt_tokens: in
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": c.logprobs,
-                     "finish_reason": c.finish_reason} for c in choices],
+                     "finish_reason": c.finish_reason,
+                     **({"prompt_logprobs": c.prompt_logprobs} if c.prompt_logprobs is not None else {})}
+                    for c in choices],
         "usage": usage_dict(prompt_tokens, sum(c.completion_tokens for c in choices),
                             merge_speculative([c.speculative for c in choices])),
     }

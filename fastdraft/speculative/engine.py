@@ -157,7 +157,7 @@ class SpeculativeEngine:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, gamma: int | None = None,
                  on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
-                 prior_output: list[int] | None = None) -> list[GenerationResult]:
+                 prior_output: list[int] | None = None, on_prompt_logprobs: Callable | None = None) -> list[GenerationResult]:
         """Generate for every prompt; `on_tokens(i, new_ids)` streams each round's new tokens of prompt i.
 
         Args:
@@ -165,6 +165,8 @@ class SpeculativeEngine:
                 (its rows leave the batch at once, the others go on): cancellation and deadlines.
             prior_output: per prompt, how many of its trailing tokens were already generated (a continuation):
                 they count as output for `min_new_tokens` and the presence/frequency penalties, not for `max_new_tokens`.
+            on_prompt_logprobs: with `SamplingParams.prompt_logprobs`, called once per prompt right after the prefill,
+                with the entries that `GenerationResult.prompt_logprobs` holds.
         """
         gamma = self.gamma if gamma is None else gamma
         prior_output = list(prior_output) if prior_output is not None else [0] * len(prompts)
@@ -188,8 +190,9 @@ class SpeculativeEngine:
             for group in groups:
                 stream = None if on_tokens is None else (lambda i, *a, g=group: on_tokens(g[i], *a))
                 stop = None if should_stop is None else (lambda i, g=group: should_stop(g[i]))
+                scored = None if on_prompt_logprobs is None else (lambda i, e, g=group: on_prompt_logprobs(g[i], e))
                 for i, r in zip(group, self._generate_batch([prompts[i] for i in group], params, gamma, stream, generator,
-                                                            stop, [prior_output[i] for i in group])):
+                                                            stop, [prior_output[i] for i in group], scored)):
                     results[i] = r
         self.last_stats = SpecStats()
         for r in results:
@@ -205,7 +208,8 @@ class SpeculativeEngine:
             raise FastdraftError(f"min_new_tokens must be in [0, max_new_tokens], got {params.min_new_tokens}")
         if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0:
             raise FastdraftError(f"invalid sampling params: temperature >= 0, 0 < top_p <= 1, top_k >= 0 expected, got {params}")
-        if params.repetition_penalty <= 0 or not 0 <= params.min_p <= 1 or (params.logprobs is not None and not 0 <= params.logprobs <= self.vocab_size):
+        if params.repetition_penalty <= 0 or not 0 <= params.min_p <= 1 or any(
+                k is not None and not 0 <= k <= self.vocab_size for k in (params.logprobs, params.prompt_logprobs)):
             raise FastdraftError(f"invalid sampling params: repetition_penalty > 0, 0 <= min_p <= 1, 0 <= logprobs <= vocab expected, got {params}")
         ids = [t for t, _ in params.logit_bias] + list(params.allowed_token_ids or ()) + list(params.stop_token_ids)
         if any(not 0 <= t < self.vocab_size for t in ids):
@@ -222,7 +226,7 @@ class SpeculativeEngine:
     # ------------------------------------------------------------------------------------------
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gamma: int,
                         on_tokens: OnTokens | None, generator: torch.Generator, should_stop: ShouldStop | None,
-                        prior_output: list[int]) -> list[GenerationResult]:
+                        prior_output: list[int], on_prompt: Callable | None = None) -> list[GenerationResult]:
         batch = _Batch(prompts, params, prior_output)
         capacity = max(batch.prompt_len) + params.max_new_tokens + self.max_gamma + 2
         timer = _Timer(self.device)
@@ -230,10 +234,15 @@ class SpeculativeEngine:
         draft_cache = self.draft.new_cache(len(prompts), capacity) if self.draft and gamma > 0 else None
         # Prefill all but the last prompt token: the first round's verification pass feeds that one.
         prefix = [p[:-1] for p in prompts]
+        scored = params.prompt_logprobs is not None
+        logits = None
         if any(prefix):
-            self.target.forward(target_cache, right_pad(prefix, self.device), [0] * len(prompts), None)
+            logits = self.target.forward(target_cache, right_pad(prefix, self.device), [0] * len(prompts),
+                                         "all" if scored else None)
             if draft_cache is not None:
                 self.draft.forward(draft_cache, right_pad(prefix, self.device), [0] * len(prompts), None)
+        if scored:
+            self._score_prompts(batch, prompts, logits, on_prompt)
         prefill_s = timer.lap()
         for r in batch.results:
             r.stats.prefill_s = prefill_s / len(prompts)
@@ -266,6 +275,25 @@ class SpeculativeEngine:
                 st.verify_s += verify_s * share
                 st.overhead_s += overhead_s * share
         return batch.results
+
+    def _score_prompts(self, batch: _Batch, prompts: list[list[int]], logits: torch.Tensor | None,
+                       on_prompt: Callable | None) -> None:
+        """Prompt logprobs from the prefill's logits: for tokens 1.. of each prompt, (logprob, rank, top k) under the
+        target's plain distribution (no penalties: nothing is generated yet); the first token has none."""
+        k = batch.params.prompt_logprobs
+        for r, p in enumerate(prompts):
+            entries = []
+            if len(p) > 1:
+                lp = logits[r, :len(p) - 1].to(self.prob_dtype).log_softmax(dim=-1)
+                chosen = lp[torch.arange(len(p) - 1, device=lp.device), torch.tensor(p[1:], device=lp.device)]
+                ranks = ((lp > chosen[:, None]).sum(dim=-1) + 1).tolist()
+                top = lp.topk(k, dim=-1) if k else None
+                tops = ([list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if top is not None
+                        else [[] for _ in ranks])
+                entries = list(zip(chosen.tolist(), ranks, tops))
+            batch.results[r].prompt_logprobs = entries
+            if on_prompt is not None:
+                on_prompt(r, entries)
 
     def _draft(self, cache, batch: _Batch, g: int, params: SamplingParams, generator: torch.Generator,
                timer: _Timer, counts: torch.Tensor | None = None,

@@ -42,6 +42,9 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no log-probabilities. k >= 0: each new token's log-probability under the TARGET (its processed logits:
     penalties, bias and masks applied, before temperature / top-k / top-p), and the k most likely alternatives."""
+    prompt_logprobs: int | None = None
+    """None: off. k >= 0: each prompt token's log-probability under the target (from the prefill, which then computes
+    logits at every prompt position), its rank, and the k most likely alternatives there."""
 
     @property
     def processed(self) -> bool:
@@ -126,3 +129,5 @@ class GenerationResult:
     """With `SamplingParams.logprobs`: per new token, its log-probability under the target."""
     top_logprobs: list[list[tuple[int, float]]] | None = None
     """With `SamplingParams.logprobs` = k: per new token, the target's k most likely (token id, log-probability)."""
+    prompt_logprobs: list[tuple[float, int, list[tuple[int, float]]]] | None = None
+    """With `SamplingParams.prompt_logprobs` = k: per prompt token after the first, (log-probability, rank, top k)."""
