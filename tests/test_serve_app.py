@@ -220,6 +220,10 @@ def test_stop_sequences_end_the_text_before_them(server):
     assert r["choices"][0] == {"index": 0, "text": cut, "logprobs": None, "finish_reason": "stop"}
     streamed = server.sse("/v1/completions", {**base, "stop": stop})
     assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == cut
+    # The model replica follows the text too: the engine stops within the round that completes the stop sequence.
+    long = server.post("/v1/completions", {**base, "stop": stop, "max_tokens": MAX_TOKENS_CAP, "ignore_eos": True}).json()
+    assert long["choices"][0]["text"] == cut and long["choices"][0]["finish_reason"] == "stop"
+    assert long["usage"]["speculative"]["emitted"] <= long["usage"]["completion_tokens"] + 4 < 60
 
 
 @pytest.mark.parametrize("body, status, param", [

@@ -28,6 +28,8 @@ Isolation, request by request:
 - a client that disconnects cancels its generations: the model replica drops their rows from the batch after the
   current speculative round (`should_stop`), the others go on (counted as status 499 in /metrics);
 - a request past its `timeout` (default and cap: serve.request_timeout_s) ends the same way, with a 504;
+- a stop sequence ends the engine's work too: the model replica follows each choice's text (the same `TextStream`)
+  and drops the row within the round that completes the stop sequence;
 - a model replica whose engine thread has work but commits nothing for serve.stall_timeout_s fails `check_health`,
   and Serve replaces it (requests in flight continue on another replica).
 """
@@ -195,7 +197,7 @@ class SpeculativePair:
         from fastdraft.speculative.engine import SpeculativeEngine
         from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-        tok = load_tokenizer(target)
+        tok = self.tokenizer = load_tokenizer(target)
         # from_dirs checks the tokenizer contract again: `serve deploy` may build the app on another machine.
         self.engine = SpeculativeEngine.from_dirs(target, draft, dtype=dtype, device=device, gamma=gamma,
                                                   dynamic_gamma=dynamic_gamma, max_gamma=max_gamma,
@@ -232,7 +234,9 @@ class SpeculativePair:
 
         Args:
             request: {"prompt_ids": list[int], "params": SamplingParams, "gamma": int, "prior_output": int (optional),
-                "deadline": time.time() after which the generation ends with finish_reason "timeout" (optional)}.
+                "deadline": time.time() after which the generation ends with finish_reason "timeout" (optional),
+                "text": `protocol.TextStream` keywords (optional): the replica follows the text too, and a stop
+                sequence ends the generation with finish_reason "stop" within the round that completes it}.
         """
         import threading
 
@@ -337,10 +341,14 @@ class SpeculativePair:
         """One engine call for requests[idxs] (posted under the indices `alias`, default `idxs`); `streamed[i]`
         collects what each has streamed, and becomes None once its result is posted."""
         names = alias or idxs
+        texts = {i: P.TextStream(self.tokenizer, **requests[i]["text"]) for i in idxs
+                 if requests[i].get("text", {}).get("stop") and not requests[i].get("prior_output")}
 
         def on_tokens(j, ids, lps=None):
             self._progress = time.monotonic()
             streamed[idxs[j]].extend(int(t) for t in ids)
+            if idxs[j] in texts:
+                texts[idxs[j]].add([int(t) for t in ids])
             post("tokens", names[j], ([int(t) for t in ids], None if lps is None else [[lp, top] for lp, top in lps]))
 
         def should_stop(j):
@@ -352,6 +360,8 @@ class SpeculativePair:
             if r.get("deadline") is not None and time.time() > r["deadline"]:
                 self.counters["timed_out"] += 1
                 return "timeout"
+            if idxs[j] in texts and texts[idxs[j]].stopped:  # a stop sequence: no tokens past it are wanted
+                return "stop"
             return None
 
         results = self.engine.generate([requests[i]["prompt_ids"] for i in idxs], params, gamma=gamma,
@@ -576,11 +586,12 @@ class OpenAIIngress:
                 params = SamplingParams(max_new_tokens=max_new, stop_token_ids=stop_ids, min_new_tokens=req.min_tokens,
                                         seed=None if req.seed is None else (req.seed + pi * req.n + k) % (1 << 63),
                                         **options)
-                text = P.TextStream(self.tokenizer, stops, include_stop=req.include_stop_str_in_output,
-                                    skip_special_tokens=req.skip_special_tokens, stop_ids=stop_ids,
-                                    min_tokens=req.min_tokens)
-                jobs.append(_Job(pi * req.n + k, {"prompt_ids": ids, "params": params, "gamma": gamma, "deadline": deadline},
-                                 text, speculative=P.speculative_usage(None, gamma), echo=echoes[pi]))
+                text_args = dict(stop=stops, include_stop=req.include_stop_str_in_output,
+                                 skip_special_tokens=req.skip_special_tokens, stop_ids=stop_ids, min_tokens=req.min_tokens)
+                jobs.append(_Job(pi * req.n + k, {"prompt_ids": ids, "params": params, "gamma": gamma, "deadline": deadline,
+                                                  "text": text_args},
+                                 P.TextStream(self.tokenizer, **text_args), speculative=P.speculative_usage(None, gamma),
+                                 echo=echoes[pi]))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         continuous = bool(include_usage and req.stream_options.continuous_usage_stats)
         return _Plan(endpoint, P.new_id("cmpl" if endpoint == "completions" else "chatcmpl"), req.stream, include_usage,
