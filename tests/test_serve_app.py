@@ -459,6 +459,24 @@ def test_vllm_sampling_extensions(server, reference):
     assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 20
 
 
+def test_vllm_prompt_extensions(server, reference):
+    tok, messages = reference.tok, [{"role": "user", "content": "Name a prime."}]
+    bare = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False),
+               add_special_tokens=False)["input_ids"]
+    r = server.post("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0,
+                                             "add_generation_prompt": False}).json()
+    assert r["usage"]["prompt_tokens"] == len(bare)
+    ids = tok(PROMPTS[0])["input_ids"]
+    r = server.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0,
+                                        "truncate_prompt_tokens": 4}).json()
+    assert r["usage"]["prompt_tokens"] == 4 and r["choices"][0]["text"] == reference(ids[-4:], 10)[0]
+    allowed = sorted(set(ids))
+    r = _client(server).completions.create(model="tiny-pair", prompt=PROMPTS[0], max_tokens=10, temperature=0,
+                                           logprobs=0, extra_body={"allowed_token_ids": allowed})
+    texts = {tok.decode([a]) for a in allowed}
+    assert len(r.choices[0].logprobs.tokens) == 10 and set(r.choices[0].logprobs.tokens) <= texts
+
+
 def test_a_client_disconnect_stops_its_generation_within_a_round(server):
     before = httpx.get(server.url + "/health", timeout=30).json()["engine"]["cancelled"]
     body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS_CAP, "temperature": 0, "ignore_eos": True, "stream": True}

@@ -96,8 +96,8 @@ OPENAI_CHAT_FIELDS = {
 }
 OPENAI_COMPLETION_FIELDS = {
     "model": "fastdraft", "prompt": "hi", "best_of": 1, "echo": True, "frequency_penalty": 0.1, "logit_bias": {"3": 1},
-    "logprobs": None, "max_tokens": 8, "n": 1, "presence_penalty": 0.1, "seed": 1, "stop": "x", "stream": False,
-    "stream_options": None, "suffix": None, "temperature": 0, "top_p": 1, "user": "u",
+    "logprobs": None, "max_tokens": 8, "n": 1, "presence_penalty": 0.1, "seed": 1, "stop": "x", "stream": True,
+    "stream_options": {"include_usage": False}, "suffix": None, "temperature": 0, "top_p": 1, "user": "u",
 }
 VLLM_FIELDS = {
     "top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1, "length_penalty": 1.0, "use_beam_search": False,
@@ -137,7 +137,7 @@ def test_every_openai_and_vllm_field_is_accepted_and_mapped_to_the_engine():
 
 
 def test_unknown_fields_are_ignored_and_named_at_any_depth():
-    req = _chat({"bogus": 1, "stream_options": {"include_usage": True, "colour": "red"}})
+    req = _chat({"bogus": 1, "stream": True, "stream_options": {"include_usage": True, "colour": "red"}})
     req.messages  # noqa: B018
     nested = P.parse_request(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a", "x": 1}],
                                                        "mood": "calm"}], "zz": None}).encode(), P.ChatCompletionRequest)
