@@ -420,6 +420,7 @@ def test_echo_with_logprobs_scores_the_prompt_with_the_target(server, reference)
                                             echo=True, logprobs=1, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset] == lp.text_offset
     # vLLM's prompt_logprobs, on chat too: None first, then the prompt token's own entry with its rank
     body = server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
                                                 "prompt_logprobs": 2}).json()

@@ -783,6 +783,7 @@ class OpenAIIngress:
                         lp = P.echo_logprobs(self.tokenizer, job.request["prompt_ids"], job.prompt_entries, plan.logprobs,
                                              [], [])
                         chunk = P.completion_chunk(plan.rid, model, plan.created, index, job.echo, None, lp, usage=usage())
+                        offsets[index] = len("".join(lp["tokens"]))  # the completion's offsets follow the prompt's
                     if plan.prompt_logprobs is not None:
                         chunk = chunk or (P.chat_chunk(plan.rid, model, plan.created, index, {}, None, usage=usage()) if chat
                                           else P.completion_chunk(plan.rid, model, plan.created, index, "", None,
