@@ -479,6 +479,8 @@ def test_vllm_prompt_extensions(server, reference):
 
 
 def test_a_client_disconnect_stops_its_generation_within_a_round(server):
+    import time
+
     before = httpx.get(server.url + "/health", timeout=30).json()["engine"]["cancelled"]
     body = {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS_CAP, "temperature": 0, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=server.headers, timeout=120) as r:
@@ -491,10 +493,19 @@ def test_a_client_disconnect_stops_its_generation_within_a_round(server):
         engine = httpx.get(server.url + "/health", timeout=30).json()["engine"]
         if engine["cancelled"] > before:
             break
-        import time
         time.sleep(0.1)
     assert engine["cancelled"] == before + 1
     assert 0 < engine["last_cancelled_tokens"] < MAX_TOKENS_CAP
+    # a client that gives up on a non-streamed answer is a disconnect too
+    before = engine["cancelled"]
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, headers=server.headers, timeout=0.15)
+    for _ in range(100):
+        engine = httpx.get(server.url + "/health", timeout=30).json()["engine"]
+        if engine["cancelled"] > before:
+            break
+        time.sleep(0.1)
+    assert engine["cancelled"] == before + 1 and engine["last_cancelled_tokens"] < MAX_TOKENS_CAP
     # the replica is free again; the ingress counted a client that went away
     r = server.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 8, "temperature": 0})
     assert r.status_code == 200
