@@ -380,7 +380,8 @@ class SpeculativeEngine:
             batch.draft_len[r] = min(batch.draft_len[r], committed + n)  # draft KV past the accepted prefix is stale
             entries = None
             if logprobs is not None:
-                chosen = logprobs[r, torch.arange(len(new)), torch.tensor(new, device=logprobs.device)].tolist()
+                at = torch.arange(len(new), device=logprobs.device)
+                chosen = logprobs[r, at, torch.tensor(new, device=logprobs.device)].tolist()
                 tops = ([list(zip(top.indices[r, j].tolist(), top.values[r, j].tolist())) for j in range(len(new))]
                         if top is not None else [[] for _ in new])
                 batch.results[s].logprobs.extend(chosen)
