@@ -6,6 +6,13 @@ proposals are accepted greedily (argmax match) or by exact rejection sampling (`
 caches are rolled back by length only, never recomputed. gamma = 0, or no draft, is the target alone
 through the very same loop, so "speedup" compares like with like.
 
+Penalties (presence, frequency, repetition), `logit_bias`, `allowed_token_ids` and `min_new_tokens` are applied to
+the target's and the draft's logits alike before acceptance (`sampling.process_logits`), each verified position
+seeing the tokens before it (the draft's proposals included) as history: the output is exactly the processed target's,
+greedy or sampled. Log-probabilities (`SamplingParams.logprobs`) come from the same verification pass: the target's
+processed distribution at each emitted token, drafted and accepted or not. `should_stop` ends one row within a round
+(cancellation, deadlines) while the rest of the batch goes on.
+
     from fastdraft.speculative.engine import SpeculativeEngine
     from fastdraft.speculative.types import SamplingParams
     engine = SpeculativeEngine.from_dirs("embedded:smollm2-135m-instruct", "runs/demo/drafts/FT", gamma=3)
