@@ -168,8 +168,11 @@ class ComputeConfig(Strict):
     torch_threads: int | None = Field(default=None, ge=1)
     """CPU training: torch threads per worker; default: one per CPU Ray reserved for it. More threads than
     reserved CPUs lets a lone worker use the whole machine while its few CPUs stay free for the data reads."""
+    logits_chunk_tokens: int = Field(default=2048, ge=1)
+    """Training losses apply the output layer to this many positions at a time (fastdraft.training.losses.
+    ChunkedLMLoss): the peak of the logits is chunk x vocabulary, not micro-batch x sequence x vocabulary."""
 
-    SCHEDULING_ONLY = frozenset({"max_failures", "cpus_per_worker", "torch_threads"})
+    SCHEDULING_ONLY = frozenset({"max_failures", "cpus_per_worker", "torch_threads", "logits_chunk_tokens"})
 
 
 class TrainStageConfig(Strict):
