@@ -28,6 +28,7 @@ from fastdraft.checkpoint import DraftMetadata, read_metadata
 from fastdraft.config import DistillConfig, Recipe
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
+from fastdraft.plan import check_stage
 from fastdraft.tokenizer import check_fingerprints
 from fastdraft.training.loop import LoopConfig, evaluate, export_draft, fit, read_log, steps_for_budget, to_tensors
 
@@ -201,6 +202,7 @@ def run_distill(recipe: Recipe, **_options) -> dict:
     from fastdraft.raycluster import ensure_ray
 
     cfg: DistillConfig = recipe.section("distill")
+    check_stage(recipe, "distill")
     layout = RunLayout(recipe.run_dir)
     start_dir = start_draft(recipe, layout)
     start = read_metadata(start_dir)
