@@ -11,7 +11,8 @@ The estimate counts, per worker:
   with its fp32 log-softmax and gradient (`compute.logits_chunk_tokens`: the loss never holds the whole micro-batch's);
 - generation and evaluation: the target's (and draft's) weights in the recipe's dtype, KV caches for the
   batch at its longest, and one step's logits;
-- the driver: distill's alignment set, which it still reads whole (see the note printed with it).
+- the driver: distill's held-out rows and the draft it scores before training (the alignment set streams
+  through Ray Data to the workers).
 
 It compares that with what the cluster offers: the recipe's `cluster` section (accelerator, or device memory,
 and host memory per node), else the connected Ray cluster (`accelerator_type:*` resources, node memory), else
@@ -273,7 +274,7 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         d = recipe.distill
         topk = recipe.generate.store_topk if recipe.generate is not None and d.loss != "ce" else 0
         out.append(_training_plan(recipe, "distill", "", dcfg, d.micro_batch_size, d.seq_len, d.compute, topk))
-        out.append(_distill_driver_plan(recipe, tcfg, topk))
+        out.append(_distill_driver_plan(recipe, dcfg, topk))
     if recipe.evaluate is not None and "evaluate" in want:
         e = recipe.evaluate
         length = max(t.max_prompt_tokens + t.max_new_tokens for t in e.tasks) + max(e.gammas + [e.gamma])
@@ -293,27 +294,21 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
     return out
 
 
-def _distill_driver_plan(recipe: Recipe, tcfg: PretrainedConfig, topk: int) -> StagePlan:
-    g = recipe.generate
-    rows = _alignment_rows(recipe)
-    tokens = rows * (g.max_prompt_tokens // 4 + max(s.max_new_tokens for s in g.sampling)) if g is not None else 0
-    items = [Item(f"alignment set (~{rows:,} rows, ~{tokens:,} tokens, read whole)", tokens * (8 + 12 * topk) * 3)]
-    if topk == 0:
-        items.append(Item("target (fp32) for the held-out agreement", params_of(tcfg) * 4))
+def _distill_driver_plan(recipe: Recipe, dcfg: PretrainedConfig, topk: int) -> StagePlan:
+    """The driver reads the alignment set one column of one file at a time and packs only the held-out rows."""
+    g, d = recipe.generate, recipe.distill
+    per_row = g.max_prompt_tokens // 4 + max(s.max_new_tokens for s in g.sampling) if g is not None else d.seq_len
+    held_rows = d.eval_prompts * (sum(s.n for s in g.sampling) if g is not None else 1)
+    items = [Item(f"held-out rows ({held_rows:,} samples, packed)", held_rows * per_row * (8 + 12 * topk) * 3),
+             Item("draft (fp32) for the agreement before training", params_of(dcfg) * 4)]
     spec = recipe.cluster
     available = spec.driver_memory_gb * GB if spec is not None and spec.driver_memory_gb else None
     return StagePlan("distill driver", "the driver process", items, available,
                      "cluster.driver_memory_gb" if available else "unknown: set cluster.driver_memory_gb",
-                     "generate.prompts[*].limit, generate.store_topk, cluster.driver_memory_gb",
-                     notes=["distill still reads the alignment set into the driver (issue 19: stream it through Ray Data)"])
-
-
-def _alignment_rows(recipe: Recipe) -> int:
-    g = recipe.generate
-    if g is None:
-        return 0
-    per = sum(int(p.limit) if p.limit else 100_000 for p in g.prompts)
-    return per * len(g.sampling)
+                     "distill.eval_prompts, cluster.driver_memory_gb",
+                     notes=["the alignment set streams through Ray Data to the workers; the driver reads one column "
+                            "of one part file at a time; the target's held-out predictions run in a task on the "
+                            "training device"])
 
 
 def check_stage(recipe: Recipe, stage: str) -> list[StagePlan]:
