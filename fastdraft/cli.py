@@ -5,6 +5,7 @@
     fastdraft prepare|pretrain|generate|distill|evaluate|serve RECIPE [--set key.sub=value ...]
     fastdraft make-draft --target PATH_OR_ID --params 50M --out DIR
     fastdraft check-pair TARGET DRAFT
+    fastdraft plan RECIPE [--set ...]              # what runs where, each worker's peak memory, and whether it fits
     fastdraft export RUN_OR_DRAFT --format openvino|hf [--weights int8|int4|f16|f32] --out DIR
 
 User errors (bad recipe, missing path, tokenizer mismatch) print one sentence and exit 2.
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("plan", help="what each stage runs where and each worker's peak memory, against the cluster")
+    _add_recipe_args(p)
+
     p = sub.add_parser("check-pair", help="check that a target and a draft share the exact tokenizer")
     p.add_argument("target")
     p.add_argument("draft")
@@ -150,6 +154,15 @@ def run_command(args: argparse.Namespace) -> int:
             print("fastdraft export: error: speculative greedy output differs from the target's own (see the table)",
                   file=sys.stderr)
             return 1
+        return 0
+    if args.command == "plan":
+        from fastdraft.plan import format_plan, plan
+
+        plans = plan(load_recipe(args.recipe, args.overrides))
+        print(format_plan(plans))
+        bad = [p.stage for p in plans if not p.fits]
+        if bad:
+            raise FastdraftError(f"{', '.join(bad)} would not fit the memory offered (see above for what to lower)")
         return 0
     if args.command == "demo":
         _print_summary(resolve_stage("demo")(quick=args.quick, workdir=args.workdir, overrides=args.overrides))

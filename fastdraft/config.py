@@ -168,8 +168,11 @@ class ComputeConfig(Strict):
     torch_threads: int | None = Field(default=None, ge=1)
     """CPU training: torch threads per worker; default: one per CPU Ray reserved for it. More threads than
     reserved CPUs lets a lone worker use the whole machine while its few CPUs stay free for the data reads."""
+    logits_chunk_tokens: int = Field(default=2048, ge=1)
+    """Training losses apply the output layer to this many positions at a time (fastdraft.training.losses.
+    ChunkedLMLoss): the peak of the logits is chunk x vocabulary, not micro-batch x sequence x vocabulary."""
 
-    SCHEDULING_ONLY = frozenset({"max_failures", "cpus_per_worker", "torch_threads"})
+    SCHEDULING_ONLY = frozenset({"max_failures", "cpus_per_worker", "torch_threads", "logits_chunk_tokens"})
 
 
 class TrainStageConfig(Strict):
@@ -369,6 +372,30 @@ class ServeConfig(Strict):
     CPU kernel runs the draft (Llama family, float32 on CPU), else float. Lossless either way."""
 
 
+class ClusterConfig(Strict):
+    """The hardware a recipe is declared for: `fastdraft plan` (and every stage, when it starts) checks each
+    worker's estimated peak memory against it. Unset values come from the connected Ray cluster, else this
+    machine (CPU stages)."""
+
+    accelerator: str | None = None
+    """GPU or Gaudi model of the workers, e.g. A10G (24 GB), A100-80G, H100, Gaudi2: see fastdraft.plan.DEVICE_MEMORY_GB."""
+    device_memory_gb: float | None = Field(default=None, gt=0)
+    """Memory per accelerator, when the model is not in that table (overrides `accelerator`)."""
+    node_memory_gb: float | None = Field(default=None, gt=0)
+    """Host memory of the nodes CPU stages run on."""
+    driver_memory_gb: float | None = Field(default=None, gt=0)
+    """Memory of the process that runs the pipeline's driver (the head pod on KubeRay)."""
+
+    @model_validator(mode="after")
+    def _known_accelerator(self):
+        from fastdraft.plan import DEVICE_MEMORY_GB
+
+        if self.accelerator is not None and self.device_memory_gb is None and self.accelerator not in DEVICE_MEMORY_GB:
+            raise ValueError(f"cluster.accelerator '{self.accelerator}' is not one of {', '.join(DEVICE_MEMORY_GB)}; "
+                             f"set cluster.device_memory_gb for it")
+        return self
+
+
 class Recipe(Strict):
     name: str
     workdir: str = "runs/${name}"
@@ -383,6 +410,7 @@ class Recipe(Strict):
     distill: DistillConfig | None = None
     evaluate: EvaluateConfig | None = None
     serve: ServeConfig | None = None
+    cluster: ClusterConfig | None = None
 
     @model_validator(mode="after")
     def _absolute_workdir(self):

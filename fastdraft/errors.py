@@ -18,7 +18,7 @@ class StageNotBuiltError(FastdraftError):
 
 
 class MissingDependencyError(FastdraftError):
-    """An optional stack (vLLM, optimum-habana, OpenVINO) is needed but not installed."""
+    """An optional stack (vLLM, Habana's PyTorch bridge, OpenVINO) is needed but not installed."""
 
 
 def require(module: str, extra: str, purpose: str):

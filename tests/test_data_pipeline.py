@@ -138,11 +138,14 @@ def test_an_interrupted_corpus_resumes_only_its_missing_shards(prepared, tmp_pat
     code = tmp_path / "run" / "data" / "code"
     manifest = json.loads((code / "manifest.json").read_text())
     before = {p.relative_to(code): pq.read_table(p) for p in code.glob("*/part-*.parquet")}
-    # as if the run died while the hf shard was in flight: no record, its files still *.partial
+    # as if the run died while the hf shard was in flight: no record, its train files still *.partial; its
+    # validation files already published by the actor but never recorded by the driver; a stray file of an older try
     interrupted = {**manifest, "complete": False, "shards": {k: v for k, v in manifest["shards"].items() if not k.startswith("hfweb/")}}
     (code / "manifest.json").write_text(json.dumps(interrupted))
-    for p in code.glob("*/part-hfweb-*.parquet"):
+    for p in code.glob("train/part-hfweb-*.parquet"):
         p.rename(p.with_name(p.name + ".partial"))
+    stray = next(code.glob("validation/part-hfweb-*.parquet"))
+    shutil.copy2(stray, stray.with_name(stray.name.replace(".parquet", "-099.parquet")))
     summary = run_prepare(load_recipe(recipe, [f"workdir={tmp_path / 'run'}"]))
     assert summary["mix"]["skipped"] and not summary["code"]["skipped"]
     assert "resuming" in capsys.readouterr().out

@@ -35,6 +35,9 @@ WHERE_RUN = {
         "test_outputs_durable.py::test_a_relative_workdir_under_ray_job_submit_goes_to_the_durable_location_or_is_refused"
         " + test_data_job.py::test_the_pipeline_runs_as_a_ray_job_then_skips_then_reruns_from_a_stage"
         " + test_data_job.py::test_prepare_runs_as_a_ray_job",
+    "fastdraft plan jobs/recipes/llama31-8b.yaml": "test_plan.py::test_fastdraft_plan_prints_every_stage_and_exits_2_when_one_does_not_fit"
+                                                   " + test_plan.py::test_the_paper_recipes_fit_the_a10g_workers_they_declare_at_every_training_and_inference_stage"
+                                                   " + test_plan.py::test_the_old_llama_micro_batch_of_32_x_2048_is_refused_naming_the_number_and_the_setting",
     "fastdraft serve jobs/recipes/": "test_serve_cli.py::test_fastdraft_serve_starts_answers_and_stops_on_sigterm",
     "serve run apps/serve_demo.yaml": "test_demo.py::test_readme_serve_run_and_curl_answer_with_the_demo_pair",
     "curl localhost:8000/v1/chat/completions": "test_demo.py::test_readme_serve_run_and_curl_answer_with_the_demo_pair",

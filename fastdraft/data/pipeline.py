@@ -13,13 +13,16 @@ For each corpus in `prepare.corpora`:
      packs them (EOS after each document, rows of exactly `seq_len`, carried across batches);
      reading and tokenizing sit in one actor so that a shard packs deterministically and can be
      recorded as done (resume granularity = one shard);
-  3. the driver consumes the stream (Ray Data backpressure keeps memory flat), writes rows to
-     Parquet as they arrive, stops each source at its token budget (validation gets its fraction of it
-     in whole rows; a `BudgetBoard` actor tells the readers to stop reading) and records finished
-     shards in the manifest.
+  3. the actor writes the shard's rows to its own Parquet files as they fill, taking each batch of rows
+     from a `BudgetBoard` actor that grants rows up to each source's token budget (validation gets its
+     fraction of it in whole rows) and tells the readers when to stop reading;
+  4. the driver receives one small record per finished shard (counts, files) and writes the manifest: no
+     token passes through it, so its memory does not grow with the corpus.
 
 Remainder handling: the last < seq_len tokens of each shard and split are dropped (counted as
-`dropped_tail_tokens` per source); budgets are met to within one row, never exceeded.
+`dropped_tail_tokens` per source); budgets are met to within one row, never exceeded. (An actor that dies
+mid-shard keeps the rows it was granted counted: the rerun of that shard can leave the source short of its
+budget by up to that shard's rows, never over it.)
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import pyarrow as pa
 from fastdraft.config import CorpusConfig, PrepareConfig, Recipe, SourceConfig
 from fastdraft.data.packing import Packer
 from fastdraft.data.sources import Doc, plan_shards, read_shard
-from fastdraft.data.writer import SPLITS, CorpusWriter, existing_state, rows_to_arrow
+from fastdraft.data.writer import SPLITS, CorpusWriter, ShardOutput, existing_state, rows_to_arrow
 from fastdraft.errors import FastdraftError, RecipeError
 from fastdraft.layout import RunLayout
 from fastdraft.progress import Progress
@@ -131,18 +134,12 @@ class Budgets:
 
 
 class BudgetBoard(Budgets):
-    """Ray actor: rows packed per source and split, summed over all readers.
+    """Ray actor: the rows written per source and split, summed over all the actors that write them.
 
-    Readers report before each batch and stop reading a source once it is full, so every actor stops
-    within one batch of the budget, long before the driver (which writes exactly up to the caps) has
-    consumed what is in flight.
+    An actor asks for its rows before writing them (`take`: granted up to the caps, so the total is exact
+    whatever the order the actors finish in) and asks before reading each batch whether its source still
+    needs rows (`full`), so every actor stops within one batch of the budget.
     """
-
-    def report(self, source: str, rows: dict[str, int]) -> bool:
-        """Count newly packed rows; True while the source still needs more."""
-        for split, n in rows.items():
-            self.take(source, split, n)
-        return not self.full(source)
 
 
 def stream_table(shard: str, split: str, ids: pa.Array, stats: str = "") -> pa.Table:
@@ -163,13 +160,16 @@ def batches_of(docs: Iterator[Doc], size: int) -> Iterator[list[Doc]]:
 
 
 class ShardTokenizer:
-    """Ray Data actor: reads whole shards, tokenizes with the target's tokenizer, packs per split.
+    """Ray Data actor: reads whole shards, tokenizes with the target's tokenizer, packs per split, writes.
 
-    For each input shard it yields tables of packed rows as they fill, then one `split == "done"` row
-    whose `stats` holds the shard's counts (documents, skipped by reason, tokens read, tail dropped).
+    `process` yields a shard's packed rows as tables as they fill, then one `split == "done"` row whose
+    `stats` hold its counts (documents, skipped by reason, tokens read, tail dropped). As a Ray Data UDF the
+    actor writes those rows under `root` itself (`write_shard`) and passes on only the done row, with the
+    sequences and files it wrote.
     """
 
-    def __init__(self, tokenizer_json: str, eos: int, cfg: dict, sources: dict[str, dict], board=None):
+    def __init__(self, tokenizer_json: str, eos: int, cfg: dict, sources: dict[str, dict], board=None,
+                 root: str | None = None):
         from tokenizers import Tokenizer
 
         # The driver's own fast tokenizer travels with the actor (no per-node copy that could differ), and
@@ -177,29 +177,45 @@ class ShardTokenizer:
         self.encoder, self.eos = Tokenizer.from_str(tokenizer_json), eos
         self.cfg = PrepareConfig.model_validate(cfg)
         self.sources = {k: SourceConfig.model_validate(v) for k, v in sources.items()}
-        self.board = board
+        self.board, self.root = board, Path(root) if root else None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.encoder.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def _wanted(self, source: str, rows: dict[str, int]) -> bool:
+    def _wanted(self, source: str) -> bool:
         import ray
 
-        return self.board is None or ray.get(self.board.report.remote(source, rows))
+        return self.board is None or not ray.get(self.board.full.remote(source))
+
+    def _granted(self, source: str, split: str, rows: int) -> int:
+        import ray
+
+        return rows if self.board is None else ray.get(self.board.take.remote(source, split, rows))
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         for text in batch.column("shard").to_pylist():
-            yield from self.process(json.loads(text))
+            yield self.write_shard(json.loads(text))
+
+    def write_shard(self, shard: dict) -> pa.Table:
+        """Tokenize, pack and write one shard here, in the actor; returns its done row for the manifest."""
+        out = ShardOutput(self.root, shard["id"])
+        for table in self.process(shard):
+            split = table.column("split")[0].as_py()
+            if split == "done":
+                stats = json.loads(table.column("stats")[0].as_py())
+                continue
+            n = self._granted(shard["source"], split, len(table))
+            out.write(split, table.column("input_ids").slice(0, n).combine_chunks())
+        record = {**stats, "sequences": out.publish(), "files": {s: len(out.files[s]) for s in SPLITS}}
+        return stream_table(shard["id"], "done", pa.array([[]], type=pa.list_(pa.int32())), json.dumps(record))
 
     def process(self, shard: dict) -> Iterator[pa.Table]:
         packers = {s: Packer(self.eos, self.cfg.seq_len) for s in SPLITS}
         stats = {"source": shard["source"], "documents": 0, "tokens_read": 0, "skipped": Counter(), "stopped_early": False}
-        packed = {s: 0 for s in SPLITS}
         for docs in batches_of(read_shard(shard, self.sources[shard["source"]]), self.cfg.docs_per_batch):
-            if not self._wanted(shard["source"], packed):
+            if not self._wanted(shard["source"]):
                 stats["stopped_early"] = True
                 break
-            packed = {s: 0 for s in SPLITS}
             by_split: dict[str, list[str]] = {s: [] for s in SPLITS}
             for doc in docs:
                 if doc.skip:
@@ -211,7 +227,6 @@ class ShardTokenizer:
                 stats["documents"] += len(ids)
                 stats["tokens_read"] += sum(map(len, ids)) + len(ids)  # + one EOS each
                 rows = packers[split].add(ids)
-                packed[split] += len(rows)
                 if len(rows):
                     yield stream_table(shard["id"], split, rows_to_arrow(rows))
         stats["dropped_tail_tokens"] = sum(p.tail for p in packers.values())
@@ -220,8 +235,8 @@ class ShardTokenizer:
         yield stream_table(shard["id"], "done", pa.array([[]], type=pa.list_(pa.int32())), json.dumps(stats))
 
 
-def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceConfig], tokenizer, board):
-    """The Ray Dataset of packed rows (+ per-shard 'done' records) for these shards."""
+def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceConfig], tokenizer, board, root: Path):
+    """The Ray Dataset of per-shard 'done' records for these shards, whose rows the actors write under `root`."""
     import ray.data
 
     items = [{"shard": json.dumps(s)} for s in shards]
@@ -234,7 +249,7 @@ def token_stream(shards: list[dict], cfg: PrepareConfig, sources: list[SourceCon
         udf_modifying_row_count=True,
         fn_constructor_kwargs=dict(
             tokenizer_json=tokenizer.backend_tokenizer.to_str(), eos=tokenizer.eos_token_id, cfg=cfg.model_dump(mode="json"),
-            sources={s.name: s.model_dump(mode="json") for s in sources}, board=board,
+            sources={s.name: s.model_dump(mode="json") for s in sources}, board=board, root=str(root),
         ),
     )
 
@@ -255,30 +270,15 @@ def user_error(exc: BaseException) -> FastdraftError | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Driver: consume the stream, enforce budgets, write, summarize
+# Driver: record the shards the actors finish, summarize
 # --------------------------------------------------------------------------------------------
-def runs(table: pa.Table) -> Iterator[tuple[str, str, int, int]]:
-    """(shard, split, start, length) of each run of consecutive rows with the same shard and split."""
-    shards, splits = table.column("shard").to_pylist(), table.column("split").to_pylist()
-    start = 0
-    for i in range(1, len(shards) + 1):
-        if i == len(shards) or (shards[i], splits[i]) != (shards[start], splits[start]):
-            yield shards[start], splits[start], start, i - start
-            start = i
-
-
-def consume(stream, writer: CorpusWriter, budgets: Budgets, shard_source: dict[str, str], progress: Progress) -> None:
+def consume(stream, writer: CorpusWriter, seq_len: int, shard_source: dict[str, str], progress: Progress) -> None:
+    """Record each shard as its actor finishes it (the stream carries one small record per shard)."""
     for table in stream.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for shard, split, start, length in runs(table):
-            source = shard_source[shard]
-            if split == "done":
-                record = writer.finish_shard(shard, json.loads(table.column("stats")[start].as_py()))
-                progress.update(0, docs=record["documents"])
-                continue
-            take = budgets.take(source, split, length)
-            if take:
-                writer.write(shard, split, table.column("input_ids").slice(start, take).combine_chunks())
-                progress.update(take * budgets.seq_len, **{source: take * budgets.seq_len})
+        for shard, stats in zip(table.column("shard").to_pylist(), table.column("stats").to_pylist()):
+            record = writer.record_shard(shard, json.loads(stats))
+            tokens = sum(record["sequences"].values()) * seq_len
+            progress.update(tokens, docs=record["documents"], **{shard_source[shard]: tokens})
 
 
 def summarize(done: dict[str, dict], sources: list[SourceConfig], budgets: dict, seq_len: int) -> dict:
@@ -349,9 +349,9 @@ def prepare_corpus(recipe: Recipe, plan: CorpusPlan, tokenizer, fingerprint: str
     progress = Progress(f"prepare {name}", total=sum(totals) - already if None not in totals else None)
     if todo:
         board = ray.remote(num_cpus=0)(BudgetBoard).remote(caps, cfg.seq_len, written)
-        stream = token_stream(todo, cfg, cfg.corpora[name].sources, tokenizer, board)
+        stream = token_stream(todo, cfg, cfg.corpora[name].sources, tokenizer, board, root)
         try:
-            consume(stream, writer, budgets, {s["id"]: s["source"] for s in todo}, progress)
+            consume(stream, writer, cfg.seq_len, {s["id"]: s["source"] for s in todo}, progress)
         except Exception as exc:
             raise (user_error(exc) or exc) from None
     progress.done()

@@ -5,9 +5,11 @@
       validation/part-...parquet
       manifest.json                                  {"complete": false, ...} while running, then the summary
 
-Rows of an input shard go to `*.parquet.partial` files and are renamed when the shard is finished
-and recorded in the manifest, so an interrupted run leaves only whole shards behind: a re-run with
-the same recipe and tokenizer deletes the partial files and reads only the shards not yet recorded.
+Each input shard's rows are written by the Ray Data actor that tokenizes it (`ShardOutput`), to
+`*.parquet.partial` files renamed when the shard is finished; the driver (`CorpusWriter`) only records each
+finished shard in the manifest, so no token passes through it. A re-run with the same recipe and tokenizer
+deletes every file of a shard the manifest does not record (partial, or published just before an interruption)
+and reads only those shards again.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def rows_to_arrow(rows) -> pa.Array:
 
 
 class ShardOutput:
-    """The files of one input shard while it is being read: written as rows arrive, published at the end."""
+    """The files of one input shard while it is being read (in the actor that reads it): written as rows arrive,
+    published (renamed) at the end."""
 
     def __init__(self, root: Path, shard_id: str):
         self.root, self.shard_id = root, shard_id
@@ -113,15 +116,18 @@ class ShardOutput:
 
 
 class CorpusWriter:
-    """Owns `<run_dir>/data/<corpus>`: the in-flight shards' files and the manifest."""
+    """Owns `<run_dir>/data/<corpus>` on the driver: the manifest, where finished shards are recorded."""
 
     def __init__(self, root: Path, header: dict, resume: bool):
         self.root = root
-        self.outputs: dict[str, ShardOutput] = {}
         if resume:
             self.manifest = read_manifest(root)
-            for stale in root.glob("*/*.partial"):  # rows of shards an interruption cut short: read again
-                stale.unlink()
+            recorded = {part_name(sid, k) for sid, rec in self.done_shards.items()
+                        for split in SPLITS for k in range(rec["files"][split])}
+            for split in SPLITS:  # files of shards an interruption cut short, or published but never recorded
+                for stale in (root / split).glob("part-*"):
+                    if stale.name not in recorded:
+                        stale.unlink()
         else:
             if root.exists():
                 shutil.rmtree(root)
@@ -134,16 +140,8 @@ class CorpusWriter:
     def done_shards(self) -> dict[str, dict]:
         return self.manifest["shards"]
 
-    def write(self, shard_id: str, split: str, column: pa.Array) -> None:
-        if shard_id not in self.outputs:
-            self.outputs[shard_id] = ShardOutput(self.root, shard_id)
-        self.outputs[shard_id].write(split, column)
-
-    def finish_shard(self, shard_id: str, record: dict) -> dict:
-        """Publish a shard's files and record it (with its counts) in the manifest."""
-        out = self.outputs.pop(shard_id, None) or ShardOutput(self.root, shard_id)
-        sequences = out.publish()
-        record = {**record, "sequences": sequences, "files": {s: len(out.files[s]) for s in SPLITS}}
+    def record_shard(self, shard_id: str, record: dict) -> dict:
+        """Record a shard its actor has written and published (its counts, sequences and files per split)."""
         self.done_shards[shard_id] = record
         self.save()
         return record
@@ -152,8 +150,6 @@ class CorpusWriter:
         write_json_atomic(self.root / MANIFEST, self.manifest)
 
     def complete(self, summary: dict) -> dict:
-        if self.outputs:
-            raise FastdraftError(f"shards {sorted(self.outputs)} never finished; re-run to resume")
         self.manifest.update(summary, complete=True)
         self.save()
         return self.manifest

@@ -31,6 +31,7 @@ from fastdraft.config import EvaluateConfig, Recipe
 from fastdraft.errors import FastdraftError
 from fastdraft.evaluation.tasks import EvalTask, load_task
 from fastdraft.layout import RunLayout
+from fastdraft.plan import check_stage
 from fastdraft.progress import Progress
 from fastdraft.speculative.types import SamplingParams
 
@@ -293,6 +294,7 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
     from fastdraft.tokenizer import check_compatible, load_tokenizer
 
     cfg: EvaluateConfig = recipe.section("evaluate")
+    check_stage(recipe, "evaluate")
     layout = RunLayout(recipe.run_dir)
     target_dir = resolve_model_path(recipe.target.model)
     drafts = find_drafts(cfg, layout)

@@ -41,6 +41,7 @@ from fastdraft.generation.prompts import (
     EncodedPrompt, PromptEncoder, check_source, load_prompts, magpie_prompts, reserved_eval_texts, stable_seed,
 )
 from fastdraft.layout import RunLayout
+from fastdraft.plan import check_stage
 from fastdraft.progress import Progress
 from fastdraft.speculative.types import SamplingParams
 
@@ -324,6 +325,7 @@ def run_generate(recipe: Recipe) -> dict:
     from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     cfg: GenerateConfig = recipe.section("generate")
+    check_stage(recipe, "generate")
     out_dir = RunLayout(recipe.run_dir).alignment
     tokenizer = load_tokenizer(recipe.target.model, trust_remote_code=recipe.target.trust_remote_code)
     fingerprint = tokenizer_fingerprint(tokenizer)

@@ -55,6 +55,7 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from fastdraft.plan import check_stage
 from fastdraft.serving import protocol as P
 from fastdraft.serving.metrics import ServeMetrics
 from fastdraft.config import Recipe, ServeConfig, dump_recipe, load_recipe, recipe_from_dict
@@ -853,6 +854,7 @@ def run_serve(recipe: Recipe) -> dict:
     from fastdraft.raycluster import ensure_ray
 
     spec = resolve_pair(recipe)
+    check_stage(recipe, "serve")
     cfg = spec.serve
     url = f"http://{cfg.host}:{cfg.port}"
     summary = {"url": f"{url}/v1", "model": cfg.model_name, "target": spec.target, "draft": spec.draft or "(none)",

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from fastdraft.config import ComputeConfig
-from fastdraft.errors import FastdraftError, require
+from fastdraft.errors import FastdraftError, MissingDependencyError
 
 # torch.distributed process-group backend per device.
 DIST_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "hpu": "hccl"}
@@ -47,7 +47,24 @@ def torch_config_for(compute: ComputeConfig):
 
 def import_habana():
     """Habana's PyTorch bridge (registers the `hpu` device), or a MissingDependencyError saying how to get it."""
-    return require("habana_frameworks.torch.core", "hpu", "training on Intel Gaudi (device: hpu)")
+    try:
+        import habana_frameworks.torch.core as htcore
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"training on Intel Gaudi (device: hpu) needs Habana's PyTorch bridge 'habana_frameworks.torch', which is "
+            f"not installed here ({exc}). It is not on PyPI: run in Intel's Gaudi PyTorch image "
+            f"(vault.habana.ai/gaudi-docker/...; cluster/rayjob-pretrain-gaudi.yaml uses one) and "
+            f"pip install -e '.[gaudi]' there (see README, 'Optional stacks')."
+        ) from None
+    return htcore
+
+
+def mark_step(device: torch.device) -> None:
+    """Gaudi's lazy mode (PT_HPU_LAZY_MODE=1) runs the graph it has accumulated only at `mark_step()`: called
+    after backward and after the optimizer step, as Habana's training guide places it. It costs nothing in
+    Gaudi's eager mode, and is a no-op on other devices."""
+    if device.type == "hpu":
+        import_habana().mark_step()
 
 
 def check_available(compute: ComputeConfig, cluster_resources: dict | None = None) -> None:

@@ -40,8 +40,9 @@ import torch
 
 from fastdraft.config import ComputeConfig, OptimConfig
 from fastdraft.errors import FastdraftError
-from fastdraft.training.backends import autocast, check_available, peak_flops, scaling_for, torch_config_for, worker_device
-from fastdraft.training.losses import per_token_loss, token_ce
+from fastdraft.training.backends import (autocast, check_available, mark_step, peak_flops, scaling_for, torch_config_for,
+                                        worker_device)
+from fastdraft.training.losses import ChunkedLMLoss, output_rows, to_rows, token_ce
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
@@ -231,20 +232,31 @@ def load_start(cfg: LoopConfig, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, batches: list[dict[str, torch.Tensor]], cfg: LoopConfig, device) -> dict[str, float]:
-    """Validation CE and perplexity on the masked tokens; draft/target top-1 agreement when the data has it."""
+    """Validation CE and perplexity on the masked tokens; draft/target top-1 agreement when the data has it.
+
+    Like the training loss, the output layer runs over `logits_chunk_tokens` positions at a time."""
     model = _unwrap(model).eval()  # unwrapped: DDP's forward would broadcast buffers, a collective rank 0 runs alone
+    weight, row_ids = output_rows(model)
+    vocab, chunk = model.config.vocab_size, cfg.compute.logits_chunk_tokens
     loss_sum = count = agree = scored = 0.0
     for batch in batches:
         with autocast(cfg.compute, device):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
-        w = loss_weights(batch, None)
-        loss_sum += float((token_ce(logits[:, :-1], batch["input_ids"][:, 1:].long()) * w).sum())
+            hidden = model.base_model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        labels = batch["input_ids"][:, 1:].reshape(-1).long()
+        w = loss_weights(batch, None).reshape(-1)
+        ref = batch["target_argmax"][:, 1:].reshape(-1) if "target_argmax" in batch else None
+        for s in range(0, hidden.shape[0], chunk):
+            part = slice(s, s + chunk)
+            with autocast(cfg.compute, device):
+                logits = torch.nn.functional.linear(hidden[part], weight)
+            loss_sum += float((token_ce(logits, to_rows(labels[part], row_ids, vocab)) * w[part]).sum())
+            if ref is not None:
+                top = logits.argmax(-1)
+                top = row_ids[top] if row_ids is not None else top
+                agree += float(((top == ref[part]) & (ref[part] >= 0)).sum())
+                scored += float((ref[part] >= 0).sum())
         count += float(w.sum())
-        if "target_argmax" in batch:
-            ref = batch["target_argmax"][:, 1:]
-            hit = (logits[:, :-1].argmax(-1) == ref) & (ref >= 0)
-            agree += float(hit.sum())
-            scored += float((ref >= 0).sum())
     model.train()
     out = {"val_loss": loss_sum / max(count, 1)}
     out["val_ppl"] = math.exp(min(out["val_loss"], 50))
@@ -281,23 +293,26 @@ def _maybe_crash(cfg: LoopConfig, state: TrainState, rank: int) -> None:
     raise RuntimeError(f"injected crash at step {state.step} (crash_at_step, testing aid)")
 
 
-def train_step(model, optimizer, micro: list[dict[str, torch.Tensor]], row_lengths: list, cfg: LoopConfig, device, world: int):
-    """One optimizer step over `micro`; returns (mean loss over the step's tokens on all workers, grad norm)."""
+def train_step(net: ChunkedLMLoss, optimizer, micro: list[dict[str, torch.Tensor]], row_lengths: list, cfg: LoopConfig, device,
+               world: int):
+    """One optimizer step over `micro`; returns (mean loss over the step's tokens on all workers, grad norm).
+
+    `net` is the draft and its loss (`ChunkedLMLoss`), wrapped in DDP when there are several workers."""
     weights = [loss_weights(b, r) for b, r in zip(micro, row_lengths)]
     local = float(sum(w.sum() for w in weights))
     n_global = max(_all_reduce([local], device)[0], 1.0)
     loss_sum = 0.0
     for i, (batch, w) in enumerate(zip(micro, weights)):
         # Sync gradients only on the last micro-batch; DDP averages over workers, hence "* world".
-        sync = contextlib.nullcontext() if (i == len(micro) - 1 or not hasattr(model, "no_sync")) else model.no_sync()
+        sync = contextlib.nullcontext() if (i == len(micro) - 1 or not hasattr(net, "no_sync")) else net.no_sync()
         with sync, autocast(cfg.compute, device):
-            logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
-            per_tok = per_token_loss(cfg.loss, logits, batch)
-            loss = (per_tok * w).sum()
+            loss = net(batch, w)
             (loss / n_global * world).backward()
+        mark_step(device)
         loss_sum += float(loss.detach())
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
     optimizer.step()
+    mark_step(device)
     optimizer.zero_grad(set_to_none=True)
     return _all_reduce([loss_sum], device)[0] / n_global, float(grad_norm)
 
@@ -315,8 +330,9 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     model, optimizer, state = load_start(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
+    net = ChunkedLMLoss(model, cfg.loss, cfg.compute.logits_chunk_tokens)
     if world > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=device)
+        net = ray.train.torch.prepare_model(net, move_to_device=device)
     val = [to_tensors(b, device) for b in cfg.validation] if rank == 0 else []
     batches = micro_batches(ray.train.get_dataset_shard("train"), state, cfg.micro_batch_size)
     per_step = tokens_per_step(world, cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len)
@@ -330,7 +346,7 @@ def train_loop(config: dict) -> None:
             lengths.append(budget_row_lengths(remaining, i, rank, world, cfg.micro_batch_size, cfg.seq_len) if cut else None)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg.total_steps, cfg.optim)
-        loss, grad_norm = train_step(model, optimizer, micro, lengths, cfg, device, world)
+        loss, grad_norm = train_step(net, optimizer, micro, lengths, cfg, device, world)
         state.step += 1
         state.tokens += min(remaining, per_step)
         meter.step(min(remaining, per_step), loss, grad_norm, optimizer.param_groups[0]["lr"])

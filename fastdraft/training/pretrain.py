@@ -23,6 +23,7 @@ from fastdraft.checkpoint import DraftMetadata, read_metadata
 from fastdraft.config import PretrainConfig, Recipe, TrainStageConfig
 from fastdraft.errors import FastdraftError
 from fastdraft.layout import RunLayout
+from fastdraft.plan import check_stage
 from fastdraft.tokenizer import check_fingerprints
 from fastdraft.training.loop import LoopConfig, export_draft, fit, read_log, steps_for_budget, validation_batches
 
@@ -176,6 +177,7 @@ def run_pretrain(recipe: Recipe, **_options) -> dict:
     from fastdraft.raycluster import ensure_ray
 
     recipe.section("pretrain")
+    check_stage(recipe, "pretrain")  # refuses, before anything starts, workers that would not fit their memory
     layout = RunLayout(recipe.run_dir)
     start = initial_draft(recipe, layout)
     fingerprint = read_metadata(start).tokenizer_fingerprint
