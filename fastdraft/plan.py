@@ -113,7 +113,8 @@ def draft_config_for(recipe: Recipe, target: PretrainedConfig) -> PretrainedConf
         return AutoConfig.from_pretrained(d.init_dir, local_files_only=True)
     if d.init == "target":
         data = {**target.to_dict(), "num_hidden_layers": d.layers}
-        data.pop("layer_types", None)
+        if data.get("layer_types"):
+            data["layer_types"] = data["layer_types"][:d.layers]
         return AutoConfig.for_model(data.pop("model_type"), **data)
     return draft_config(target, choose_shape(target, d.params, d.layers, d.hidden))
 

@@ -77,11 +77,23 @@ def lean_unsupported_reason(model: PreTrainedModel) -> str | None:
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type not in STATIC_ROPE:
         return f"rope type {rope_type!r} depends on the sequence length"
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        return "sliding-window attention"
     if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
         return "partial rotary embeddings"
     return None
+
+
+def sliding_windows(cfg) -> list[int | None]:
+    """Each layer's attention window, as transformers masks it: query position p sees keys p - W < j <= p
+    (`masking_utils.sliding_window_overlay`), or None for full causal attention. Mistral and Phi-3 slide in every
+    layer when `sliding_window` is set; Qwen2/3 list the sliding layers in `layer_types` (their config already sets
+    `sliding_window` to None without `use_sliding_window`)."""
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" else None for kind in types]
+    return [window] * cfg.num_hidden_layers
 
 
 class _Layer:
@@ -182,6 +194,7 @@ class LeanDecoder:
         self.eps = base.norm.variance_epsilon
         with torch.no_grad():
             self.layers = [_Layer(layer) for layer in base.layers]
+        self.windows = sliding_windows(cfg)
         self.embed, self.norm, self.head = weight, base.norm.weight, model.lm_head.weight
         # A draft whose output layer covers part of the vocabulary reads those rows only; its logits are scattered
         # into the full vocabulary (-inf elsewhere: never proposed), so the engine's sampling stays exact.
@@ -222,16 +235,25 @@ class LeanDecoder:
         half = self.head_dim // 2
         self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # see _rotate
 
-    def _mask(self, offsets: list[int], t: int, kv_len: int, pos: torch.Tensor) -> torch.Tensor | None:
-        """Additive mask [B or 1, 1, T, kv_len]: key j is visible to query i of row b iff j <= offsets[b] + i.
+    def _window_binds(self, window: int | None, kv_len: int) -> bool:
+        """Whether a layer's window hides any key in a pass whose keys end at `kv_len` (p - W < 0 otherwise)."""
+        return window is not None and kv_len > window
+
+    def _mask(self, offsets: list[int], t: int, kv_len: int, pos: torch.Tensor, window: int | None = None) -> torch.Tensor | None:
+        """Additive mask [B or 1, 1, T, kv_len]: key j is visible to query i of row b iff j <= offsets[b] + i (and,
+        in a sliding-window layer, j > offsets[b] + i - window).
 
         Additive (0 / -inf) rather than boolean: attention would convert a boolean mask in every layer."""
         first = offsets[0]
         uniform = all(o == first for o in offsets)
-        if uniform and t == 1:
+        window = window if self._window_binds(window, kv_len) else None
+        if uniform and t == 1 and window is None:
             return None  # a single query sees every valid key
-        keys = torch.arange(kv_len, device=self.device)
-        hidden = keys[None, None, :] > (pos[:1] if uniform else pos)[:, :, None]  # [B or 1, T, kv_len]
+        keys = torch.arange(kv_len, device=self.device)[None, None, :]
+        query = (pos[:1] if uniform else pos)[:, :, None]
+        hidden = keys > query  # [B or 1, T, kv_len]
+        if window is not None:
+            hidden |= keys <= query - window
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
         return mask[:, None]
 
@@ -241,7 +263,9 @@ class LeanDecoder:
         if kv_len > cache.capacity:
             raise FastdraftError(f"KV cache overflow: {kv_len} positions > capacity {cache.capacity}")
         self._ensure_rope(kv_len)
-        if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS:
+        # The native kernel attends to every cached key: a pass that reaches past a sliding window takes torch's ops.
+        windowed = any(self._window_binds(w, kv_len) for w in self.windows)
+        if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS and not windowed:
             x = self.native_layers(ids.contiguous(), offsets, self.cos, self.sin, cache.k, cache.v)
         else:
             x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets)
@@ -267,7 +291,7 @@ class LeanDecoder:
             cos, sin = self.cos[first:first + t][None, :, None], self.sin[first:first + t][None, :, None]
         else:
             cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, head_dim]
-        mask = self._mask(offsets, t, kv_len, pos)
+        masks = {w: self._mask(offsets, t, kv_len, pos, w) for w in set(self.windows)}
         nq, nkv = self.heads, self.kv_heads
         linear = self.linear
         for i, layer in enumerate(self.layers):
@@ -281,7 +305,7 @@ class LeanDecoder:
                 k = _rotate(_rms_norm(qkv[:, :, nq:nq + nkv], layer.k_norm, self.eps), cos, sin)
             cache.write(i, k.transpose(1, 2), qkv[:, :, nq + nkv:].transpose(1, 2), offsets, pos)
             keys, values = cache.view(i, kv_len)
-            a = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask, scale=self.scale,
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=masks[self.windows[i]], scale=self.scale,
                                                enable_gqa=nkv != nq)
             x = x + linear(a.transpose(1, 2).reshape(b, t, nq * self.head_dim), layer.wo, layer.bo)
             h = _rms_norm(x, layer.ln2, self.eps)

@@ -35,7 +35,10 @@ def agreeing_pair(vocab_size: int = 8192, hidden: int = 768, layers: int = 12, d
 
 def truncated_copy(model: PreTrainedModel, layers: int) -> PreTrainedModel:
     """A model of the same config with only the first `layers` decoder layers (weights copied)."""
-    cfg = model.config.__class__.from_dict({**model.config.to_dict(), "num_hidden_layers": layers})
+    data = {**model.config.to_dict(), "num_hidden_layers": layers}
+    if data.get("layer_types"):  # per-layer attention kinds (Qwen2/3 sliding windows): the first `layers` of them
+        data["layer_types"] = data["layer_types"][:layers]
+    cfg = model.config.__class__.from_dict(data)
     small = AutoModelForCausalLM.from_config(cfg, dtype=model.dtype).eval()
     state = {k: v for k, v in model.state_dict().items()
              if not k.startswith("model.layers.") or int(k.split(".")[2]) < layers}
