@@ -111,6 +111,26 @@ def check_safetensors(directory: str | Path, allow_pickle: bool = False) -> None
         raise FastdraftError(f"{directory} has no weights (*.safetensors)")
 
 
+def load_shape(directory: str | Path, dtype: torch.dtype | str = torch.float32, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A model with `directory`'s config and no weights (meta device): sizes and costs without loading an 8B
+    target into the driver's memory."""
+    from transformers import AutoConfig
+
+    from fastdraft.assets import resolve_model_path
+
+    directory = resolve_model_path(str(directory))
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype,
+                                                 trust_remote_code=trust_remote_code)
+    meta_path = Path(directory) / METADATA_FILE
+    if meta_path.is_file():
+        from fastdraft.models import apply_head_tokens
+
+        apply_head_tokens(model, json.loads(meta_path.read_text()).get("extra", {}))
+    return model
+
+
 def load_model(
     directory: str | Path,
     dtype: torch.dtype | str = torch.float32,

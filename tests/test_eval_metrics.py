@@ -139,3 +139,19 @@ def test_blocks_after_a_stop_token_draft_like_the_engine_and_emit_nothing_past_i
     # the draft misses the EOS: 2 accepted + EOS as the correction, still one pass
     s = simulate_blocks([1.0, 1.0, 0.0], gamma=3, max_new_tokens=10)
     assert (s.drafted, s.accepted, s.target_passes, s.emitted) == (3, 2, 1, 3)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_sizes_from_shapes_alone_equal_the_loaded_models(tmp_path, tied):
+    """Evaluation counts the target's size from its config on the meta device (no weights in the driver)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fastdraft.checkpoint import load_model, load_shape
+    from fastdraft.evaluation.metrics import model_size, read_size
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=tied)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "m")
+    shape, model = load_shape(tmp_path / "m"), load_model(tmp_path / "m")
+    assert next(shape.parameters()).device.type == "meta"
+    assert model_size(shape) == model_size(model) and read_size(shape) == read_size(model)

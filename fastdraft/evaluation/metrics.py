@@ -103,25 +103,31 @@ def read_size(model: torch.nn.Module, weights: str = "float") -> tuple[int, int]
         return model_size(model, weights)
     table, head = model.get_input_embeddings().weight, model.get_output_embeddings()
     head_rows = len(head.ids) if isinstance(head, SubsetHead) else None
-    unread = {}  # data_ptr -> rows of that matrix no pass reads
-    if head is not None and head.weight.data_ptr() == table.data_ptr():
-        unread[table.data_ptr()] = table.shape[0] - (head_rows or table.shape[0])
+    unread = {}  # storage key -> rows of that matrix no pass reads
+    if head is not None and _key(head.weight) == _key(table):
+        unread[_key(table)] = table.shape[0] - (head_rows or table.shape[0])
     else:
-        unread[table.data_ptr()] = table.shape[0]
+        unread[_key(table)] = table.shape[0]
         if head is not None and head_rows is not None:
-            unread[head.weight.data_ptr()] = head.weight.shape[0] - head_rows
+            unread[_key(head.weight)] = head.weight.shape[0] - head_rows
     return _size(model, weights, unread)
+
+
+def _key(tensor: torch.Tensor) -> int:
+    """What tells two weights apart: their storage, or on the meta device (shapes only, see
+    `checkpoint.load_shape`) the Parameter itself (tied weights are one Parameter)."""
+    return id(tensor) if tensor.device.type == "meta" else tensor.data_ptr()
 
 
 def _size(model: torch.nn.Module, weights: str, unread_rows: dict[int, int]) -> tuple[int, int]:
     seen: set[int] = set()
     params = nbytes = 0
     for tensor in model.parameters():
-        if tensor.data_ptr() in seen:
+        if _key(tensor) in seen:
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(_key(tensor))
         if tensor.dim() == 2:
-            rows = tensor.shape[0] - unread_rows.get(tensor.data_ptr(), 0)
+            rows = tensor.shape[0] - unread_rows.get(_key(tensor), 0)
             n = rows * tensor.shape[1]
             params += n
             nbytes += n + 4 * rows if weights == "int8" else n * tensor.element_size()

@@ -287,7 +287,7 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
     Returns a summary: the report's path and the headline numbers per draft and task.
     """
     from fastdraft.assets import resolve_model_path
-    from fastdraft.checkpoint import load_model
+    from fastdraft.checkpoint import load_model, load_shape
     from fastdraft.evaluation import report as report_mod
     from fastdraft.evaluation.metrics import CostRatio, model_size
     from fastdraft.raycluster import ensure_ray
@@ -328,7 +328,7 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
             for label, run in r.get(method, {}).items():
                 engine_runs.setdefault(method, {}).setdefault(label, {})[f"{task_name}/{decoding}"] = run
 
-    target = load_model(target_dir, dtype=dtype)
+    target = load_shape(target_dir, dtype=dtype)  # shapes only: the driver never holds the target's weights
     t_params, t_bytes = model_size(target)
     # c of each draft as the measurements ran it (int8 or float weights: see `measure_job`)
     ran = {label: w for r in results.values() for label, w in r.get("draft_weights", {}).items()}
