@@ -17,7 +17,7 @@ from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import HFDecoder, LeanDecoder
 from fastdraft.speculative.engine import SpeculativeEngine
 from fastdraft.speculative.pairs import agreeing_pair, disagreeing_copy
-from fastdraft.speculative.types import SamplingParams
+from fastdraft.speculative.types import SamplingParams, SpecStats
 from spec_fixtures import check_counters, hf_greedy, make_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models gain nothing from two threads
@@ -453,3 +453,38 @@ def test_draft_may_run_in_another_dtype(pairs, tiny_draft_dir):
     sampled = engine.generate(prompts, SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=20, seed=3))
     assert all(len(r.token_ids) == 20 for r in sampled)
     check_counters(sampled, engine)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["agreeing", "agreeing-float32", "random-float32"])
+def test_rows_join_a_running_batch_and_leave_it_at_once_each_equal_to_transformers_greedy(pairs, pair):
+    """Iteration-level batching (`Run`): prompts join between rounds with their own max_new_tokens and stop tokens;
+    each row's output is token for token the target's greedy `generate` with those limits, a finished row leaves the
+    batch in the round it finishes, and the caches of the rows already running are untouched by a join."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    prompts = make_prompts(6, seed=4)
+    limits = [(40, 2), (5, 2), (23, 2), (12, 2), (31, 2), (3, 2)]
+    stop = hf_greedy(target, prompts[2], 40, stop=2)[6]  # row 2 stops on a token it emits mid-output
+    limits[2] = (23, stop)
+    refs = [hf_greedy(target, p, m, stop=s) for p, (m, s) in zip(prompts, limits)]
+    run = engine.start(SamplingParams(max_new_tokens=1), gamma=3)
+    joined = {}
+    rounds = 0
+    schedule = {0: [0, 1], 2: [2], 3: [3, 4], 6: [5]}  # round -> prompts that join before it
+    while rounds == 0 or not run.done or any(r > rounds for r in schedule):
+        for i in schedule.get(rounds, []):
+            [s] = run.add([prompts[i]], max_new_tokens=[limits[i][0]], stop_token_ids=[(limits[i][1],)])
+            joined[s] = i
+        live = len(run.batch.rows)
+        finished = run.step()
+        assert len(run.batch.rows) == live - len(finished)  # finished rows leave in the round they finish
+        rounds += 1
+    for s, i in joined.items():
+        assert run.results[s].token_ids == refs[i], f"prompt {i} (joined as sequence {s})"
+        assert run.results[s].finish_reason == ("stop" if refs[i][-1] == limits[i][1] else "length")
+    check = SpecStats()
+    for r in run.results:
+        assert r.stats.emitted + r.stats.truncated == r.stats.accepted + r.stats.target_passes
+        check += r.stats
+    assert check.emitted == sum(len(r) for r in refs)

@@ -261,3 +261,23 @@ def test_processing_a_block_equals_processing_each_position_after_its_history():
     early = process_logits(logits, params, [1, 5], counts, seen, block)
     assert torch.isinf(early[0, :2, 2]).all() and not torch.isinf(early[0, 2:, 2]).any()  # 3 new tokens, then stops
     assert not torch.isinf(early[1, :, 2]).any()
+
+
+@pytest.mark.timeout(240)
+def test_rows_that_join_a_running_batch_sample_the_targets_exact_distribution(pair):
+    """Iteration-level batching keeps sampling exact: 4,000 rows join a run whose first rows have already taken a
+    round (other prompts, other lengths); their tokens follow the target's exact joint P(x1, x2) and marginal P(x4)."""
+    target, draft = pair
+    params = SamplingParams(temperature=1.0, max_new_tokens=4, seed=3)
+    joint, x4 = exact_distributions(target, params)
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    run = engine.start(params)
+    run.add([[5, 6, 7, 8, 9], [3]] * 50, max_new_tokens=[9, 2] * 50)
+    run.step()
+    seqs = run.add([PROMPT] * 4000)
+    while not run.done:
+        run.step()
+    tokens = torch.tensor([run.results[s].token_ids for s in seqs])
+    counts12, counts4 = histograms(tokens)
+    assert chi_square_p(counts12, joint) > 0.01
+    assert chi_square_p(counts4, x4) > 0.01

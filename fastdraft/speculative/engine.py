@@ -27,6 +27,7 @@ draft, verify and overhead. Invariant: emitted + truncated == accepted + target_
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,19 +68,37 @@ class _Timer:
 
 
 class _Batch:
-    """The live rows of one batched generation: tokens so far, results, and where each cache ends."""
+    """The live rows of one batched generation: tokens so far, results, and where each cache ends.
 
-    def __init__(self, prompts: list[list[int]], params: SamplingParams, prior_output: list[int]):
-        self.tokens = [list(p) for p in prompts]
-        self.prompt_len = [len(p) for p in prompts]
-        self.output_start = [len(p) - k for p, k in zip(prompts, prior_output)]  # output tokens begin here
-        self.rows = list(range(len(prompts)))       # row r of the caches holds sequence rows[r]
-        self.draft_len = [len(p) - 1 for p in prompts]  # valid draft-cache tokens, per row
-        self.results = [GenerationResult([], "length", SpecStats()) for _ in prompts]
-        if params.logprobs is not None:
-            for r in self.results:
-                r.logprobs, r.top_logprobs = [], []
+    Sequences are numbered in the order they joined (`add`); `rows[r]` is the sequence in row r of the caches.
+    Each sequence has its own `max_new_tokens` and stop tokens; every other setting is the run's `params`."""
+
+    def __init__(self, params: SamplingParams):
         self.params = params
+        self.tokens: list[list[int]] = []
+        self.prompt_len: list[int] = []
+        self.output_start: list[int] = []   # output tokens begin here (a continuation's prior output included)
+        self.max_new: list[int] = []
+        self.stops: list[set[int]] = []
+        self.results: list[GenerationResult] = []
+        self.rows: list[int] = []            # row r of the caches holds sequence rows[r]
+        self.draft_len: list[int] = []       # valid draft-cache tokens, per row
+
+    def add(self, prompts: list[list[int]], prior_output: list[int], max_new: list[int], stops: list[tuple[int, ...]]) -> list[int]:
+        first = len(self.tokens)
+        for p, k, m, st in zip(prompts, prior_output, max_new, stops):
+            self.tokens.append(list(p))
+            self.prompt_len.append(len(p))
+            self.output_start.append(len(p) - k)
+            self.max_new.append(m)
+            self.stops.append(set(st))
+            result = GenerationResult([], "length", SpecStats())
+            if self.params.logprobs is not None:
+                result.logprobs, result.top_logprobs = [], []
+            self.results.append(result)
+            self.rows.append(len(self.tokens) - 1)
+            self.draft_len.append(len(p) - 1)
+        return list(range(first, len(self.tokens)))
 
     def committed(self) -> list[int]:
         return [len(self.tokens[s]) for s in self.rows]
@@ -95,7 +114,130 @@ class _Batch:
 
     def remaining(self, row: int) -> int:
         s = self.rows[row]
-        return self.params.max_new_tokens - (len(self.tokens[s]) - self.prompt_len[s])
+        return self.max_new[s] - (len(self.tokens[s]) - self.prompt_len[s])
+
+
+def run_key(params: SamplingParams) -> SamplingParams:
+    """What requests must share to run in one batch (`Run.add`): every setting but max_new_tokens, the stop tokens
+    (unless min_new_tokens masks them) and, for greedy decoding, the seed, which each row may have of its own."""
+    return dataclasses.replace(params, max_new_tokens=1, seed=None if params.greedy else params.seed,
+                               stop_token_ids=params.stop_token_ids if params.min_new_tokens else ())
+
+
+class Run:
+    """One batched generation, a speculative round at a time (`step`): rows join between rounds (`add`) and
+    leave the batch as soon as they finish. `SpeculativeEngine.generate` is `start`, then `step` until `done`;
+    a server runs several at once and adds requests to a running one (iteration-level, "continuous" batching).
+
+    Callbacks get the sequence number `add` returned: on_tokens(s, new_ids[, logprobs]), should_stop(s),
+    on_prompt_logprobs(s, entries).
+    """
+
+    def __init__(self, engine: "SpeculativeEngine", params: SamplingParams, gamma: int, on_tokens: OnTokens | None = None,
+                 should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None):
+        self.engine, self.params = engine, params
+        self.gamma = 0 if engine.draft is None else gamma
+        self.on_tokens, self.should_stop, self.on_prompt = on_tokens, should_stop, on_prompt_logprobs
+        self.batch = _Batch(params)
+        self.generator = torch.Generator(device=engine.device)
+        if params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(params.seed)
+        self.ragged = engine.target.ragged and (engine.draft is None or engine.draft.ragged)
+        self.target_cache = self.draft_cache = None
+        self.control = (GammaController(self.gamma, engine.max_gamma)
+                        if engine.dynamic_gamma and engine.draft is not None and self.gamma > 0 else None)
+
+    @property
+    def done(self) -> bool:
+        return not self.batch.rows
+
+    @property
+    def results(self) -> list[GenerationResult]:
+        return self.batch.results
+
+    def add(self, prompts: list[list[int]], prior_output: list[int] | None = None, max_new_tokens: list[int] | None = None,
+            stop_token_ids: list[tuple[int, ...]] | None = None) -> list[int]:
+        """Prefill `prompts` and add them to the batch (between rounds); returns their sequence numbers.
+
+        Each may have its own `max_new_tokens` and stop tokens (default: the run's params)."""
+        engine, params, n = self.engine, self.params, len(prompts)
+        prior_output = list(prior_output) if prior_output is not None else [0] * n
+        max_new = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * n
+        stops = list(stop_token_ids) if stop_token_ids is not None else [params.stop_token_ids] * n
+        engine._validate(prompts, params, self.gamma)
+        for m, st in set(zip(max_new, map(tuple, stops))):  # each row's own limits
+            engine._validate([], dataclasses.replace(params, max_new_tokens=m, stop_token_ids=st), self.gamma)
+        if len(prior_output) != n or any(not 0 <= k < len(p) for k, p in zip(prior_output, prompts)):
+            raise FastdraftError("prior_output must give, per prompt, a count below the prompt's length")
+        if not self.ragged and len(self.batch.rows) + n > 1:
+            raise FastdraftError("this decoder runs one sequence at a time (not ragged): start one run per prompt")
+        if not prompts:
+            return []
+        timer = _Timer(engine.device)
+        capacity = max(len(p) + m for p, m in zip(prompts, max_new)) + engine.max_gamma + 2
+        if self.target_cache is not None:
+            capacity = max(capacity, self.target_cache.capacity)
+        target_cache = engine.target.new_cache(n, capacity)
+        draft_cache = engine.draft.new_cache(n, capacity) if engine.draft is not None and self.gamma > 0 else None
+        # Prefill all but the last prompt token: the first round's verification pass feeds that one.
+        prefix = [p[:-1] for p in prompts]
+        scored = params.prompt_logprobs is not None
+        logits = None
+        with torch.inference_mode():
+            if any(prefix):
+                logits = engine.target.forward(target_cache, right_pad(prefix, engine.device), [0] * n, "all" if scored else None)
+                if draft_cache is not None:
+                    engine.draft.forward(draft_cache, right_pad(prefix, engine.device), [0] * n, None)
+        seqs = self.batch.add(prompts, prior_output, max_new, stops)
+        if scored:
+            engine._score_prompts(self.batch, seqs, prompts, logits, self.on_prompt)
+        if self.target_cache is None:
+            self.target_cache, self.draft_cache = target_cache, draft_cache
+        else:  # the new rows go after the running ones, in both caches
+            self.target_cache.append(target_cache)
+            if draft_cache is not None:
+                self.draft_cache.append(draft_cache)
+        prefill_s = timer.lap()
+        for s in seqs:
+            self.batch.results[s].stats.prefill_s = prefill_s / n
+        return seqs
+
+    def step(self) -> list[int]:
+        """One speculative round for every live row; returns the sequences that finished in it (they have left)."""
+        engine, batch, params = self.engine, self.batch, self.params
+        if not batch.rows:
+            return []
+        timer = _Timer(engine.device)
+        with torch.inference_mode():
+            g = self.control.next_gamma() if self.control else self.gamma
+            g = min(g, max(batch.remaining(r) for r in range(len(batch.rows))) - 1)  # never draft past max tokens
+            catch_up = max(c - d for c, d in zip(batch.committed(), batch.draft_len))
+            counts, seen = batch.history(engine.vocab_size, engine.device)
+            drafts, q, draft_s = engine._draft(self.draft_cache, batch, g, params, self.generator, timer, counts, seen)
+            committed = batch.committed()
+            ids = torch.cat([torch.tensor([[batch.tokens[s][-1]] for s in batch.rows], device=engine.device), drafts], dim=1)
+            logits = engine.target.forward(self.target_cache, ids, [c - 1 for c in committed], "all")
+            logits = process_logits(logits, params, batch.produced(), counts, seen, drafts)
+            verify_s = timer.lap()
+            if params.greedy:
+                accepted, nxt = greedy_accept(drafts, logits)
+            else:
+                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(engine.prob_dtype), params), self.generator)
+            finished = engine._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), self.on_tokens,
+                                      logits if params.logprobs is not None else None, self.should_stop)
+            if self.control:
+                self.control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
+            engine._drop_finished(batch, finished, self.target_cache, self.draft_cache)
+            overhead_s = timer.lap()
+        for s in batch.rows + finished:
+            st = batch.results[s].stats
+            share = 1 / (len(batch.rows) + len(finished))  # a round's time is split over its live rows
+            st.draft_s += draft_s * share
+            st.verify_s += verify_s * share
+            st.overhead_s += overhead_s * share
+        return finished
 
 
 class SpeculativeEngine:
@@ -185,26 +327,34 @@ class SpeculativeEngine:
         if not prompts:
             self.last_stats = SpecStats()
             return []
-        generator = torch.Generator(device=self.device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
         ragged = self.target.ragged and (self.draft is None or self.draft.ragged)
         groups = [list(range(len(prompts)))] if ragged else [[i] for i in range(len(prompts))]
         results: list[GenerationResult] = [None] * len(prompts)  # type: ignore[list-item]
-        with torch.inference_mode():
-            for group in groups:
-                stream = None if on_tokens is None else (lambda i, *a, g=group: on_tokens(g[i], *a))
-                stop = None if should_stop is None else (lambda i, g=group: should_stop(g[i]))
-                scored = None if on_prompt_logprobs is None else (lambda i, e, g=group: on_prompt_logprobs(g[i], e))
-                for i, r in zip(group, self._generate_batch([prompts[i] for i in group], params, gamma, stream, generator,
-                                                            stop, [prior_output[i] for i in group], scored)):
-                    results[i] = r
+        shared = None  # one random stream for the whole call, as one batch would draw it
+        for group in groups:
+            run = self.start(params, gamma,
+                             on_tokens=None if on_tokens is None else (lambda i, *a, g=group: on_tokens(g[i], *a)),
+                             should_stop=None if should_stop is None else (lambda i, g=group: should_stop(g[i])),
+                             on_prompt_logprobs=None if on_prompt_logprobs is None else (lambda i, e, g=group: on_prompt_logprobs(g[i], e)))
+            if shared is None:
+                shared = run.generator
+            run.generator = shared
+            run.add([prompts[i] for i in group], [prior_output[i] for i in group])
+            while not run.done:
+                run.step()
+            for i, r in zip(group, run.results):
+                results[i] = r
         self.last_stats = SpecStats()
         for r in results:
             self.last_stats += r.stats
         return results
+
+    def start(self, params: SamplingParams, gamma: int | None = None, on_tokens: OnTokens | None = None,
+              should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None) -> Run:
+        """An empty `Run` with these settings: `add` prompts, then `step` it (see `Run`)."""
+        gamma = self.gamma if gamma is None else gamma
+        self._validate([], params, gamma)
+        return Run(self, params, gamma, on_tokens, should_stop, on_prompt_logprobs)
 
     def _validate(self, prompts: list[list[int]], params: SamplingParams, gamma: int) -> None:
         if gamma < 0:
@@ -231,59 +381,7 @@ class SpeculativeEngine:
                 raise FastdraftError(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
 
     # ------------------------------------------------------------------------------------------
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, gamma: int,
-                        on_tokens: OnTokens | None, generator: torch.Generator, should_stop: ShouldStop | None,
-                        prior_output: list[int], on_prompt: Callable | None = None) -> list[GenerationResult]:
-        batch = _Batch(prompts, params, prior_output)
-        capacity = max(batch.prompt_len) + params.max_new_tokens + self.max_gamma + 2
-        timer = _Timer(self.device)
-        target_cache = self.target.new_cache(len(prompts), capacity)
-        draft_cache = self.draft.new_cache(len(prompts), capacity) if self.draft and gamma > 0 else None
-        # Prefill all but the last prompt token: the first round's verification pass feeds that one.
-        prefix = [p[:-1] for p in prompts]
-        scored = params.prompt_logprobs is not None
-        logits = None
-        if any(prefix):
-            logits = self.target.forward(target_cache, right_pad(prefix, self.device), [0] * len(prompts),
-                                         "all" if scored else None)
-            if draft_cache is not None:
-                self.draft.forward(draft_cache, right_pad(prefix, self.device), [0] * len(prompts), None)
-        if scored:
-            self._score_prompts(batch, prompts, logits, on_prompt)
-        prefill_s = timer.lap()
-        for r in batch.results:
-            r.stats.prefill_s = prefill_s / len(prompts)
-        control = GammaController(gamma, self.max_gamma) if self.dynamic_gamma and draft_cache is not None else None
-        while batch.rows:
-            g = control.next_gamma() if control else gamma
-            g = min(g, max(batch.remaining(r) for r in range(len(batch.rows))) - 1)  # never draft past max tokens
-            catch_up = max(c - d for c, d in zip(batch.committed(), batch.draft_len))
-            counts, seen = batch.history(self.vocab_size, self.device)
-            drafts, q, draft_s = self._draft(draft_cache, batch, g, params, generator, timer, counts, seen)
-            committed = batch.committed()
-            ids = torch.cat([torch.tensor([[batch.tokens[s][-1]] for s in batch.rows], device=self.device), drafts], dim=1)
-            logits = self.target.forward(target_cache, ids, [c - 1 for c in committed], "all")
-            logits = process_logits(logits, params, batch.produced(), counts, seen, drafts)
-            verify_s = timer.lap()
-            if params.greedy:
-                accepted, nxt = greedy_accept(drafts, logits)
-            else:
-                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(self.prob_dtype), params), generator)
-            finished = self._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), on_tokens,
-                                    logits if params.logprobs is not None else None, should_stop)
-            if control:
-                control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
-            self._drop_finished(batch, finished, target_cache, draft_cache)
-            overhead_s = timer.lap()
-            for s in batch.rows + finished:
-                st = batch.results[s].stats
-                share = 1 / (len(batch.rows) + len(finished))  # a round's time is split over its live rows
-                st.draft_s += draft_s * share
-                st.verify_s += verify_s * share
-                st.overhead_s += overhead_s * share
-        return batch.results
-
-    def _score_prompts(self, batch: _Batch, prompts: list[list[int]], logits: torch.Tensor | None,
+    def _score_prompts(self, batch: _Batch, seqs: list[int], prompts: list[list[int]], logits: torch.Tensor | None,
                        on_prompt: Callable | None) -> None:
         """Prompt logprobs from the prefill's logits: for tokens 1.. of each prompt, (logprob, rank, top k) under the
         target's plain distribution (no penalties: nothing is generated yet); the first token has none."""
@@ -298,9 +396,9 @@ class SpeculativeEngine:
                 tops = ([list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())] if top is not None
                         else [[] for _ in ranks])
                 entries = list(zip(chosen.tolist(), ranks, tops))
-            batch.results[r].prompt_logprobs = entries
+            batch.results[seqs[r]].prompt_logprobs = entries
             if on_prompt is not None:
-                on_prompt(r, entries)
+                on_prompt(seqs[r], entries)
 
     def _draft(self, cache, batch: _Batch, g: int, params: SamplingParams, generator: torch.Generator,
                timer: _Timer, counts: torch.Tensor | None = None,
@@ -355,7 +453,6 @@ class SpeculativeEngine:
         `logits` ([B, g + 1, V], the target's processed logits of this round) gives the log-probabilities when asked.
         Returns the sequence ids that finished this round.
         """
-        stops = set(batch.params.stop_token_ids)
         finished = []
         logprobs = None
         if logits is not None:
@@ -368,7 +465,7 @@ class SpeculativeEngine:
             n, g = accepted[r], len(drafts[r])
             new = drafts[r][:n] + [nxt[r]]
             room = batch.remaining(r)
-            cut = next((i + 1 for i, t in enumerate(new) if t in stops), None)
+            cut = next((i + 1 for i, t in enumerate(new) if t in batch.stops[s]), None)
             reason = None
             if cut is not None and cut <= room:
                 new, reason = new[:cut], "stop"

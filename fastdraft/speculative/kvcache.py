@@ -41,6 +41,13 @@ class StaticKVCache:
         """Keys and values of positions [0, length) for all rows (entries past a row's length are masked)."""
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
+    def append(self, other: "StaticKVCache") -> None:
+        """Add `other`'s rows after these (sequences joining a running batch); capacities are padded to the larger."""
+        capacity = max(self.capacity, other.capacity)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, capacity - t.shape[3]))  # noqa: E731
+        self.k = torch.cat([pad(self.k), pad(other.k)], dim=1)
+        self.v = torch.cat([pad(self.v), pad(other.v)], dim=1)
+
     def keep_rows(self, rows: list[int]) -> None:
         """Drop finished sequences so that later passes compute only live ones."""
         index = torch.tensor(rows, device=self.k.device)
