@@ -532,39 +532,69 @@ def test_a_request_past_its_timeout_gets_a_504_and_the_rest_go_on(server, refere
 # ------------------------------------------------------------------------------------------
 # Isolation inside a model replica (the deployment class itself, a fake engine, no Serve)
 # ------------------------------------------------------------------------------------------
-class _FlakyEngine:
-    """Counts up from the last prompt token; any call whose batch holds a prompt containing 13 fails midway."""
+class _FlakyRun:
+    """A fake of `speculative.engine.Run`: each round, every row's next token is its last one + 1; a round whose
+    batch holds a prompt containing 13 fails once that row has 2 tokens."""
 
-    def generate(self, prompts, params, gamma=None, on_tokens=None, should_stop=None, prior_output=None,
-                 on_prompt_logprobs=None):
+    def __init__(self, on_tokens, should_stop):
+        from types import SimpleNamespace
+
+        self.on_tokens, self.should_stop = on_tokens, should_stop
+        self.batch = SimpleNamespace(rows=[], tokens=[])
+        self.results, self.limits, self.prompts, self.gamma = [], [], [], 3
+
+    @property
+    def done(self):
+        return not self.batch.rows
+
+    def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None):
         from fastdraft.speculative.types import GenerationResult
 
-        out = [[] for _ in prompts]
-        live = set(range(len(prompts)))
-        for step in range(params.max_new_tokens):
-            if step == 2 and any(13 in p for p in prompts):
-                raise RuntimeError("poisoned prompt")
-            for i in sorted(live):
-                tok = (prompts[i] + out[i])[-1] + 1
-                out[i].append(tok)
-                on_tokens(i, [tok])
-                if should_stop and should_stop(i):
-                    live.discard(i)
-        return [GenerationResult(o, "length") for o in out]
+        seqs = []
+        for p, m in zip(prompts, max_new_tokens):
+            self.batch.tokens.append(list(p))
+            self.prompts.append(list(p))
+            self.results.append(GenerationResult([], "length"))
+            self.limits.append(m)
+            seqs.append(len(self.results) - 1)
+        self.batch.rows += seqs
+        return seqs
+
+    def step(self):
+        if any(13 in self.prompts[s] and len(self.results[s].token_ids) >= 2 for s in self.batch.rows):
+            raise RuntimeError("poisoned prompt")
+        finished = []
+        for s in list(self.batch.rows):
+            tok = (self.prompts[s] + self.results[s].token_ids)[-1] + 1
+            self.results[s].token_ids.append(tok)
+            self.on_tokens(s, [tok])
+            if len(self.results[s].token_ids) >= self.limits[s] or self.should_stop(s):
+                finished.append(s)
+        self.batch.rows = [s for s in self.batch.rows if s not in finished]
+        return finished
+
+
+class _FlakyEngine:
+    """A fake engine (no model: failures on demand) with the engine's Run API."""
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.target, self.draft = SimpleNamespace(ragged=True), None
+
+    def start(self, params, gamma=None, on_tokens=None, should_stop=None, on_prompt_logprobs=None):
+        return _FlakyRun(on_tokens, should_stop)
 
 
 def _replica(engine):
-    import asyncio  # noqa: F401
-    from concurrent.futures import ThreadPoolExecutor as Pool
-
     from fastdraft.serving.app import SpeculativePair
+    from fastdraft.serving.scheduler import Scheduler
 
     cls = SpeculativePair.func_or_class
     pair = object.__new__(cls)
-    pair.engine, pair.info_ = engine, {}
-    pair._executor = Pool(max_workers=1)
-    pair.stall_timeout_s, pair._busy, pair._progress = 0.5, 0, __import__("time").monotonic()
+    pair.engine, pair.info_, pair.stall_timeout_s = engine, {}, 0.5
     pair.counters = {"cancelled": 0, "timed_out": 0, "failed": 0, "retried_alone": 0, "last_cancelled_tokens": None}
+    pair.scheduler = Scheduler(engine, None, max_batch_size=8, batch_wait_timeout_s=0.05, counters=pair.counters)
     return pair
 
 
@@ -573,20 +603,14 @@ def test_an_engine_failure_fails_only_its_own_request():
 
     from fastdraft.speculative.types import SamplingParams
 
-    import threading
-
     pair = _replica(_FlakyEngine())
     params = SamplingParams(max_new_tokens=5)
-    requests = [{"prompt_ids": p, "params": params, "gamma": 3, "arrived": 0.0, "cancel": threading.Event()}
-                for p in ([1, 2], [5, 13], [20])]
 
-    async def main():  # one @serve.batch call (the undecorated batch handler): one group, one engine call
-        per = [[], [], []]
-        async for out in type(pair)._generate_batch.__wrapped__(pair, requests):
-            for i, e in enumerate(out):
-                if isinstance(e, dict):
-                    per[i].append(e)
-        return per
+    async def one(prompt):
+        return [e async for e in type(pair).generate(pair, {"prompt_ids": prompt, "params": params, "gamma": 3})]
+
+    async def main():  # three requests at once: one batch, whose rounds fail once the poisoned row has 2 tokens
+        return await asyncio.gather(one([1, 2]), one([5, 13]), one([20]))
 
     good, bad, other = asyncio.run(main())
     assert [t for e in good for t in e["token_ids"]] == [3, 4, 5, 6, 7] and good[-1]["finish_reason"] == "length"
@@ -595,13 +619,46 @@ def test_an_engine_failure_fails_only_its_own_request():
     assert pair.counters["failed"] == 1 and pair.counters["retried_alone"] == 3
 
 
+def test_a_short_request_joins_a_running_batch_and_finishes_before_the_long_one():
+    """Continuous batching in the replica: a 3-token request that arrives while a 40-token one is running joins its
+    batch at the next round and is answered long before it."""
+    import asyncio
+
+    from fastdraft.speculative.types import SamplingParams
+
+    class SlowEngine(_FlakyEngine):
+        def start(self, *a, **k):
+            run = super().start(*a, **k)
+            step = run.step
+            run.step = lambda: (__import__("time").sleep(0.01), step())[1]  # a round takes 10 ms
+            return run
+
+    pair = _replica(SlowEngine())
+    order = []
+
+    async def one(name, n, delay):
+        await asyncio.sleep(delay)
+        events = [e async for e in type(pair).generate(pair, {"prompt_ids": [1], "params": SamplingParams(max_new_tokens=n),
+                                                              "gamma": 3})]
+        order.append(name)
+        return events
+
+    async def main():
+        return await asyncio.gather(one("long", 40, 0.0), one("short", 3, 0.1))
+
+    long, short = asyncio.run(main())
+    assert order == ["short", "long"]
+    assert short[-1]["batch_rows"] == 2  # it joined the running batch
+    assert [t for e in long for t in e["token_ids"]] == list(range(2, 42))
+
+
 def test_health_check_fails_when_the_engine_thread_stops_making_progress():
     import time
 
     pair = _replica(_FlakyEngine())
     pair.check_health()
-    pair._busy, pair._progress = 1, time.monotonic() - 5  # work in hand, nothing committed for 5 s
+    pair.scheduler.live, pair.scheduler.progress = 1, time.monotonic() - 5  # work in hand, nothing committed for 5 s
     with pytest.raises(RuntimeError, match="no progress"):
         pair.check_health()
-    pair._busy = 0
+    pair.scheduler.live = 0
     pair.check_health()  # idle is not stalled

@@ -388,7 +388,7 @@ def test_vllm_app_without_vllm_says_what_to_install(tiny_target_dir, tiny_draft_
 
 
 def test_a_generation_cut_by_a_dead_replica_continues_from_what_was_streamed():
-    from fastdraft.serving.app import _continuation
+    from fastdraft.serving.scheduler import continuation as _continuation
     from fastdraft.speculative.types import SamplingParams
 
     base = {"prompt_ids": [1, 2, 3], "params": SamplingParams(max_new_tokens=10, seed=5, stop_token_ids=(0,)), "gamma": 3}

@@ -2,9 +2,11 @@
 
 Two deployments:
 - `SpeculativePair` holds both models in fastdraft's speculative engine and generates token ids.
-  Concurrent requests are gathered with `@serve.batch` (up to `serve.max_batch_size`) and those with
-  the same decoding settings share one engine call, so they share forward passes. Replicas scale with
-  `serve.num_replicas` (an int, or 'auto' for autoscaling up to `serve.max_replicas`).
+  Requests are batched between speculative rounds (`fastdraft.serving.scheduler`): a request joins a running
+  batch of requests with the same decoding settings (up to `serve.max_batch_size` rows; its own max_tokens and
+  stops), so they share forward passes, and it leaves in the round it finishes; batches with other settings take
+  their rounds in turn. Replicas scale with `serve.num_replicas` (an int, or 'auto' for autoscaling up to
+  `serve.max_replicas`).
 - `OpenAIIngress` (FastAPI) validates requests, applies the chat template, tokenizes, turns token
   streams into text (stop sequences, SSE), checks the bearer token and records metrics.
 
@@ -44,7 +46,6 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -57,6 +58,7 @@ from ray.serve.handle import DeploymentHandle
 
 from fastdraft.plan import check_stage
 from fastdraft.serving import protocol as P
+from fastdraft.serving.scheduler import continuation
 from fastdraft.serving.metrics import ServeMetrics
 from fastdraft.config import Recipe, ServeConfig, dump_recipe, load_recipe, recipe_from_dict
 from fastdraft.errors import FastdraftError, RecipeError
@@ -170,31 +172,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 
 # --------------------------------------------------------------------------------------------
-# Model replicas: the engine behind @serve.batch
+# Model replicas: the engine, batched between speculative rounds
 # --------------------------------------------------------------------------------------------
-def _continuation(request: dict, generated: list[int]) -> dict:
-    """The rest of `request` after its replica died: the prompt plus what was generated, fewer new tokens.
-
-    Exact for greedy decoding, and a correct sample for sampling (a continuation from a prefix).
-    """
-    params = request["params"]
-    # A fresh seed would repeat the lost attempt's first draws; derive one from the progress instead.
-    seed = None if params.seed is None else (params.seed + 1_000_003 * (len(generated) + 1)) % (1 << 63)
-    # Once tokens came, the prompt was scored (its logprobs precede them): the continuation does not score it again.
-    rest = dataclasses.replace(params, max_new_tokens=params.max_new_tokens - len(generated), seed=seed,
-                               prompt_logprobs=params.prompt_logprobs if not generated else None)
-    # What was generated stays output: min_tokens and the presence/frequency penalties count it (`prior_output`).
-    prior = request.get("prior_output", 0) + len(generated)
-    return {**request, "prompt_ids": list(request["prompt_ids"]) + list(generated), "params": rest, "prior_output": prior}
-
-
 @serve.deployment(name="SpeculativePair")
 class SpeculativePair:
-    """Target + draft in fastdraft's speculative engine; yields token ids as they are accepted."""
+    """Target + draft in fastdraft's speculative engine; yields token ids as they are accepted.
+
+    Requests are batched at the level of speculative rounds (`fastdraft.serving.scheduler`): each joins a running
+    batch between rounds, with its own max_tokens and stops, and leaves it in the round it finishes."""
 
     def __init__(self, target: str, draft: str | None, dtype: str = "float32", device: str = "cpu", gamma: int = 3,
                  max_gamma: int = 8, dynamic_gamma: bool = False, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, draft_weights: str = "auto", stall_timeout_s: float = 60.0):
+        from fastdraft.serving.scheduler import Scheduler
         from fastdraft.speculative.engine import SpeculativeEngine
         from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
 
@@ -206,23 +196,19 @@ class SpeculativePair:
         self.info_ = {"target": target, "draft": draft, "gamma": gamma, "dynamic_gamma": dynamic_gamma,
                       "draft_weights": getattr(self.engine.draft, "weights", "float") if draft else None,
                       "tokenizer_fingerprint": tokenizer_fingerprint(tok), "pid": os.getpid()}
-        self._generate_batch.set_max_batch_size(max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        # One generation at a time per replica: torch already uses the replica's cores for each pass.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        # Health: while the engine thread has work (`_busy`), every round stamps `_progress`.
-        self.stall_timeout_s, self._busy, self._progress = stall_timeout_s, 0, time.monotonic()
+        self.stall_timeout_s = stall_timeout_s
         self.counters = {"cancelled": 0, "timed_out": 0, "failed": 0, "retried_alone": 0, "last_cancelled_tokens": None}
+        self.scheduler = Scheduler(self.engine, tok, max_batch_size, batch_wait_timeout_s, self.counters)
         logger.info(f"SpeculativePair ready: target {target}, draft {draft or '(none: target alone)'}, gamma {gamma}")
 
     def info(self) -> dict:
-        return {**self.info_, **self.counters, "busy": self._busy}
+        return {**self.info_, **self.counters, "busy": self.scheduler.live}
 
     def check_health(self) -> None:
-        if self._executor._shutdown:
+        if not self.scheduler.thread.is_alive():
             raise RuntimeError("the engine thread has stopped")
-        idle = time.monotonic() - self._progress
-        if self._busy and idle > self.stall_timeout_s:
+        idle = time.monotonic() - self.scheduler.progress
+        if self.scheduler.live and idle > self.stall_timeout_s:
             raise RuntimeError(f"the engine thread has work but has made no progress for {idle:.0f} s "
                                f"(serve.stall_timeout_s is {self.stall_timeout_s:g})")
 
@@ -230,7 +216,7 @@ class SpeculativePair:
         """Stream one generation: {"token_ids": [...]} events, the last with finish_reason, stats and queue_s.
 
         An event {"error": message} ends a generation that failed in the engine (this request alone). A caller that
-        goes away (cancellation: a client disconnect) or a passed `deadline` takes the request's rows out of the
+        goes away (cancellation: a client disconnect) or a passed `deadline` takes the request's row out of the
         engine's batch after the current speculative round; the others go on.
 
         Args:
@@ -241,137 +227,36 @@ class SpeculativePair:
         """
         import threading
 
-        request = {**request, "arrived": time.perf_counter(), "cancel": threading.Event()}
-        done = False
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        request = {**request, "arrived": time.perf_counter(), "cancel": threading.Event(),
+                   "post": lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)}
+        self.scheduler.submit(request)
+        streamed, done = 0, False
         try:
-            async for event in self._generate_batch(request):
-                if event is not None:
-                    done = done or "finish_reason" in event or "error" in event
+            while not done:
+                kind, payload = await events.get()
+                if kind == "prompt":  # the prefill's prompt logprobs, ahead of any token
+                    yield {"token_ids": [], "prompt_logprobs": payload}
+                elif kind == "tokens":
+                    ids, lps = payload
+                    streamed += len(ids)
+                    yield {"token_ids": ids} if lps is None else {"token_ids": ids, "logprobs": lps}
+                elif kind == "error":  # this request alone failed in the engine
+                    done = True
+                    yield {"error": payload}
+                else:  # done: the result; send ids the engine did not stream (if any) with it
+                    result, gamma, rows, queue_s = payload
+                    rest = [int(t) for t in result.token_ids[streamed:]]
+                    event = {"token_ids": rest, "finish_reason": result.finish_reason, "stats": result.stats.to_dict(),
+                             "gamma": gamma, "queue_s": queue_s, "batch_rows": rows}
+                    if result.logprobs is not None and rest:
+                        event["logprobs"] = [[lp, top] for lp, top in zip(result.logprobs[streamed:], result.top_logprobs[streamed:])]
+                    done = True
                     yield event
         finally:
             if not done:
                 request["cancel"].set()
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, requests: list[dict]) -> AsyncIterator[list]:
-        """Run a batch: one engine call per group of requests with equal settings, streaming every token.
-
-        Each yield is one list with an entry per request: an event, None (nothing new) or StopIteration.
-        """
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        started = time.perf_counter()
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r["params"], r["gamma"]), []).append(i)
-        loop.run_in_executor(self._executor, self._run_groups, groups, requests, loop, events)
-        streamed = [0] * len(requests)
-        finished: set[int] = set()
-        while True:
-            batch_events = [await events.get()]
-            while not events.empty():
-                batch_events.append(events.get_nowait())
-            out: list = [StopIteration if i in finished else None for i in range(len(requests))]
-            end = False
-            for kind, i, payload in batch_events:
-                if kind == "end":
-                    end = True
-                elif kind == "error":  # this request alone failed in the engine
-                    out[i] = {"error": payload}
-                    finished.add(i)
-                elif kind == "prompt":  # the prefill's prompt logprobs, ahead of any token
-                    out[i] = {**(out[i] or {}), "token_ids": (out[i] or {}).get("token_ids", []), "prompt_logprobs": payload}
-                elif kind == "tokens":
-                    ids, lps = payload
-                    streamed[i] += len(ids)
-                    prev = out[i] or {}
-                    out[i] = {**prev, "token_ids": prev.get("token_ids", []) + ids}
-                    if lps is not None:
-                        out[i]["logprobs"] = prev.get("logprobs", []) + lps
-                else:  # done: the result; send ids the engine did not stream (if any) with it
-                    result, gamma, rows = payload
-                    rest = [int(t) for t in result.token_ids[streamed[i]:]]
-                    if result.logprobs is not None and rest:
-                        out[i] = {**(out[i] or {}), "logprobs": (out[i] or {}).get("logprobs", []) + [
-                            [lp, top] for lp, top in zip(result.logprobs[streamed[i]:], result.top_logprobs[streamed[i]:])]}
-                    out[i] = {**(out[i] or {}), "token_ids": (out[i] or {}).get("token_ids", []) + rest,
-                              "finish_reason": result.finish_reason, "stats": result.stats.to_dict(), "gamma": gamma,
-                              "queue_s": started - requests[i]["arrived"], "batch_rows": rows}
-                    finished.add(i)
-            yield out
-            if end:
-                return
-
-    def _run_groups(self, groups: dict, requests: list[dict], loop, events: asyncio.Queue) -> None:
-        """Engine thread: generate each group, posting ('tokens'|'done'|'error'|'end', index, payload) events.
-
-        A group whose engine call fails is not failed whole: each of its unfinished requests is continued alone
-        from what it has streamed (`_continuation`), so only a request that fails on its own gets an error.
-        """
-        post = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)  # noqa: E731
-        self._busy += 1
-        self._progress = time.monotonic()
-        try:
-            for (params, gamma), idxs in groups.items():
-                streamed = {i: [] for i in idxs}
-                try:
-                    self._run(requests, idxs, params, gamma, post, streamed)
-                except Exception as exc:  # noqa: BLE001 - isolate: retry each request of the group on its own
-                    left = [i for i in idxs if streamed[i] is not None]
-                    logger.warning(f"engine failed on a group of {len(idxs)} ({type(exc).__name__}: {exc}); "
-                                   f"continuing {len(left)} request(s) one by one")
-                    for i in left:
-                        if len(idxs) > 1:
-                            self.counters["retried_alone"] += 1
-                            try:
-                                rest = _continuation(requests[i], streamed[i])
-                                self._run([rest], [0], rest["params"], gamma, post, {0: streamed[i]}, alias=[i])
-                                continue
-                            except Exception as again:  # noqa: BLE001
-                                exc = again
-                        self.counters["failed"] += 1
-                        logger.error(f"request failed in the engine: {type(exc).__name__}: {exc}")
-                        post("error", i, f"{type(exc).__name__}: {exc}"[:500])
-        finally:
-            self._busy -= 1
-            self._progress = time.monotonic()
-            post("end", -1, None)
-
-    def _run(self, requests: list[dict], idxs: list[int], params, gamma: int, post, streamed: dict,
-             alias: list[int] | None = None) -> None:
-        """One engine call for requests[idxs] (posted under the indices `alias`, default `idxs`); `streamed[i]`
-        collects what each has streamed, and becomes None once its result is posted."""
-        names = alias or idxs
-        texts = {i: P.TextStream(self.tokenizer, **requests[i]["text"]) for i in idxs
-                 if requests[i].get("text", {}).get("stop") and not requests[i].get("prior_output")}
-
-        def on_tokens(j, ids, lps=None):
-            self._progress = time.monotonic()
-            streamed[idxs[j]].extend(int(t) for t in ids)
-            if idxs[j] in texts:
-                texts[idxs[j]].add([int(t) for t in ids])
-            post("tokens", names[j], ([int(t) for t in ids], None if lps is None else [[lp, top] for lp, top in lps]))
-
-        def should_stop(j):
-            r = requests[idxs[j]]
-            if r["cancel"].is_set():
-                self.counters["cancelled"] += 1
-                self.counters["last_cancelled_tokens"] = len(streamed[idxs[j]])  # how far it got: for tests and logs
-                return "abort"
-            if r.get("deadline") is not None and time.time() > r["deadline"]:
-                self.counters["timed_out"] += 1
-                return "timeout"
-            if idxs[j] in texts and texts[idxs[j]].stopped:  # a stop sequence: no tokens past it are wanted
-                return "stop"
-            return None
-
-        results = self.engine.generate([requests[i]["prompt_ids"] for i in idxs], params, gamma=gamma,
-                                       on_tokens=on_tokens, should_stop=should_stop,
-                                       prior_output=[requests[i].get("prior_output", 0) for i in idxs],
-                                       on_prompt_logprobs=lambda j, e: post("prompt", names[j], [list(x) for x in e]))
-        for j, result in enumerate(results):
-            post("done", names[j], (result, gamma, len(idxs)))
-            streamed[idxs[j]] = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,7 +558,7 @@ class OpenAIIngress:
                         job.finish_reason, job.completion_tokens = "length", len(job.text.ids)
                         await queue.put((job.index, job.text.finish(), "length", [], False))
                         break
-                    job.request = _continuation(base, job.text.ids)
+                    job.request = continuation(base, job.text.ids)
             await queue.put(None)
         except Exception as exc:  # noqa: BLE001 - reported to the client by the request's own coroutine
             await queue.put(exc)
