@@ -1,14 +1,17 @@
 """Benchmark: load-test the served pair on loopback, speculation on vs off side by side.
 
-N concurrent clients stream completions for T seconds per phase (each phase stops by itself), against
-one server holding the pair; phases differ only in the request's `speculative` switch, so both run on
-the same replica, prompts and settings. Reports requests/s, output tokens/s, latency and time to first
-token (p50/p95/p99), errors (goal: 0), and the engine's AR and tau. With `--kill-replica`, a third phase
-kills the model replica's process mid-load and reports failed requests and the time until a request
-completes again (Serve starts a replacement; the ingress continues cut-off generations on it).
+For each concurrency (`--clients 1,4,16`), that many clients stream completions back to back for T seconds per
+phase, against one server holding the pair; the two phases differ only in the request's `speculative` switch, so
+both run on the same replica, prompts and settings. Requests mix lengths and temperatures (`--max-tokens 4,64`,
+`--temperature 0,0.7`: request k takes the k-th combination). Reports requests/s, output tokens/s, latency and
+time to first token (p50/p99), the p99 latency per max_tokens and the short/long ratio (continuous batching: a
+short request must not wait for long ones), 5xx responses (goal: 0), and the engine's AR and tau. With
+`--kill-replica`, a last phase kills the model replica's process mid-load (greedy requests only) and reports
+failed requests, the time until a request completes again, and whether every completed text equals the same
+request's text from the undisturbed phase (nothing lost, nothing answered twice).
 
     python jobs/bench_serve.py                                    # the demo's trained draft, else the agreeing pair
-    python jobs/bench_serve.py --clients 4 --seconds 30 --max-tokens 64 --kill-replica
+    python jobs/bench_serve.py --pair agreeing --clients 1,4,16 --seconds 30 --kill-replica
     python jobs/bench_serve.py --target DIR --draft DIR --out runs/bench/serve.json
 
 Prints a table and writes JSON (default runs/bench/serve.json).
@@ -43,6 +46,11 @@ class Sample:
     tokens: int = 0
     spec: dict = field(default_factory=dict)
     error: str = ""
+    status: int = 200
+    max_tokens: int = 0
+    temperature: float = 0.0
+    prompt: int = 0
+    text: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,7 +101,7 @@ def resolve_spec(args):
     from fastdraft.assets import resolve_model_path
     from fastdraft.errors import RecipeError
 
-    base = {"recipe": args.recipe, "max_tokens_cap": max(args.max_tokens, 16), "max_batch_size": args.clients,
+    base = {"recipe": args.recipe, "max_tokens_cap": max(max(args.max_tokens), 16), "max_batch_size": max(args.clients),
             "cpus_per_replica": args.cpus, "gamma": args.gamma}
     if args.target:
         base = {**base, "target": args.target}
@@ -125,54 +133,61 @@ def bench_prompts(n: int = 32) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Load generation
 # --------------------------------------------------------------------------------------------
-def one_request(client: httpx.Client, url: str, prompt: str, args, speculative: bool) -> Sample:
-    body = {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature, "stream": True,
-            "stream_options": {"include_usage": True}, "speculative": speculative}
+def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args, speculative: bool) -> Sample:
+    """Request k: prompt k, and the k-th (max_tokens, temperature) combination of the mix."""
+    max_tokens = args.max_tokens[k % len(args.max_tokens)]
+    temperature = args.temperature[(k // len(args.max_tokens)) % len(args.temperature)]
+    body = {"prompt": prompts[k % len(prompts)], "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+            "stream_options": {"include_usage": True}, "speculative": speculative, "seed": k}
     start = time.perf_counter()
-    s = Sample(ok=False, start=start)
+    s = Sample(ok=False, start=start, max_tokens=max_tokens, temperature=temperature, prompt=k % len(prompts))
     try:
         with client.stream("POST", url + "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 r.read()
-                s.error = f"HTTP {r.status_code}: {r.text[:200]}"
+                s.status, s.error = r.status_code, f"HTTP {r.status_code}: {r.text[:200]}"
                 return s
             for line in r.iter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
-                if "error" in event:
-                    s.error = event["error"]["message"]
+                if "error" in event:  # an in-band server error, after the 200 of a stream
+                    s.status, s.error = 500, event["error"]["message"]
                     return s
                 if event.get("usage"):
                     s.tokens, s.spec = event["usage"]["completion_tokens"], event["usage"].get("speculative", {})
-                elif s.ttft_s is None and event["choices"] and event["choices"][0]["text"]:
-                    s.ttft_s = time.perf_counter() - start
+                elif event["choices"] and event["choices"][0]["text"]:
+                    s.text += event["choices"][0]["text"]
+                    if s.ttft_s is None:
+                        s.ttft_s = time.perf_counter() - start
     except httpx.HTTPError as exc:
-        s.error = f"{type(exc).__name__}: {exc}"[:200]
+        s.status, s.error = 0, f"{type(exc).__name__}: {exc}"[:200]
         return s
     s.ok, s.latency_s = True, time.perf_counter() - start
     return s
 
 
-def run_phase(url: str, prompts: list[str], args, speculative: bool, on_start=None) -> tuple[list[Sample], float]:
-    """`args.clients` threads send requests back to back until `args.seconds` have passed."""
+def run_phase(url: str, prompts: list[str], args, clients: int, speculative: bool, on_start=None,
+              greedy_only: bool = False) -> tuple[list[Sample], float]:
+    """`clients` threads send requests back to back until `args.seconds` have passed."""
     samples: list[Sample] = []
     lock = threading.Lock()
     stop_at = time.perf_counter() + args.seconds
+    settings = len(args.max_tokens) * (1 if greedy_only else len(args.temperature))
 
-    def client_loop(k: int) -> None:
+    def client_loop(c: int) -> None:
         with httpx.Client(timeout=args.request_timeout) as client:
-            i = k
+            k = c
             while time.perf_counter() < stop_at:
-                s = one_request(client, url, prompts[i % len(prompts)], args, speculative)
+                s = one_request(client, url, prompts, k % settings if greedy_only else k, args, speculative)
                 with lock:
                     samples.append(s)
-                i += args.clients
+                k += clients
                 if not s.ok:
                     time.sleep(0.5)  # a failing server is not hammered in a tight loop
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(k,), daemon=True) for k in range(args.clients)]
+    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(clients)]
     for t in threads:
         t.start()
     if on_start:
@@ -189,25 +204,31 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def summarize(name: str, samples: list[Sample], wall_s: float) -> dict:
+def summarize(name: str, clients: int, samples: list[Sample], wall_s: float) -> dict:
     ok = [s for s in samples if s.ok]
     lat = [s.latency_s for s in ok]
     ttft = [s.ttft_s for s in ok if s.ttft_s is not None]
     spec = {k: sum(s.spec.get(k, 0) for s in ok) for k in ("drafted", "accepted", "target_passes", "emitted")}
+    by_length = {m: pct([s.latency_s for s in ok if s.max_tokens == m], 99) for m in sorted({s.max_tokens for s in ok})}
+    short, long = (by_length[min(by_length)], by_length[max(by_length)]) if len(by_length) > 1 else (None, None)
     return {
-        "phase": name, "requests": len(ok), "errors": len(samples) - len(ok), "wall_s": wall_s,
+        "phase": name, "clients": clients, "requests": len(ok), "errors": len(samples) - len(ok),
+        "http_5xx": sum(1 for s in samples if not s.ok and s.status >= 500), "wall_s": wall_s,
         "requests_per_s": len(ok) / wall_s, "output_tokens_per_s": sum(s.tokens for s in ok) / wall_s,
         "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95), "latency_p99_s": pct(lat, 99),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
         "mean_latency_s": statistics.fmean(lat) if lat else None,
+        "latency_p99_by_max_tokens": by_length,
+        "short_over_long_p99": short / long if short and long else None,
         "AR": spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0,
         "tau": spec["emitted"] / spec["target_passes"] if spec["target_passes"] else 0.0,
         "first_errors": sorted({s.error for s in samples if not s.ok})[:3],
     }
 
 
-def kill_phase(url: str, prompts: list[str], args) -> dict:
-    """Speculative load with the model replica's process killed a third of the way in."""
+def kill_phase(url: str, prompts: list[str], args, clients: int, reference: dict) -> dict:
+    """Greedy speculative load with the model replica's process killed a third of the way in; every completed text
+    is compared with the same request's text from an undisturbed phase (`reference`: (prompt, max_tokens) -> text)."""
     from ray import serve
 
     from fastdraft.serving.app import APP_NAME
@@ -222,13 +243,17 @@ def kill_phase(url: str, prompts: list[str], args) -> dict:
         os.kill(pid, signal.SIGKILL)
         print(f"[bench] killed the model replica (pid {pid})", flush=True)
 
-    samples, wall = run_phase(url, prompts, args, True, on_start=lambda: threading.Thread(target=killer, daemon=True).start())
-    out = summarize("speculative + replica killed", samples, wall)
+    samples, wall = run_phase(url, prompts, args, clients, True, greedy_only=True,
+                              on_start=lambda: threading.Thread(target=killer, daemon=True).start())
+    out = summarize("speculative + replica killed", clients, samples, wall)
     # Recovery: from the kill until the server completes a request again (continued or new).
     after = sorted((s for s in samples if s.ok and s.start + s.latency_s > killed["at"]), key=lambda s: s.start + s.latency_s)
     out["killed_pid"] = pid
     out["failed_requests"] = out["errors"]
     out["recovery_s"] = (after[0].start + after[0].latency_s - killed["at"]) if after else None
+    compared = [s for s in samples if s.ok and (s.prompt, s.max_tokens) in reference]
+    out["texts_compared"] = len(compared)
+    out["texts_differing"] = sum(1 for s in compared if s.text != reference[(s.prompt, s.max_tokens)])
     try:
         out["new_pid"] = handle.info.remote().result(timeout_s=120)["pid"]
     except Exception as exc:  # noqa: BLE001 - report, do not crash the benchmark
@@ -238,10 +263,12 @@ def kill_phase(url: str, prompts: list[str], args) -> dict:
 
 # --------------------------------------------------------------------------------------------
 def print_table(rows: list[dict]) -> None:
-    cols = [("phase", "phase", "{}"), ("requests", "req", "{}"), ("errors", "err", "{}"), ("requests_per_s", "req/s", "{:.2f}"),
+    cols = [("phase", "phase", "{}"), ("clients", "c", "{}"), ("requests", "req", "{}"), ("errors", "err", "{}"),
+            ("http_5xx", "5xx", "{}"), ("requests_per_s", "req/s", "{:.2f}"),
             ("output_tokens_per_s", "tok/s", "{:.1f}"), ("latency_p50_s", "p50 s", "{:.2f}"),
             ("latency_p95_s", "p95 s", "{:.2f}"), ("latency_p99_s", "p99 s", "{:.2f}"), ("ttft_p50_s", "ttft50", "{:.3f}"),
-            ("ttft_p99_s", "ttft99", "{:.3f}"), ("AR", "AR", "{:.2f}"), ("tau", "tau", "{:.2f}")]
+            ("ttft_p99_s", "ttft99", "{:.3f}"), ("short_over_long_p99", "p99 short/long", "{:.2f}"), ("AR", "AR", "{:.2f}"),
+            ("tau", "tau", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     for row in cells:
@@ -257,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: the recipe's trained draft if there is one, else the agreeing pair; truncated: the "
                         "target's first --draft-layers layers as an untrained draft")
     p.add_argument("--draft-layers", type=int, default=4)
-    p.add_argument("--clients", type=int, default=4, help="concurrent clients")
+    ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
+    floats = lambda v: [float(x) for x in v.split(",")]  # noqa: E731
+    p.add_argument("--clients", type=ints, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
     p.add_argument("--seconds", type=float, default=30, help="duration of each phase")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=ints, default=[4, 64], help="max_tokens of the requests, mixed: e.g. 4,64")
+    p.add_argument("--temperature", type=floats, default=[0.0, 0.7], help="temperatures, mixed: e.g. 0,0.7")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs of the model replica")
     p.add_argument("--request-timeout", type=float, default=120)
@@ -283,36 +312,53 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_pair_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     print(f"[bench] target {spec.target}\n[bench] draft  {spec.draft} ({source}), gamma {args.gamma}; "
-          f"{args.clients} clients x {args.seconds:.0f} s per phase, {args.max_tokens} tokens, T={args.temperature}", flush=True)
+          f"{args.clients} clients x {args.seconds:.0f} s per phase, max_tokens {args.max_tokens}, "
+          f"T {args.temperature}", flush=True)
     try:
         with httpx.Client(timeout=args.request_timeout) as c:  # warm-up: first calls pay one-off costs
             for sp in (True, False):
-                one_request(c, url, prompts[0], args, sp)
-        rows = []
-        for name, speculative in (("speculative", True), ("target alone", False)):
-            print(f"[bench] phase: {name}", flush=True)
-            rows.append(summarize(name, *run_phase(url, prompts, args, speculative)))
+                one_request(c, url, prompts, 0, args, sp)
+        rows, speedups = [], {}
+        for clients in args.clients:
+            pair = []
+            for name, speculative in (("speculative", True), ("target alone", False)):
+                print(f"[bench] phase: {name}, {clients} clients", flush=True)
+                pair.append(summarize(name, clients, *run_phase(url, prompts, args, clients, speculative)))
+            rows += pair
+            speedups[clients] = (pair[0]["output_tokens_per_s"] / pair[1]["output_tokens_per_s"]
+                                 if pair[1]["output_tokens_per_s"] else None)
         if args.kill_replica:
             print("[bench] phase: speculative + replica killed", flush=True)
-            rows.append(kill_phase(url, prompts, args))
+            reference_samples, _ = run_phase(url, prompts, args, max(args.clients), True, greedy_only=True)
+            reference = {(s.prompt, s.max_tokens): s.text for s in reference_samples if s.ok}
+            rows.append(kill_phase(url, prompts, args, max(args.clients), reference))
     finally:
         serve.shutdown()
-    spec_row, alone_row = rows[0], rows[1]
+    top = max(args.clients)
+    spec_top = next(r for r in rows if r["phase"] == "speculative" and r["clients"] == top)
     result = {
         "target": spec.target, "draft": spec.draft, "draft_source": source, "gamma": args.gamma,
         "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "phases": rows,
-        "speedup_tokens_per_s": (spec_row["output_tokens_per_s"] / alone_row["output_tokens_per_s"]
-                                 if alone_row["output_tokens_per_s"] else None),
+        "phases": rows, "speedup_tokens_per_s": speedups,
+        "goals": {
+            f"p99 latency {min(args.max_tokens)}-token / {max(args.max_tokens)}-token at {top} clients (<= 0.25)":
+                spec_top["short_over_long_p99"],
+            "5xx responses (0)": sum(r["http_5xx"] for r in rows),
+            **({f"speculative / target alone tokens/s at {c} clients (>= 2 with the agreeing pair)": speedups[c]
+                for c in args.clients if c == 4}),
+        },
         "cpu_count": os.cpu_count(),
     }
     print()
     print_table(rows)
-    print(f"\nspeculative / target alone, output tokens/s: {result['speedup_tokens_per_s']:.2f}x")
+    print()
+    for c, x in speedups.items():
+        print(f"speculative / target alone, output tokens/s, {c} clients: {x:.2f}x")
     if args.kill_replica:
-        k = rows[2]
+        k = rows[-1]
         print(f"replica kill: {k['failed_requests']} failed requests, recovery {k['recovery_s']} s "
-              f"(pid {k['killed_pid']} -> {k['new_pid']})")
+              f"(pid {k['killed_pid']} -> {k['new_pid']}); {k['texts_differing']} of {k['texts_compared']} completed "
+              f"texts differ from the undisturbed run")
     write_json(result, args.out)
     return 0
 

@@ -72,9 +72,13 @@ def test_bench_train_compares_ray_train_with_a_plain_loop(smollm2_dir, tmp_path)
 def test_bench_serve_measures_speculative_and_target_alone_over_http(tiny_target_dir, tmp_path):
     out = tmp_path / "serve.json"
     stdout = run_bench("bench_serve.py", "--target", str(tiny_target_dir), "--pair", "truncated", "--draft-layers", "1",
-                       "--clients", "2", "--seconds", "3", "--max-tokens", "8", "--cpus", "0.5", "--out", str(out))
+                       "--clients", "1,2", "--seconds", "3", "--max-tokens", "2,8", "--temperature", "0,0.7", "--cpus", "0.5",
+                       "--out", str(out))
     result = json.loads(out.read_text())
-    assert [p["phase"] for p in result["phases"]] == ["speculative", "target alone"], result["phases"]
-    assert all(p["errors"] == 0 and p["requests"] > 0 and p["output_tokens_per_s"] > 0 for p in result["phases"])
-    assert result["speedup_tokens_per_s"] > 0
-    assert "speculative / target alone" in stdout
+    assert [(p["phase"], p["clients"]) for p in result["phases"]] == [
+        ("speculative", 1), ("target alone", 1), ("speculative", 2), ("target alone", 2)], result["phases"]
+    assert all(p["errors"] == 0 and p["http_5xx"] == 0 and p["requests"] > 0 and p["output_tokens_per_s"] > 0
+               for p in result["phases"])
+    assert all(x > 0 for x in result["speedup_tokens_per_s"].values())
+    assert set(result["phases"][2]["latency_p99_by_max_tokens"]) <= {"2", "8"}  # JSON keys
+    assert "speculative / target alone, output tokens/s, 2 clients" in stdout
