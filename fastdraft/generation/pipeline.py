@@ -391,7 +391,12 @@ def run_generate(recipe: Recipe) -> dict:
         "settings": [{**s.model_dump(mode="json"), "label": setting_label(s)} for s in cfg.sampling],
         "counts": {}, "section_hash": recipe.section_hash("generate"), "resume_hash": resume, "engine": cfg.engine,
         "target_context": context, "store_topk": cfg.store_topk, "columns": alignment_schema(cfg.store_topk).names,
-        "endpoint": endpoint, "runs": previous.get("runs", []),
+        "endpoint": endpoint,
+        # every run, in order: which engine (and endpoint) wrote which parts (`part-<run_id>-*.parquet`); an
+        # interrupted run keeps finished: false
+        "runs": previous.get("runs", []) + [{"run_id": writer.run_id, "engine": cfg.engine, "origin": origin_of(cfg),
+                                             "prompt_format": endpoint["prompt_format"] if endpoint else "token_ids",
+                                             "started_at": time.time(), "finished": False}],
     }
     write_manifest(out_dir, manifest)
     prompts, sources = collect_prompts(cfg, recipe, PromptEncoder(tokenizer, cfg.max_prompt_tokens, cfg.overlong), out_dir)
@@ -401,10 +406,7 @@ def run_generate(recipe: Recipe) -> dict:
           f"{len(done)} already written in {out_dir}", flush=True)
     actors, generated = _write_all(rows, cfg, recipe, writer)
     counts = writer.counts()
-    # every run that added rows, in order: which engine (and endpoint) wrote which parts (`part-<run_id>-*`)
-    manifest["runs"] = manifest["runs"] + [{
-        "run_id": writer.run_id, "engine": cfg.engine, "origin": origin_of(cfg), "new_rows": generated,
-        "prompt_format": endpoint["prompt_format"] if endpoint else "token_ids", "finished_at": time.time()}]
+    manifest["runs"][-1].update(finished=True, new_rows=generated, finished_at=time.time())
     manifest.update(complete=True, counts=counts, sources=sources, actors_used=len(actors), generate=cfg.model_dump(mode="json"))
     write_manifest(out_dir, manifest)
     return {"alignment": str(out_dir), "rows": counts["rows"], "prompts": counts["prompts"], "new_rows": generated,

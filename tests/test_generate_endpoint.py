@@ -1,0 +1,293 @@
+"""`generate.engine: openai`: the alignment set from a REAL OpenAI-compatible HTTP endpoint on loopback.
+
+The endpoint is `tests/minimal_openai_server.py` (a minimal FastAPI + uvicorn server around the real tiny
+transformers target, in its own process; fastdraft.serving has no logprobs and no token ids yet), reached directly
+or through `FaultProxy` (429s, 503s, connections dropped before and after the server did the work).
+
+Specification:
+- rows from the endpoint equal the local transformers engine's (greedy and seeded samples), top-k teacher too,
+  in the same columns; each row and the manifest say they came from the endpoint, and how the prompt was sent;
+- 429s, 503s and dropped connections are retried with backoff: the set is complete, every key once, same rows;
+- a set resumed across engines mixes local and endpoint rows, and the manifest records which came from where;
+- the server dying mid-run fails the run after its retries; once it is back, a rerun completes the set exactly
+  once (no row lost, none twice, rows written before the crash kept as they were);
+- a server that refuses token-id prompts gets the text, re-tokenized by the server, with the same answers;
+- an endpoint with another tokenizer is refused before anything is written (fingerprint, or probes), naming both;
+- the endpoint settings are typed: unknown keys, a missing section, concurrency above the batch are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from endpoint_fixtures import FaultProxy, LoopbackServer
+from fastdraft.assets import build_tiny_tokenizer
+from fastdraft.config import OpenAIEndpointConfig, recipe_from_dict
+from fastdraft.errors import FastdraftError, RecipeError, TokenizerMismatchError
+from fastdraft.generation.backends import TransformersBackend
+from fastdraft.generation.endpoint import (
+    OpenAIBackend, backoff_s, check_endpoint_tokenizer, resolve_prompt_format,
+)
+from fastdraft.generation.pipeline import run_generate
+from fastdraft.speculative.types import SamplingParams
+from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+INSTRUCTIONS = [
+    "Write a haiku about the sea.", "Explain what a hash map is.", "List three primary colors.",
+    "Translate 'good morning' to French.", "Give a synonym for happy.", "What is the boiling point of water?",
+    "Summarize Hamlet in one line.", "Name a prime number above 50.", "Describe a cat to a child.",
+    "Suggest a name for a bakery.",
+]
+SAMPLING = [{"temperature": 0.0, "max_new_tokens": 12}, {"temperature": 0.8, "top_p": 0.9, "max_new_tokens": 12, "n": 2}]
+ROWS = (len(INSTRUCTIONS) + 2) * 3
+TOPK = 3
+FAST_RETRIES = {"backoff_initial_s": 0.05, "backoff_max_s": 0.5}
+
+
+def endpoint_recipe(workdir: Path, target: Path, prompts: Path, base_url: str | None, limit: int | None = None,
+                    engine: str = "openai", **openai) -> object:
+    generate = {
+        "engine": engine,
+        "prompts": [{"name": "inst", "kind": "jsonl", "path": str(prompts), "limit": limit},
+                    {"name": "code", "kind": "stdlib_code", "limit": 2}],
+        "sampling": SAMPLING, "max_prompt_tokens": 256, "batch_size": 4, "store_topk": TOPK, "cpus_per_actor": 0.5,
+    }
+    if engine == "openai":
+        generate["openai"] = {"base_url": base_url, "model": "tiny", "max_concurrency": 4, **FAST_RETRIES, **openai}
+    return recipe_from_dict({"name": "endpoint-test", "workdir": str(workdir), "target": {"model": str(target)},
+                             "generate": generate})
+
+
+def read_rows(run_dir: Path) -> dict[str, dict]:
+    rows = {}
+    for part in sorted((run_dir / "alignment").glob("part-*.parquet")):
+        for r in pq.read_table(part).to_pylist():
+            assert r["key"] not in rows, f"key {r['key']} written twice"
+            rows[r["key"]] = r
+    return rows
+
+
+def manifest_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "alignment" / "manifest.json").read_text())
+
+
+def answer(r: dict) -> tuple:
+    return r["response_ids"], r["finish_reason"], r["topk_ids"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "instructions.jsonl"
+    path.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in INSTRUCTIONS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_target_dir, tmp_path_factory):
+    """The loopback endpoint, advertising the target's tokenizer fingerprint on GET /v1/models."""
+    srv = LoopbackServer(tiny_target_dir, tmp_path_factory.mktemp("server-logs")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def local(tiny_target_dir):
+    return TransformersBackend(tiny_target_dir, store_topk=TOPK)
+
+
+@pytest.fixture(scope="module")
+def endpoint_run(ray_session, server, tmp_path_factory, tiny_target_dir, prompts_file):
+    """One uninterrupted run against the endpoint: the reference of the other tests."""
+    recipe = endpoint_recipe(tmp_path_factory.mktemp("endpoint"), tiny_target_dir, prompts_file, server.base_url)
+    summary = run_generate(recipe)
+    return recipe, summary, read_rows(recipe.run_dir)
+
+
+def requests_of(rows) -> list:
+    return [(r["prompt_ids"], SamplingParams(temperature=r["temperature"], top_p=r["top_p"], top_k=r["top_k"],
+                                             max_new_tokens=r["max_new_tokens"], seed=r["seed"])) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------- the set
+@pytest.mark.timeout(420)
+def test_endpoint_rows_equal_the_local_engine_and_say_where_they_came_from(endpoint_run, local, server, tiny_target_dir):
+    recipe, summary, rows = endpoint_run
+    assert summary["rows"] == len(rows) == ROWS
+    values = list(rows.values())
+    for r, ref in zip(values, local.generate(requests_of(values))):  # same model, same seeds: the same answers
+        assert (r["response_ids"], r["finish_reason"]) == (ref.token_ids, ref.finish_reason), r["key"]
+        assert r["topk_ids"] == ref.topk_ids and len(r["topk_ids"]) == len(r["response_ids"])
+        assert all(len(k) == TOPK for k in r["topk_ids"])
+        assert r["topk_logprobs"] == pytest.approx(ref.topk_logprobs, abs=1e-5)
+        assert r["origin"] == f"endpoint:tiny@{server.base_url}"
+        assert (r["prompt_mode"], r["response_mode"]) == ("token_ids", "token_ids")
+    tok = load_tokenizer(tiny_target_dir)
+    inst = [r for r in values if r["source"] == "inst"]  # fastdraft applied the chat template itself
+    assert all(r["prompt_text"].startswith("<|im_start|>user\n") for r in inst) and len(inst) == 30
+    m = manifest_of(recipe.run_dir)
+    assert m["complete"] and m["engine"] == "openai" and m["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
+    assert m["endpoint"]["tokenizer_check"] == {"method": "fingerprint", "fingerprint": tokenizer_fingerprint(tok)}
+    assert m["endpoint"]["prompt_format"] == "token_ids" and "fastdraft" in m["endpoint"]["chat_template"]
+    assert m["counts"]["by_origin"] == {f"endpoint:tiny@{server.base_url}": ROWS}
+    assert m["counts"]["by_prompt_mode"] == {"token_ids": ROWS} and m["counts"]["duplicates"] == 0
+    assert [(run["engine"], run["finished"], run["new_rows"]) for run in m["runs"]] == [("openai", True, ROWS)]
+    assert {"topk_ids", "topk_logprobs", "origin", "prompt_mode"} <= set(m["columns"])
+
+
+@pytest.mark.timeout(420)
+def test_429s_503s_and_dropped_connections_are_retried_without_losing_or_doubling_a_row(
+        endpoint_run, server, tmp_path, tiny_target_dir, prompts_file):
+    _, _, reference = endpoint_run
+    with FaultProxy(server.port) as proxy:
+        recipe = endpoint_recipe(tmp_path, tiny_target_dir, prompts_file, proxy.base_url, max_retries=10)
+        summary = run_generate(recipe)
+    counts = proxy.counts
+    assert counts["429"] >= 5 and counts["drop_before"] >= 5 and counts["drop_after"] >= 3 and counts["503"] >= 1, counts
+    rows = read_rows(recipe.run_dir)
+    assert summary["rows"] == ROWS and rows.keys() == reference.keys()
+    assert all(answer(rows[k]) == answer(reference[k]) for k in rows)
+    assert manifest_of(recipe.run_dir)["counts"]["duplicates"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_local_rows_then_a_crashing_endpoint_resume_exactly_once(endpoint_run, tmp_path, tiny_target_dir, prompts_file):
+    """Run 1: local engine, 4 instructions. Run 2: the endpoint, all 10; the server crashes mid-run and the run fails
+    after its retries. Run 3: the server is back; the set completes: no row lost, none twice, the same rows."""
+    _, _, reference = endpoint_run
+    workdir = tmp_path / "run"
+    run_generate(endpoint_recipe(workdir, tiny_target_dir, prompts_file, None, limit=4, engine="transformers"))
+    local_keys = set(read_rows(workdir))
+    assert len(local_keys) == 6 * 3
+
+    crashing = LoopbackServer(tiny_target_dir, tmp_path)
+    try:
+        crashing.start("--die-after", "10")  # 1 prompt-format probe, then 2 batches of 4; the 3rd batch kills it
+        recipe = endpoint_recipe(workdir, tiny_target_dir, prompts_file, crashing.base_url, max_retries=2)
+        with pytest.raises(Exception, match="no answer after 3 attempts"):
+            run_generate(recipe)
+        assert crashing.wait_dead() == 17
+        before = {p: p.read_bytes() for p in (workdir / "alignment").glob("part-*.parquet")}
+        partial = read_rows(workdir)
+        assert local_keys < set(partial) and len(partial) < ROWS, len(partial)
+        assert not manifest_of(workdir)["complete"]
+
+        crashing.start()  # back, on the same port
+        summary = run_generate(recipe)
+    finally:
+        crashing.stop()
+    rows = read_rows(workdir)  # raises on a key written twice
+    assert rows.keys() == reference.keys() and summary["rows"] == ROWS
+    assert summary["new_rows"] == ROWS - len(partial) and summary["resumed_rows"] == len(partial)
+    assert all(answer(rows[k]) == answer(reference[k]) for k in rows)  # local and endpoint rows agree
+    assert all(p.read_bytes() == b for p, b in before.items())  # rows written before the crash are kept as they were
+    m = manifest_of(workdir)
+    origin = f"endpoint:tiny@{crashing.base_url}"
+    assert m["complete"] and m["counts"]["duplicates"] == 0
+    assert m["counts"]["by_origin"] == {"local:transformers": len(local_keys), origin: ROWS - len(local_keys)}
+    assert all(rows[k]["origin"] == ("local:transformers" if k in local_keys else origin) for k in rows)
+    assert [(r["engine"], r["finished"]) for r in m["runs"]] == [("transformers", True), ("openai", False), ("openai", True)]
+    parts = {p.name.split("-")[1] for p in (workdir / "alignment").glob("part-*.parquet")}
+    assert parts <= {r["run_id"] for r in m["runs"]}  # each part's run is in the manifest
+
+
+# ---------------------------------------------------------------------------------------------- prompts as text
+@pytest.mark.timeout(300)
+def test_a_server_refusing_token_id_prompts_gets_the_text_with_the_same_answers(local, tiny_target_dir, tmp_path):
+    srv = LoopbackServer(tiny_target_dir, tmp_path, "--no-token-id-prompts", "--fingerprint", "none").start()
+    try:
+        cfg = OpenAIEndpointConfig(base_url=srv.base_url, model="tiny", max_concurrency=4, **FAST_RETRIES)
+        tok = load_tokenizer(tiny_target_dir)
+        check = check_endpoint_tokenizer(cfg, tok, str(tiny_target_dir))
+        assert check["method"] == "probe" and check["checks"] == ["detokenize", "tokenize"]
+        assert resolve_prompt_format(cfg, tok) == "text"
+        backend = OpenAIBackend(tiny_target_dir, cfg, store_topk=TOPK)
+        chat = tok.apply_chat_template([{"role": "user", "content": "Tell me about rivers."}], tokenize=False,
+                                       add_generation_prompt=True)
+        prompts = [tok(chat, add_special_tokens=False)["input_ids"], tok("def add(a, b):\n")["input_ids"]]
+        requests = [(ids, SamplingParams(temperature=t, top_p=0.9, max_new_tokens=12, seed=5)) for ids in prompts for t in (0.0, 0.8)]
+        outs = backend.generate(requests)
+        for out, ref in zip(outs, local.generate(requests)):
+            assert (out.token_ids, out.topk_ids) == (ref.token_ids, ref.topk_ids)
+            assert (out.prompt_mode, out.response_mode) == ("text", "token_ids")
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer contract
+@pytest.fixture(scope="module")
+def other_tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("other-tokenizer")
+    build_tiny_tokenizer(out, vocab_size=384)
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_an_endpoint_with_another_tokenizer_is_refused_before_anything_is_written(
+        tiny_target_dir, other_tokenizer_dir, prompts_file, tmp_path):
+    tok = load_tokenizer(tiny_target_dir)
+    ours, theirs = tokenizer_fingerprint(tok), tokenizer_fingerprint(load_tokenizer(other_tokenizer_dir))
+    srv = LoopbackServer(tiny_target_dir, tmp_path, "--tokenizer", str(other_tokenizer_dir), "--no-tokenize-endpoint").start()
+    try:
+        recipe = endpoint_recipe(tmp_path / "w1", tiny_target_dir, prompts_file, srv.base_url)
+        with pytest.raises(TokenizerMismatchError) as exc:  # GET /v1/models advertises the other fingerprint
+            run_generate(recipe)
+        for name in (theirs, ours, srv.base_url, str(tiny_target_dir)):
+            assert name in str(exc.value)
+        assert not (tmp_path / "w1" / "alignment").exists()
+
+        recipe = endpoint_recipe(tmp_path / "w2", tiny_target_dir, prompts_file, srv.base_url, tokenizer_check="probe")
+        with pytest.raises(TokenizerMismatchError, match="count the tokens of") as exc:  # no /tokenize: prompt token counts
+            run_generate(recipe)
+        assert srv.base_url in str(exc.value) and str(tiny_target_dir) in str(exc.value)
+        assert not (tmp_path / "w2" / "alignment").exists()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_probe_through_tokenize_refuses_another_tokenizer(tiny_target_dir, other_tokenizer_dir, tmp_path):
+    srv = LoopbackServer(tiny_target_dir, tmp_path, "--tokenizer", str(other_tokenizer_dir), "--fingerprint", "none").start()
+    try:
+        cfg = OpenAIEndpointConfig(base_url=srv.base_url, model="tiny", **FAST_RETRIES)
+        with pytest.raises(TokenizerMismatchError, match="encode differently: probe"):
+            check_endpoint_tokenizer(cfg, load_tokenizer(tiny_target_dir), str(tiny_target_dir))
+        with pytest.raises(TokenizerMismatchError, match="lists no tokenizer_fingerprint"):
+            check_endpoint_tokenizer(cfg.model_copy(update={"tokenizer_check": "fingerprint"}),
+                                     load_tokenizer(tiny_target_dir), str(tiny_target_dir))
+        with pytest.raises(FastdraftError, match="does not serve model 'other'"):
+            check_endpoint_tokenizer(cfg.model_copy(update={"model": "other"}), load_tokenizer(tiny_target_dir), "t")
+    finally:
+        srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def test_endpoint_settings_are_typed(tmp_path, tiny_target_dir, prompts_file, monkeypatch):
+    def recipe(**openai):
+        return endpoint_recipe(tmp_path, tiny_target_dir, prompts_file, "http://127.0.0.1:9/v1", **openai)
+
+    with pytest.raises(RecipeError, match="max_concurent"):
+        recipe(max_concurent=4)
+    with pytest.raises(RecipeError, match="requests_per_s"):
+        recipe(requests_per_s=0)
+    with pytest.raises(RecipeError, match="exceeds generate.batch_size"):
+        recipe(max_concurrency=64)
+    with pytest.raises(RecipeError, match="needs a generate.openai section"):
+        recipe_from_dict({"name": "x", "workdir": str(tmp_path), "target": {"model": str(tiny_target_dir)},
+                          "generate": {"engine": "openai", "prompts": [{"name": "c", "kind": "stdlib_code"}]}})
+    cfg = recipe(api_key_env="FASTDRAFT_TEST_KEY", max_retries=3).generate.openai
+    assert cfg.requests_per_s is None and cfg.max_retries == 3 and cfg.prompt_format == "auto"
+    monkeypatch.delenv("FASTDRAFT_TEST_KEY", raising=False)
+    with pytest.raises(FastdraftError, match="FASTDRAFT_TEST_KEY"):
+        run_generate(recipe(api_key_env="FASTDRAFT_TEST_KEY"))
+
+
+def test_backoff_is_exponential_capped_and_follows_retry_after():
+    cfg = OpenAIEndpointConfig(base_url="http://x/v1", model="m", backoff_initial_s=1.0, backoff_max_s=10.0)
+    waits = [backoff_s(cfg, a) for a in range(6)]
+    assert all(0.5 * min(10, 2 ** a) <= w <= min(10, 2 ** a) for a, w in enumerate(waits))
+    assert backoff_s(cfg, 0, "3") == 3.0 and backoff_s(cfg, 0, "120") == 10.0 and backoff_s(cfg, 0, "soon") <= 1.0
