@@ -123,7 +123,8 @@ def test_endpoint_rows_equal_the_local_engine_and_say_where_they_came_from(endpo
         assert (r["response_ids"], r["finish_reason"]) == (ref.token_ids, ref.finish_reason), r["key"]
         assert r["topk_ids"] == ref.topk_ids and len(r["topk_ids"]) == len(r["response_ids"])
         assert all(len(k) == TOPK for k in r["topk_ids"])
-        assert r["topk_logprobs"] == pytest.approx(ref.topk_logprobs, abs=1e-5)
+        flat = [lp for row in r["topk_logprobs"] for lp in row]
+        assert flat == pytest.approx([lp for row in ref.topk_logprobs for lp in row], abs=1e-5)
         assert r["origin"] == f"endpoint:tiny@{server.base_url}"
         assert (r["prompt_mode"], r["response_mode"]) == ("token_ids", "token_ids")
     tok = load_tokenizer(tiny_target_dir)
