@@ -49,18 +49,22 @@ TOPK = 3
 FAST_RETRIES = {"backoff_initial_s": 0.05, "backoff_max_s": 0.5}
 
 
-def endpoint_recipe(workdir: Path, target: Path, prompts: Path, base_url: str | None, limit: int | None = None,
-                    engine: str = "openai", **openai) -> object:
+def endpoint_recipe(*args, **kwargs):
+    return recipe_from_dict(endpoint_data(*args, **kwargs))
+
+
+def endpoint_data(workdir: Path, target: Path, prompts: Path, base_url: str | None, limit: int | None = None,
+                  engine: str = "openai", batch_size: int = 4, **openai) -> dict:
     generate = {
         "engine": engine,
         "prompts": [{"name": "inst", "kind": "jsonl", "path": str(prompts), "limit": limit},
                     {"name": "code", "kind": "stdlib_code", "limit": 2}],
-        "sampling": SAMPLING, "max_prompt_tokens": 256, "batch_size": 4, "store_topk": TOPK, "cpus_per_actor": 0.5,
+        "sampling": SAMPLING, "max_prompt_tokens": 256, "batch_size": batch_size, "store_topk": TOPK,
+        "cpus_per_actor": 0.5, "max_actors": 1,
     }
     if engine == "openai":
-        generate["openai"] = {"base_url": base_url, "model": "tiny", "max_concurrency": 4, **FAST_RETRIES, **openai}
-    return recipe_from_dict({"name": "endpoint-test", "workdir": str(workdir), "target": {"model": str(target)},
-                             "generate": generate})
+        generate["openai"] = {"base_url": base_url, "model": "tiny", "max_concurrency": min(4, batch_size), **FAST_RETRIES, **openai}
+    return {"name": "endpoint-test", "workdir": str(workdir), "target": {"model": str(target)}, "generate": generate}
 
 
 def read_rows(run_dir: Path) -> dict[str, dict]:
@@ -196,6 +200,40 @@ def test_local_rows_then_a_crashing_endpoint_resume_exactly_once(endpoint_run, t
     assert parts <= {r["run_id"] for r in m["runs"]}  # each part's run is in the manifest
 
 
+@pytest.mark.timeout(420)
+def test_a_job_killed_mid_run_resumes_exactly_once(endpoint_run, server, tmp_path, tiny_target_dir, prompts_file):
+    """`jobs/generate.py` with the endpoint engine, SIGKILLed after its first part (rate-limited to 8 requests/s so
+    it is mid-run), then rerun: the same keys as the uninterrupted run, none twice, the same rows."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    import yaml
+
+    _, _, reference = endpoint_run
+    data = endpoint_data(tmp_path / "run", tiny_target_dir, prompts_file, server.base_url, batch_size=2, requests_per_s=8)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, RAY_AUTH_MODE="token")
+    job = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "jobs" / "generate.py"),
+                            str(tmp_path / "recipe.yaml")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts_dir = tmp_path / "run" / "alignment"
+    deadline = time.time() + 180
+    while not list(parts_dir.glob("part-*.parquet")) and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    before = {p: p.read_bytes() for p in parts_dir.glob("part-*.parquet")}
+    assert before and 0 < len(read_rows(tmp_path / "run")) < ROWS
+    summary = run_generate(recipe_from_dict(data))
+    rows = read_rows(tmp_path / "run")
+    assert rows.keys() == reference.keys() and summary["resumed_rows"] + summary["new_rows"] == ROWS
+    assert all(answer(rows[k]) == answer(reference[k]) for k in rows)
+    assert all(p.read_bytes() == b for p, b in before.items())
+
+
 # ---------------------------------------------------------------------------------------------- prompts as text
 @pytest.mark.timeout(300)
 def test_a_server_refusing_token_id_prompts_gets_the_text_with_the_same_answers(local, tiny_target_dir, tmp_path):
@@ -292,3 +330,18 @@ def test_backoff_is_exponential_capped_and_follows_retry_after():
     waits = [backoff_s(cfg, a) for a in range(6)]
     assert all(0.5 * min(10, 2 ** a) <= w <= min(10, 2 ** a) for a, w in enumerate(waits))
     assert backoff_s(cfg, 0, "3") == 3.0 and backoff_s(cfg, 0, "120") == 10.0 and backoff_s(cfg, 0, "soon") <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+@pytest.mark.timeout(300)
+def test_bench_generate_endpoint_prints_a_table_and_writes_json(tiny_target_dir, tmp_path, capsys):
+    from jobs.bench_generate_endpoint import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_target_dir), "--prompts", "8", "--max-new-tokens", "8", "--concurrency", "1", "4",
+                 "--store-topk", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"1", "4"} and report["store_topk"] == 2
+    for r in report["results"].values():
+        assert r["rows"] == 8 and r["rows_per_s"] > 0 and r["tokens"] > 0 and r["retries"] == 0
+    assert "rows/s" in capsys.readouterr().out
