@@ -201,6 +201,36 @@ def test_local_rows_then_a_crashing_endpoint_resume_exactly_once(endpoint_run, t
 
 
 @pytest.mark.timeout(420)
+def test_a_server_that_dies_and_comes_back_within_the_retries_loses_and_doubles_nothing(
+        endpoint_run, tmp_path, tiny_target_dir, prompts_file):
+    import threading
+
+    _, _, reference = endpoint_run
+    flaky = LoopbackServer(tiny_target_dir, tmp_path)
+    flaky.start("--die-after", "9")
+    restarted = threading.Event()
+
+    def bring_back() -> None:  # as a supervisor would: the server is restarted on its port once it died
+        flaky.wait_dead()
+        flaky.start()
+        restarted.set()
+
+    supervisor = threading.Thread(target=bring_back, daemon=True)
+    supervisor.start()
+    try:
+        recipe = endpoint_recipe(tmp_path / "run", tiny_target_dir, prompts_file, flaky.base_url, max_retries=30,
+                                 backoff_initial_s=0.2, backoff_max_s=2.0)
+        summary = run_generate(recipe)
+        supervisor.join(timeout=60)
+    finally:
+        flaky.stop()
+    assert restarted.is_set() and flaky.starts == 2
+    rows = read_rows(tmp_path / "run")
+    assert rows.keys() == reference.keys() and summary["rows"] == ROWS and summary["new_rows"] == ROWS
+    assert all(answer(rows[k]) == answer(reference[k]) for k in rows)
+
+
+@pytest.mark.timeout(420)
 def test_a_job_killed_mid_run_resumes_exactly_once(endpoint_run, server, tmp_path, tiny_target_dir, prompts_file):
     """`jobs/generate.py` with the endpoint engine, SIGKILLed after its first part (rate-limited to 8 requests/s so
     it is mid-run), then rerun: the same keys as the uninterrupted run, none twice, the same rows."""
@@ -279,11 +309,14 @@ def test_an_endpoint_with_another_tokenizer_is_refused_before_anything_is_writte
             assert name in str(exc.value)
         assert not (tmp_path / "w1" / "alignment").exists()
 
-        recipe = endpoint_recipe(tmp_path / "w2", tiny_target_dir, prompts_file, srv.base_url, tokenizer_check="probe")
-        with pytest.raises(TokenizerMismatchError, match="count the tokens of") as exc:  # no /tokenize: prompt token counts
-            run_generate(recipe)
-        assert srv.base_url in str(exc.value) and str(tiny_target_dir) in str(exc.value)
-        assert not (tmp_path / "w2" / "alignment").exists()
+        # no /tokenize: the completion's prompt ids (vLLM's return_token_ids), or a strict server's prompt token counts
+        for extensions, what in ((True, "encode differently"), (False, "count the tokens of")):
+            recipe = endpoint_recipe(tmp_path / "w2", tiny_target_dir, prompts_file, srv.base_url, tokenizer_check="probe",
+                                     vllm_extensions=extensions)
+            with pytest.raises(TokenizerMismatchError, match=what) as exc:
+                run_generate(recipe)
+            assert srv.base_url in str(exc.value) and str(tiny_target_dir) in str(exc.value)
+            assert not (tmp_path / "w2" / "alignment").exists()
     finally:
         srv.stop()
 

@@ -242,7 +242,7 @@ def _probe_tokenizer(cfg: OpenAIEndpointConfig, tok, target: str, where: str) ->
         # no /tokenize: the prompt's token count as the server reports it (usage.prompt_tokens)
         body = {"model": cfg.model, "prompt": text, "max_tokens": 1, "temperature": 0.0, **cfg.extra_body}
         if cfg.vllm_extensions:
-            body["add_special_tokens"] = False
+            body.update(add_special_tokens=False, return_token_ids=True)  # vLLM: the exact prompt ids come back
         resp = _sync_request(cfg, "POST", cfg.base_url.rstrip("/") + "/completions", body)
         if resp.status_code >= 400:
             raise EndpointError(f"tokenizer probe: POST {cfg.base_url}/completions: HTTP {resp.status_code}: {resp.text[:300]}")
