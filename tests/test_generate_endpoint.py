@@ -378,3 +378,90 @@ def test_bench_generate_endpoint_prints_a_table_and_writes_json(tiny_target_dir,
     for r in report["results"].values():
         assert r["rows"] == 8 and r["rows_per_s"] > 0 and r["tokens"] > 0 and r["retries"] == 0
     assert "rows/s" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- retries, rate, key
+def _scripted(*steps):
+    """An httpx transport answering each request with the next step: a status code, or an exception to raise."""
+    import httpx
+
+    seen = []
+
+    def handler(request):
+        seen.append(request)
+        step = steps[min(len(seen) - 1, len(steps) - 1)]
+        if isinstance(step, Exception):
+            raise step
+        return httpx.Response(step, json={"ok": len(seen)} if step == 200 else {"error": {"message": str(step)}})
+
+    return httpx.MockTransport(handler), seen
+
+
+@pytest.mark.parametrize("failure", ["429", "500", "502", "503", "ReadTimeout", "ConnectError", "RemoteProtocolError"])
+def test_retryable_failures_are_retried_with_backoff(failure):
+    import asyncio
+
+    import httpx
+
+    from fastdraft.generation.endpoint import RateLimiter, RetryStats, post_with_retries
+
+    step = int(failure) if failure.isdigit() else getattr(httpx, failure)("boom")
+    transport, seen = _scripted(step, step, 200)
+    cfg = OpenAIEndpointConfig(base_url="http://x/v1", model="m", max_retries=2, backoff_initial_s=0.01, backoff_max_s=0.02)
+    stats = RetryStats()
+
+    async def go():
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await post_with_retries(client, cfg, "http://x/v1/completions", {}, RateLimiter(None), stats)
+
+    assert asyncio.run(go()) == {"ok": 3} and len(seen) == 3 and stats.retries == 2
+    transport, seen = _scripted(step)  # never recovers: a clear error after max_retries + 1 attempts
+    with pytest.raises(FastdraftError, match="no answer after 3 attempts"):
+        asyncio.run(go())
+
+
+def test_other_client_errors_fail_at_once_and_the_rate_limit_spaces_requests():
+    import asyncio
+
+    import httpx
+
+    from fastdraft.generation.endpoint import RateLimiter, RetryStats, post_with_retries
+
+    cfg = OpenAIEndpointConfig(base_url="http://x/v1", model="m", max_retries=5)
+    for status in (400, 401, 404, 422):
+        transport, seen = _scripted(status)
+
+        async def go():
+            async with httpx.AsyncClient(transport=transport) as client:
+                return await post_with_retries(client, cfg, "http://x/v1/completions", {}, RateLimiter(None), RetryStats())
+
+        with pytest.raises(FastdraftError, match=f"HTTP {status}"):
+            asyncio.run(go())
+        assert len(seen) == 1
+
+    limiter = RateLimiter(20.0)
+
+    async def burst():
+        start = __import__("time").monotonic()
+        await asyncio.gather(*(limiter.wait() for _ in range(10)))
+        return __import__("time").monotonic() - start
+
+    assert 0.4 <= asyncio.run(burst()) < 2.0  # 10 starts at 20/s: the last one 0.45 s after the first
+
+
+def test_the_api_key_comes_from_the_named_variable_as_a_bearer_token(tiny_target_dir, monkeypatch):
+    import httpx
+
+    seen = []
+
+    def handler(request):
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"choices": [{"token_ids": [5, 6], "finish_reason": "length"}]})
+
+    monkeypatch.setenv("FASTDRAFT_TEST_KEY", "sk-loopback")
+    real = httpx.AsyncClient
+    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
+    cfg = OpenAIEndpointConfig(base_url="http://x/v1", model="m", api_key_env="FASTDRAFT_TEST_KEY")
+    backend = OpenAIBackend(tiny_target_dir, cfg, prompt_format="token_ids")
+    out = backend.generate([([1, 2, 3], SamplingParams(max_new_tokens=2))])
+    assert out[0].token_ids == [5, 6] and seen == ["Bearer sk-loopback"]
