@@ -9,7 +9,8 @@ Without `--endpoint` it starts `tests/minimal_openai_server.py` (a minimal FastA
 real transformers model that gathers concurrent requests into one batch, up to 16) on a free loopback port. For
 each concurrency it answers the same stdlib code prompts greedily through `OpenAIBackend` (the engine the Ray
 actors run: httpx, retries, exact token-id prompts, top-k log-probs when `--store-topk`), after one warm-up
-request, and reports rows/s and response tokens/s. Prints a table and writes JSON (`--out`, default
+request, and reports rows/s and response tokens/s; the concurrencies take turns for `--rounds` passes, so all
+see the same load on a shared machine. `--ray` also times the whole generate stage through the endpoint. Prints a table and writes JSON (`--out`, default
 runs/bench/bench_generate_endpoint.json).
 """
 
@@ -59,24 +60,53 @@ def start_loopback_server(model: str, log: Path, timeout: float = 300) -> tuple[
             time.sleep(0.5)
 
 
-def bench_endpoint(backend_for, prompts: list[list[int]], max_new_tokens: int, concurrencies: list[int]) -> dict:
-    """rows/s and tokens/s of all prompts at each concurrency (`backend_for(c)` builds the engine)."""
-    results = {}
-    for c in concurrencies:
-        backend = backend_for(c)
+def bench_endpoint(backend_for, prompts: list[list[int]], max_new_tokens: int, concurrencies: list[int],
+                   rounds: int = 1) -> dict:
+    """rows/s and tokens/s of all prompts at each concurrency (`backend_for(c)` builds the engine). The
+    concurrencies take turns, round after round, so that all see the same load on a shared machine."""
+    backends = {c: backend_for(c) for c in concurrencies}
+    totals = {c: [0.0, 0, 0] for c in concurrencies}  # seconds, rows, tokens
+    for c, backend in backends.items():
         backend.generate([(prompts[0], SamplingParams(max_new_tokens=2))])  # connection and server warm-up
-        start = time.perf_counter()
-        outs = backend.generate([(ids, SamplingParams(max_new_tokens=max_new_tokens)) for ids in prompts])
-        seconds = time.perf_counter() - start
-        tokens = sum(len(o.token_ids) for o in outs)
-        results[str(c)] = {"concurrency": c, "rows": len(outs), "seconds": round(seconds, 3), "tokens": tokens,
-                           "rows_per_s": float(f"{len(outs) / seconds:.4g}"), "tokens_per_s": float(f"{tokens / seconds:.4g}"),
-                           "retries": backend.stats.retries}
-        print(f"[bench] concurrency {c}: {len(outs)} rows in {seconds:.1f} s", flush=True)
+    for k in range(rounds):
+        for c, backend in backends.items():
+            start = time.perf_counter()
+            outs = backend.generate([(ids, SamplingParams(max_new_tokens=max_new_tokens)) for ids in prompts])
+            totals[c][0] += time.perf_counter() - start
+            totals[c][1] += len(outs)
+            totals[c][2] += sum(len(o.token_ids) for o in outs)
+        print(f"[bench] round {k + 1}/{rounds}: " + ", ".join(f"c{c} {t[0]:.1f} s" for c, t in totals.items()) + " so far",
+              flush=True)
+    results = {}
+    for c, (seconds, rows, tokens) in totals.items():
+        results[str(c)] = {"concurrency": c, "rows": rows, "seconds": round(seconds, 3), "tokens": tokens,
+                           "rows_per_s": float(f"{rows / seconds:.4g}"), "tokens_per_s": float(f"{tokens / seconds:.4g}"),
+                           "retries": backends[c].stats.retries}
     base = results[str(concurrencies[0])]["rows_per_s"]
     for r in results.values():
         r["speedup"] = float(f"{r['rows_per_s'] / base:.3g}")
     return results
+
+
+def bench_ray(args, base_url: str, concurrency: int) -> tuple[float, int]:
+    """The generate stage through the endpoint: (wall seconds, rows)."""
+    from fastdraft.config import recipe_from_dict
+    from fastdraft.generation.pipeline import run_generate
+    from fastdraft.raycluster import ensure_ray
+
+    ensure_ray()
+    recipe = recipe_from_dict({
+        "name": "bench-generate-endpoint", "workdir": tempfile.mkdtemp(prefix="bench-endpoint-ray-"),
+        "target": {"model": args.model},
+        "generate": {"engine": "openai", "prompts": [{"name": "code", "kind": "stdlib_code", "limit": args.prompts}],
+                     "sampling": [{"temperature": 0.0, "max_new_tokens": args.max_new_tokens}], "max_prompt_tokens": 512,
+                     "batch_size": max(16, 2 * concurrency), "cpus_per_actor": 0.5, "store_topk": args.store_topk,
+                     "openai": {"base_url": base_url, "model": args.served_model, "api_key_env": args.api_key_env,
+                                "max_concurrency": concurrency}},
+    })
+    start = time.perf_counter()
+    summary = run_generate(recipe)
+    return time.perf_counter() - start, summary["rows"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--store-topk", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the prompts per concurrency, interleaved")
+    parser.add_argument("--ray", action="store_true",
+                        help="also time the whole generate stage (run_generate: Ray Data actor, Parquet parts, manifest) "
+                             "at each concurrency, batch_size max(16, 2 x concurrency); wall time includes the actor's start")
     parser.add_argument("--out", default="runs/bench/bench_generate_endpoint.json")
     args = parser.parse_args(argv)
 
@@ -109,18 +143,23 @@ def main(argv: list[str] | None = None) -> int:
                                        max_concurrency=c)
             return OpenAIBackend(args.model, cfg, store_topk=args.store_topk)
 
-        results = bench_endpoint(backend_for, prompts, args.max_new_tokens, args.concurrency)
+        results = bench_endpoint(backend_for, prompts, args.max_new_tokens, args.concurrency, args.rounds)
+        if args.ray:
+            for c in args.concurrency:
+                seconds, rows = bench_ray(args, base_url, c)
+                results[str(c)].update(ray_seconds=round(seconds, 3), ray_rows_per_s=float(f"{rows / seconds:.4g}"))
     finally:
         if proc is not None:
             proc.kill()
             proc.wait(timeout=30)
 
-    print(f"\n{'concurrency':>11} {'rows':>5} {'seconds':>8} {'rows/s':>8} {'tok/s':>8} {'speedup':>8} {'retries':>7}")
+    print(f"\n{'concurrency':>11} {'rows':>5} {'seconds':>8} {'rows/s':>8} {'tok/s':>8} {'speedup':>8} {'retries':>7}"
+          + (f" {'ray rows/s':>10}" if args.ray else ""))
     for r in results.values():
         print(f"{r['concurrency']:>11} {r['rows']:>5} {r['seconds']:>8.2f} {r['rows_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['speedup']:>7.3g}x {r['retries']:>7}")
+              f"{r['speedup']:>7.3g}x {r['retries']:>7}" + (f" {r['ray_rows_per_s']:>10.2f}" if args.ray else ""))
     report = {"model": args.model, "endpoint": args.endpoint or "loopback: tests/minimal_openai_server.py (max batch 16)",
-              "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "store_topk": args.store_topk,
+              "prompts": len(prompts), "rounds": args.rounds, "max_new_tokens": args.max_new_tokens, "store_topk": args.store_topk,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "results": results}
     write_json(report, args.out)
     return 0

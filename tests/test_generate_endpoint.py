@@ -372,11 +372,11 @@ def test_bench_generate_endpoint_prints_a_table_and_writes_json(tiny_target_dir,
 
     out = tmp_path / "bench.json"
     assert main(["--model", str(tiny_target_dir), "--prompts", "8", "--max-new-tokens", "8", "--concurrency", "1", "4",
-                 "--store-topk", "2", "--out", str(out)]) == 0
+                 "--store-topk", "2", "--rounds", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"1", "4"} and report["store_topk"] == 2
     for r in report["results"].values():
-        assert r["rows"] == 8 and r["rows_per_s"] > 0 and r["tokens"] > 0 and r["retries"] == 0
+        assert r["rows"] == 8 * report["rounds"] and r["rows_per_s"] > 0 and r["tokens"] > 0 and r["retries"] == 0
     assert "rows/s" in capsys.readouterr().out
 
 
