@@ -13,7 +13,11 @@ Flow (all in `run_generate`):
   4. the driver streams the results and writes each block as its own part (`*.partial`, then rename), so
      an interrupted run loses at most the batches in flight and a rerun completes the set exactly once;
   5. `alignment/manifest.json` (alignment contract: complete, target, tokenizer_fingerprint, settings,
-     counts, section_hash) is rewritten with `complete: true` at the end.
+     counts, section_hash) is rewritten with `complete: true` at the end; `runs` lists every run (engine, origin,
+     its parts' run id) and `counts.by_origin` how many rows came from each engine or endpoint.
+
+`generate.engine: openai` (`endpoint.py`) answers through an OpenAI-compatible endpoint from the same actors; its
+tokenizer is checked against the target's (`check_endpoint`) before anything is written.
 """
 
 from __future__ import annotations
@@ -212,7 +216,9 @@ class AlignmentWriter:
         keys, prompts, resp_tokens, prompt_tokens = set(), set(), 0, 0
         rows = duplicates = 0
         for part in self.parts():
-            t = pq.read_table(part, columns=["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids"])
+            provenance = [c for c in ("origin", "prompt_mode", "response_mode") if c in pq.read_schema(part).names]
+            t = pq.read_table(part, columns=["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids",
+                                             *provenance])
             for key in t.column("key").to_pylist():
                 duplicates += key in keys
                 keys.add(key)
@@ -222,10 +228,9 @@ class AlignmentWriter:
             c["finish_reason"].update(t.column("finish_reason").to_pylist())
             resp_tokens += pc.sum(pc.list_value_length(t.column("response_ids"))).as_py() or 0
             prompt_tokens += pc.sum(pc.list_value_length(t.column("prompt_ids"))).as_py() or 0
-            for column, counter in (("origin", "by_origin"), ("prompt_mode", "by_prompt_mode"), ("response_mode", "by_response_mode")):
-                names = pq.read_schema(part).names
-                values = pq.read_table(part, columns=[column]).column(column).to_pylist() if column in names else [None] * t.num_rows
-                c[counter].update("unrecorded" if v is None else v for v in values)
+            for column in ("origin", "prompt_mode", "response_mode"):  # parts written before these columns: unrecorded
+                values = t.column(column).to_pylist() if column in provenance else [None] * t.num_rows
+                c[f"by_{column}"].update("unrecorded" if v is None else v for v in values)
             rows += t.num_rows
         return {"rows": rows, "prompts": len(prompts), "duplicates": duplicates, "response_tokens": resp_tokens,
                 "prompt_tokens": prompt_tokens, "parts": len(self.parts()), **{k: dict(v) for k, v in c.items()}}
