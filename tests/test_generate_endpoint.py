@@ -6,11 +6,15 @@ or through `FaultProxy` (429s, 503s, connections dropped before and after the se
 
 Specification:
 - rows from the endpoint equal the local transformers engine's (greedy and seeded samples), top-k teacher too,
-  in the same columns; each row and the manifest say they came from the endpoint, and how the prompt was sent;
+  in the same columns (distill packs them as it packs local ones); each row and the manifest say they came from
+  the endpoint, and how the prompt was sent;
 - 429s, 503s and dropped connections are retried with backoff: the set is complete, every key once, same rows;
 - a set resumed across engines mixes local and endpoint rows, and the manifest records which came from where;
-- the server dying mid-run fails the run after its retries; once it is back, a rerun completes the set exactly
-  once (no row lost, none twice, rows written before the crash kept as they were);
+- the server dying mid-run and coming back within the retries loses and doubles nothing; dying for longer fails
+  the run after its retries, and once it is back a rerun completes the set exactly once (no row lost, none twice,
+  rows written before the crash kept as they were); a job SIGKILLed mid-run resumes exactly once too;
+- retryable failures (429, 5xx, timeouts, dropped connections) are retried, other 4xx fail at once; the request
+  rate is limited; the API key comes from the named environment variable;
 - a server that refuses token-id prompts gets the text, re-tokenized by the server, with the same answers;
 - an endpoint with another tokenizer is refused before anything is written (fingerprint, or probes), naming both;
 - the endpoint settings are typed: unknown keys, a missing section, concurrency above the batch are refused.
@@ -142,6 +146,23 @@ def test_endpoint_rows_equal_the_local_engine_and_say_where_they_came_from(endpo
     assert m["counts"]["by_prompt_mode"] == {"token_ids": ROWS} and m["counts"]["duplicates"] == 0
     assert [(run["engine"], run["finished"], run["new_rows"]) for run in m["runs"]] == [("openai", True, ROWS)]
     assert {"topk_ids", "topk_logprobs", "origin", "prompt_mode"} <= set(m["columns"])
+
+
+@pytest.mark.timeout(120)
+def test_distill_reads_the_endpoint_teacher_as_the_local_one(endpoint_run, tiny_target_dir):
+    import torch
+
+    from fastdraft.training.distill import examples_from, pack_examples, read_alignment
+    from fastdraft.training.losses import sparse_kd
+
+    recipe, _, _ = endpoint_run
+    fingerprint = tokenizer_fingerprint(load_tokenizer(tiny_target_dir))
+    table, _ = read_alignment(recipe.run_dir / "alignment", fingerprint, "draft", need_topk=True)
+    packed, _ = pack_examples(examples_from(table, lambda p: True), 128, 0, True, topk=TOPK)
+    assert packed["topk_ids"].shape[-1] == TOPK and (packed["topk_ids"][packed["loss_mask"] > 0] >= 0).all()
+    kl, tvd = sparse_kd(torch.randn(*packed["input_ids"].shape, 512), torch.tensor(packed["topk_ids"]),
+                        torch.tensor(packed["topk_logprobs"]))
+    assert torch.isfinite(kl).all() and torch.isfinite(tvd).all()
 
 
 @pytest.mark.timeout(420)
