@@ -486,3 +486,40 @@ def test_the_api_key_comes_from_the_named_variable_as_a_bearer_token(tiny_target
     backend = OpenAIBackend(tiny_target_dir, cfg, prompt_format="token_ids")
     out = backend.generate([([1, 2, 3], SamplingParams(max_new_tokens=2))])
     assert out[0].token_ids == [5, 6] and seen == ["Bearer sk-loopback"]
+
+
+# ---------------------------------------------------------------------------------------------- fastdraft's own server
+@pytest.mark.timeout(600)
+def test_fastdraft_serving_as_the_endpoint_strict_mode_with_an_api_key(ray_session, tiny_target_dir, prompts_file, tmp_path):
+    """fastdraft.serving (Ray Serve, the target alone) as the endpoint: it lists no fingerprint yet and has no
+    /tokenize, so the tokenizer is probed by prompt token counts; it refuses vLLM's extra fields and logprobs, so
+    `vllm_extensions: false`, no top-k, and response ids re-tokenized from its text (recorded per row). The API key
+    reaches the actors through generate.runtime_env, as on a cluster."""
+    import os
+
+    from ray import serve
+
+    from endpoint_fixtures import free_port
+    from fastdraft.serving.app import build_app
+
+    port, key_env, key = free_port(), "FASTDRAFT_ENDPOINT_TEST_KEY", "sk-endpoint-test"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    os.environ[key_env] = key
+    try:
+        serve.run(build_app({"target": str(tiny_target_dir), "speculative": False, "model_name": "tiny",
+                             "cpus_per_replica": 0.5, "api_key_env": key_env}), name="fastdraft-endpoint-test",
+                  route_prefix="/", blocking=False)
+        data = endpoint_data(tmp_path / "run", tiny_target_dir, prompts_file, f"http://127.0.0.1:{port}/v1", limit=2,
+                             vllm_extensions=False, api_key_env=key_env, max_retries=20)
+        data["generate"].update(store_topk=0, runtime_env={"env_vars": {key_env: key}})
+        summary = run_generate(recipe_from_dict(data))
+    finally:
+        os.environ.pop(key_env, None)
+        serve.shutdown()
+    rows = read_rows(tmp_path / "run")
+    assert summary["rows"] == len(rows) == 4 * 3
+    assert {(r["prompt_mode"], r["response_mode"]) for r in rows.values()} == {("token_ids", "text_retokenized")}
+    m = manifest_of(tmp_path / "run")
+    assert m["endpoint"]["tokenizer_check"]["method"] == "probe"
+    assert m["endpoint"]["tokenizer_check"]["checks"] == ["prompt_tokens"]
+    assert m["counts"]["by_response_mode"] == {"text_retokenized": 12}

@@ -150,7 +150,9 @@ async def post_with_retries(client: httpx.AsyncClient, cfg: OpenAIEndpointConfig
                 last, retry_after = f"HTTP {resp.status_code}: {resp.text[:300]}", resp.headers.get("retry-after")
                 stats.count(str(resp.status_code))
             else:
-                raise EndpointError(f"{url} refused the request with HTTP {resp.status_code}: {resp.text[:500]}")
+                hint = ("; a strict server may refuse vLLM's extra request fields: set generate.openai.vllm_extensions: false"
+                        if resp.status_code in (400, 422) and cfg.vllm_extensions else "")
+                raise EndpointError(f"{url} refused the request with HTTP {resp.status_code}: {resp.text[:500]}{hint}")
         if attempt < cfg.max_retries:
             await asyncio.sleep(backoff_s(cfg, attempt, retry_after))
     raise EndpointError(f"{url}: no answer after {cfg.max_retries + 1} attempts (last: {last}); rows written so far "
