@@ -237,10 +237,52 @@ class SamplingConfig(Strict):
     """Samples per prompt at this setting."""
 
 
+class OpenAIEndpointConfig(Strict):
+    """`generate.engine: openai`: the target answers through an OpenAI-compatible HTTP endpoint (vLLM, SGLang,
+    TGI, fastdraft's own server...). The recipe's `target.model` is still needed locally: fastdraft renders the
+    chat template and tokenizes the prompts itself, and the endpoint's tokenizer is checked against it."""
+
+    base_url: str
+    """Up to and including `/v1`, e.g. http://vllm.internal:8000/v1."""
+    model: str
+    """The endpoint's model name (the `id` in GET /v1/models)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key (sent as a bearer token); None: no key."""
+    max_concurrency: int = Field(default=8, ge=1)
+    """Requests in flight per generation actor (at most generate.batch_size: one actor answers one batch at a time)."""
+    requests_per_s: float | None = Field(default=None, gt=0)
+    """Request starts per second per generation actor (retries included); None: no limit."""
+    max_retries: int = Field(default=8, ge=0)
+    """Retries of one request on 408/409/429/5xx, timeouts and dropped connections, with exponential backoff."""
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    """Each retry waits min(backoff_max_s, backoff_initial_s * 2**attempt) (jittered), or the server's Retry-After."""
+    timeout_s: float = Field(default=600.0, gt=0)
+    """One request's timeout (connect, read, write), a retryable failure."""
+    prompt_format: Literal["auto", "token_ids", "text"] = "auto"
+    """token_ids: send the prompt's exact ids (vLLM, SGLang and fastdraft's server accept them); text: send the
+    prompt text, which the server re-tokenizes; auto: token ids when a probe request shows the server takes them."""
+    vllm_extensions: bool = True
+    """Send vLLM's extra request fields (return_token_ids, return_tokens_as_token_ids, top_k, stop_token_ids,
+    add_special_tokens, skip_special_tokens): exact response ids and log-prob ids. Off for strict OpenAI servers
+    (then token strings are mapped back to ids through the target's vocabulary)."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """Merged into every completion request as it is."""
+    tokenizer_check: Literal["auto", "fingerprint", "probe"] = "auto"
+    """auto: compare GET /v1/models' `tokenizer_fingerprint` when the model entry has one, else probe strings
+    through the endpoint (round trips and prompt token counts); a mismatch is refused either way."""
+
+    SCHEDULING_ONLY = frozenset({"api_key_env", "max_concurrency", "requests_per_s", "max_retries", "backoff_initial_s",
+                                 "backoff_max_s", "timeout_s"})
+
+
 class GenerateConfig(Strict):
-    engine: Literal["transformers", "lean", "vllm"] = "transformers"
+    engine: Literal["transformers", "lean", "vllm", "openai"] = "transformers"
     """transformers (any causal LM, any device); lean (fastdraft's own decoder for the Llama family: no padding
-    computed, 1.45x transformers measured on 2 CPU cores); vllm (GPU actors, the `[gpu]` extra)."""
+    computed, 1.45x transformers measured on 2 CPU cores); vllm (GPU actors, the `[gpu]` extra); openai (an
+    OpenAI-compatible endpoint, `generate.openai`)."""
+    openai: OpenAIEndpointConfig | None = None
+    """The endpoint of `engine: openai`."""
     prompts: list[PromptSourceConfig] = Field(min_length=1)
     sampling: list[SamplingConfig] = Field(default_factory=lambda: [SamplingConfig()])
     max_prompt_tokens: int = Field(default=512, ge=1)
@@ -263,6 +305,17 @@ class GenerateConfig(Strict):
     share the CPU stack's environment."""
 
     SCHEDULING_ONLY = frozenset({"min_actors", "max_actors", "cpus_per_actor", "torch_threads"})
+
+    @model_validator(mode="after")
+    def _endpoint(self):
+        if self.engine == "openai" and self.openai is None:
+            raise ValueError("generate.engine 'openai' needs a generate.openai section (base_url, model, ...)")
+        if self.engine != "openai" and self.openai is not None:
+            raise ValueError(f"generate.openai is set but generate.engine is {self.engine!r}; set engine: openai")
+        if self.openai is not None and self.openai.max_concurrency > self.batch_size:
+            raise ValueError(f"generate.openai.max_concurrency ({self.openai.max_concurrency}) exceeds generate.batch_size "
+                             f"({self.batch_size}): an actor answers one batch at a time, so raise batch_size")
+        return self
 
 
 # --------------------------------------------------------------------------------------------

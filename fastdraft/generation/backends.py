@@ -11,6 +11,7 @@
   with its earlier oneDNN kernels (`python jobs/bench_generate.py`, 32 prompts of up to 1,994 tokens).
   Both draw each sampled row from its own `torch.Generator` seeded by `SamplingParams.seed`
   (`draw_per_row`), so a row's sample depends on its key, not on which rows share its batch.
+- `OpenAIBackend` (`endpoint.py`): any OpenAI-compatible HTTP endpoint (`generate.engine: openai`).
 - `VLLMBackend`: vLLM's offline `LLM.generate` for GPU clusters. vLLM pins torch/transformers versions
   that cannot share this project's CPU stack, so it is imported lazily and lives in its own environment
   (a cluster image, or `generate.runtime_env` for the Ray Data actors); a clear `MissingDependencyError`
@@ -46,6 +47,12 @@ class Generated:
     finish_reason: str  # "stop" | "length"
     topk_ids: list[list[int]] | None = None
     topk_logprobs: list[list[float]] | None = None
+    origin: str | None = None
+    """Where the row came from: None = the local engine (`local:<engine>`), else e.g. `endpoint:<model>@<url>`."""
+    prompt_mode: str = "token_ids"
+    """How the prompt reached the model: token_ids (exact), text (re-tokenized by the server), text_mismatch."""
+    response_mode: str = "token_ids"
+    """How response ids were obtained: token_ids (exact), logprob_tokens (mapped strings), text_retokenized."""
 
 
 class GenerationBackend(Protocol):
@@ -65,15 +72,23 @@ def make_backend(
     store_topk: int = 0,
     trust_remote_code: bool = False,
     engine_kwargs: dict[str, Any] | None = None,
+    endpoint: dict[str, Any] | None = None,
+    prompt_format: str | None = None,
 ) -> GenerationBackend:
-    """Build the engine named in the recipe (`generate.engine`)."""
+    """Build the engine named in the recipe (`generate.engine`); `endpoint` is `generate.openai` for 'openai'."""
     if engine == "transformers":
         return TransformersBackend(model_dir, dtype, device, store_topk, trust_remote_code)
     if engine == "lean":
         return LeanBackend(model_dir, dtype, device, store_topk, trust_remote_code)
     if engine == "vllm":
         return VLLMBackend(model_dir, dtype, store_topk, trust_remote_code, engine_kwargs or {})
-    raise FastdraftError(f"generate.engine: unknown engine {engine!r}; expected 'transformers', 'lean' or 'vllm'")
+    if engine == "openai":
+        from fastdraft.generation.endpoint import OpenAIBackend
+
+        if endpoint is None:
+            raise FastdraftError("generate.engine 'openai' needs generate.openai (base_url, model)")
+        return OpenAIBackend(model_dir, endpoint, store_topk, trust_remote_code, prompt_format)
+    raise FastdraftError(f"generate.engine: unknown engine {engine!r}; expected 'transformers', 'lean', 'vllm' or 'openai'")
 
 
 def stop_token_ids(generation_config: Any, tokenizer: Any) -> tuple[int, ...]:

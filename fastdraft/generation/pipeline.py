@@ -13,7 +13,11 @@ Flow (all in `run_generate`):
   4. the driver streams the results and writes each block as its own part (`*.partial`, then rename), so
      an interrupted run loses at most the batches in flight and a rerun completes the set exactly once;
   5. `alignment/manifest.json` (alignment contract: complete, target, tokenizer_fingerprint, settings,
-     counts, section_hash) is rewritten with `complete: true` at the end.
+     counts, section_hash) is rewritten with `complete: true` at the end; `runs` lists every run (engine, origin,
+     its parts' run id) and `counts.by_origin` how many rows came from each engine or endpoint.
+
+`generate.engine: openai` (`endpoint.py`) answers through an OpenAI-compatible endpoint from the same actors; its
+tokenizer is checked against the target's (`check_endpoint`) before anything is written.
 """
 
 from __future__ import annotations
@@ -51,7 +55,11 @@ _INPUT_FIELDS = [
     ("prompt_text", pa.string()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("top_k", pa.int32()),
     ("max_new_tokens", pa.int32()), ("sample_index", pa.int32()), ("seed", pa.int64()), ("source", pa.string()),
 ]
-_OUTPUT_FIELDS = [("response_ids", pa.list_(pa.int32())), ("response_text", pa.string()), ("finish_reason", pa.string())]
+_OUTPUT_FIELDS = [("response_ids", pa.list_(pa.int32())), ("response_text", pa.string()), ("finish_reason", pa.string()),
+                  ("origin", pa.string()), ("prompt_mode", pa.string()), ("response_mode", pa.string())]
+"""origin: `local:<engine>` or `endpoint:<model>@<base_url>` (a set resumed with another engine mixes them);
+prompt_mode: token_ids (the exact ids reached the model), text (re-tokenized by the server) or text_mismatch (the
+server counted other prompt tokens); response_mode: token_ids, logprob_tokens (mapped back) or text_retokenized."""
 _TOPK_FIELDS = [("topk_ids", pa.list_(pa.list_(pa.int32()))), ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
 
 
@@ -93,7 +101,8 @@ class GenerateActor:
     """Loads the engine once per actor; each call answers one batch of planned rows (1 row in, 1 row out)."""
 
     def __init__(self, engine: str, model: str, dtype: str, device: str, store_topk: int = 0,
-                 trust_remote_code: bool = False, engine_kwargs: dict | None = None, threads: int = 1):
+                 trust_remote_code: bool = False, engine_kwargs: dict | None = None, threads: int = 1,
+                 endpoint: dict | None = None, prompt_format: str | None = None):
         import torch
 
         from fastdraft.tokenizer import load_tokenizer
@@ -101,7 +110,9 @@ class GenerateActor:
         if device == "cpu":
             torch.set_num_threads(max(1, threads))  # the recipe's torch_threads, else the CPUs Ray reserved
         self.backend = make_backend(engine, model, dtype=dtype, device=device, store_topk=store_topk,
-                                    trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs)
+                                    trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs,
+                                    endpoint=endpoint, prompt_format=prompt_format)
+        self.origin = f"local:{engine}"
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.store_topk = store_topk
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -114,15 +125,19 @@ class GenerateActor:
             for r in rows
         ]
         outs = self.backend.generate(requests)
-        return results_table(rows, outs, self.tokenizer, self.store_topk, self.actor_id)
+        return results_table(rows, outs, self.tokenizer, self.store_topk, self.actor_id, self.origin)
 
 
-def results_table(rows: list[dict], outs: list[Generated], tokenizer, store_topk: int, actor_id: str = "") -> pa.Table:
+def results_table(rows: list[dict], outs: list[Generated], tokenizer, store_topk: int, actor_id: str = "",
+                  origin: str = "local") -> pa.Table:
     """Planned rows + the engine's answers as a table in the alignment schema (+ `_actor`, dropped on write)."""
     columns = {name: [r[name] for r in rows] for name, _ in _INPUT_FIELDS}
     columns["response_ids"] = [o.token_ids for o in outs]
     columns["response_text"] = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
     columns["finish_reason"] = [o.finish_reason for o in outs]
+    columns["origin"] = [o.origin or origin for o in outs]
+    columns["prompt_mode"] = [o.prompt_mode for o in outs]
+    columns["response_mode"] = [o.response_mode for o in outs]
     if store_topk:
         columns["topk_ids"] = [o.topk_ids or [] for o in outs]
         columns["topk_logprobs"] = [o.topk_logprobs or [] for o in outs]
@@ -151,6 +166,8 @@ def generate_on_ray(rows: list[dict], cfg: GenerateConfig, recipe: Recipe) -> It
             engine=cfg.engine, model=recipe.target.model, dtype=recipe.target.dtype, device=device,
             store_topk=cfg.store_topk, trust_remote_code=recipe.target.trust_remote_code,
             engine_kwargs=dict(cfg.engine_kwargs), threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
+            endpoint=cfg.openai.model_dump(mode="json") if cfg.openai else None,
+            prompt_format=cfg.openai.prompt_format if cfg.openai and cfg.openai.prompt_format != "auto" else None,
         ),
         batch_size=cfg.batch_size, batch_format="pyarrow", compute=actor_pool(cfg),
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
@@ -195,11 +212,14 @@ class AlignmentWriter:
 
     def counts(self) -> dict:
         """Rows, prompts, tokens and finish reasons over every part (also proves keys are unique)."""
-        c: dict[str, Counter] = {k: Counter() for k in ("by_source", "by_setting", "finish_reason")}
+        c: dict[str, Counter] = {k: Counter() for k in ("by_source", "by_setting", "finish_reason", "by_origin",
+                                                        "by_prompt_mode", "by_response_mode")}
         keys, prompts, resp_tokens, prompt_tokens = set(), set(), 0, 0
         rows = duplicates = 0
         for part in self.parts():
-            t = pq.read_table(part, columns=["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids"])
+            provenance = [c for c in ("origin", "prompt_mode", "response_mode") if c in pq.read_schema(part).names]
+            t = pq.read_table(part, columns=["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids",
+                                             *provenance])
             for key in t.column("key").to_pylist():
                 duplicates += key in keys
                 keys.add(key)
@@ -209,6 +229,9 @@ class AlignmentWriter:
             c["finish_reason"].update(t.column("finish_reason").to_pylist())
             resp_tokens += pc.sum(pc.list_value_length(t.column("response_ids"))).as_py() or 0
             prompt_tokens += pc.sum(pc.list_value_length(t.column("prompt_ids"))).as_py() or 0
+            for column in ("origin", "prompt_mode", "response_mode"):  # parts written before these columns: unrecorded
+                values = t.column(column).to_pylist() if column in provenance else [None] * t.num_rows
+                c[f"by_{column}"].update("unrecorded" if v is None else v for v in values)
             rows += t.num_rows
         return {"rows": rows, "prompts": len(prompts), "duplicates": duplicates, "response_tokens": resp_tokens,
                 "prompt_tokens": prompt_tokens, "parts": len(self.parts()), **{k: dict(v) for k, v in c.items()}}
@@ -280,6 +303,35 @@ def check_engine_available(cfg: GenerateConfig) -> None:
         )
 
 
+def origin_of(cfg: GenerateConfig) -> str:
+    """The `origin` column value of the rows this configuration writes."""
+    if cfg.engine == "openai":
+        from fastdraft.generation.endpoint import origin_label
+
+        return origin_label(cfg.openai)
+    return f"local:{cfg.engine}"
+
+
+def check_endpoint(cfg: GenerateConfig, tokenizer, target: str) -> tuple[GenerateConfig, dict | None]:
+    """engine 'openai': the API key is set, the endpoint serves the model with the target's tokenizer (refused with
+    a `TokenizerMismatchError` naming both sides otherwise), and `prompt_format: auto` resolved to what the server
+    takes; before anything is written. Returns the config with the format resolved and the manifest's `endpoint`."""
+    if cfg.engine != "openai":
+        return cfg, None
+    from fastdraft.generation.endpoint import api_key, check_endpoint_tokenizer, origin_label, resolve_prompt_format
+
+    api_key(cfg.openai)
+    check = check_endpoint_tokenizer(cfg.openai, tokenizer, target)
+    fmt = resolve_prompt_format(cfg.openai, tokenizer)
+    print(f"[generate] endpoint {cfg.openai.base_url} model {cfg.openai.model!r}: tokenizer checked by {check['method']}, "
+          f"prompts sent as {'exact token ids' if fmt == 'token_ids' else 'text (re-tokenized by the server)'}; "
+          f"up to {cfg.openai.max_concurrency} requests in flight per actor x {cfg.max_actors} actor(s)", flush=True)
+    cfg = cfg.model_copy(update={"openai": cfg.openai.model_copy(update={"prompt_format": fmt})})
+    endpoint = {"origin": origin_label(cfg.openai), "base_url": cfg.openai.base_url, "model": cfg.openai.model,
+                "prompt_format": fmt, "tokenizer_check": check, "chat_template": "applied by fastdraft (local tokenizer)"}
+    return cfg, endpoint
+
+
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     tmp = out_dir / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -331,12 +383,13 @@ def run_generate(recipe: Recipe) -> dict:
     fingerprint = tokenizer_fingerprint(tokenizer)
     context = check_context(cfg, recipe)
     resume = resume_hash(recipe, fingerprint)
-    check_resumable(out_dir, fingerprint, resume)
     names = [source.name for source in cfg.prompts]
     if len(set(names)) != len(names):
         raise RecipeError(f"generate.prompts: source names must be unique (they prefix the prompt ids), got {names}")
     for source in cfg.prompts:
         check_source(source)
+    previous = check_resumable(out_dir, fingerprint, resume) or {}
+    cfg, endpoint = check_endpoint(cfg, tokenizer, recipe.target.model)
     ensure_ray()
     check_engine_available(cfg)
     writer = AlignmentWriter(out_dir, cfg.store_topk)
@@ -345,6 +398,12 @@ def run_generate(recipe: Recipe) -> dict:
         "settings": [{**s.model_dump(mode="json"), "label": setting_label(s)} for s in cfg.sampling],
         "counts": {}, "section_hash": recipe.section_hash("generate"), "resume_hash": resume, "engine": cfg.engine,
         "target_context": context, "store_topk": cfg.store_topk, "columns": alignment_schema(cfg.store_topk).names,
+        "endpoint": endpoint,
+        # every run, in order: which engine (and endpoint) wrote which parts (`part-<run_id>-*.parquet`); an
+        # interrupted run keeps finished: false
+        "runs": previous.get("runs", []) + [{"run_id": writer.run_id, "engine": cfg.engine, "origin": origin_of(cfg),
+                                             "prompt_format": endpoint["prompt_format"] if endpoint else "token_ids",
+                                             "started_at": time.time(), "finished": False}],
     }
     write_manifest(out_dir, manifest)
     prompts, sources = collect_prompts(cfg, recipe, PromptEncoder(tokenizer, cfg.max_prompt_tokens, cfg.overlong), out_dir)
@@ -354,6 +413,7 @@ def run_generate(recipe: Recipe) -> dict:
           f"{len(done)} already written in {out_dir}", flush=True)
     actors, generated = _write_all(rows, cfg, recipe, writer)
     counts = writer.counts()
+    manifest["runs"][-1].update(finished=True, new_rows=generated, finished_at=time.time())
     manifest.update(complete=True, counts=counts, sources=sources, actors_used=len(actors), generate=cfg.model_dump(mode="json"))
     write_manifest(out_dir, manifest)
     return {"alignment": str(out_dir), "rows": counts["rows"], "prompts": counts["prompts"], "new_rows": generated,
