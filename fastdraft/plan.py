@@ -259,6 +259,9 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         available, source = offered(recipe, device)
         items = inference_items({"target": tcfg}, g.batch_size, length, dtype)
         notes = []
+        if g.engine == "openai":  # the endpoint holds the target: the actors hold requests and answers
+            items = [Item(f"requests and answers in flight ({g.batch_size} rows)", g.batch_size * length * 8 * (1 + 2 * g.store_topk))]
+            notes.append("the target runs behind the endpoint (generate.openai), not on this cluster")
         if g.engine == "vllm":
             util = float(g.engine_kwargs.get("gpu_memory_utilization", 0.9))
             notes.append(f"vLLM pre-allocates {util:.0%} of the GPU and pages the KV cache within it: the batch "

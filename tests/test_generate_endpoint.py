@@ -152,13 +152,14 @@ def test_endpoint_rows_equal_the_local_engine_and_say_where_they_came_from(endpo
 def test_distill_reads_the_endpoint_teacher_as_the_local_one(endpoint_run, tiny_target_dir):
     import torch
 
-    from fastdraft.training.distill import examples_from, pack_examples, read_alignment
+    from fastdraft.training.distill import REQUIRED_COLUMNS, TOPK_COLUMNS, iter_examples, pack_examples, read_alignment
     from fastdraft.training.losses import sparse_kd
 
     recipe, _, _ = endpoint_run
     fingerprint = tokenizer_fingerprint(load_tokenizer(tiny_target_dir))
-    table, _ = read_alignment(recipe.run_dir / "alignment", fingerprint, "draft", need_topk=True)
-    packed, _ = pack_examples(examples_from(table, lambda p: True), 128, 0, True, topk=TOPK)
+    files, _ = read_alignment(recipe.run_dir / "alignment", fingerprint, "draft", need_topk=True)
+    examples = list(iter_examples(files, set(), False, (*REQUIRED_COLUMNS, *TOPK_COLUMNS)))  # every row: none held out
+    packed, _ = pack_examples(examples, 128, 0, True, topk=TOPK)
     assert packed["topk_ids"].shape[-1] == TOPK and (packed["topk_ids"][packed["loss_mask"] > 0] >= 0).all()
     kl, tvd = sparse_kd(torch.randn(*packed["input_ids"].shape, 512), torch.tensor(packed["topk_ids"]),
                         torch.tensor(packed["topk_logprobs"]))
