@@ -3,7 +3,9 @@
 On a GPU cluster vLLM runs the target with paged attention and continuous batching, and speculates
 with the FastDraft draft through `speculative_config={"method": "draft_model", ...}` (vLLM >= the
 release with PR #24322; older ones raise `NotImplementedError ... draft model`). The draft directory
-is an ordinary Hugging Face directory in the target's vocabulary, so vLLM takes it as it is.
+is an ordinary Hugging Face directory in the target's vocabulary, so vLLM takes it as it is; a draft whose output
+layer covers part of the vocabulary is served through its `fastdraft export --format hf` copy
+(`fastdraft.serving.vllm`, checked when the config is built).
 Ray Serve LLM places the engine (placement groups: GPUs are not requested twice) and serves the same
 OpenAI routes as `fastdraft/serving/app.py`.
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from fastdraft.serving.app import APP_NAME, PairSpec, recipe_from_args, resolve_pair
 from fastdraft.errors import require
+from fastdraft.serving.vllm import check_draft_for_vllm
 
 DEFAULT_ACCELERATOR = None  # any GPU; set e.g. "H100" or "A10G" to pin the node type
 
@@ -31,6 +34,8 @@ def vllm_llm_config(spec: PairSpec, accelerator_type: str | None = DEFAULT_ACCEL
                     tensor_parallel_size: int = 1) -> dict[str, Any]:
     """The `ray.serve.llm.LLMConfig` (as a dict) that serves `spec` with vLLM draft-model speculation."""
     cfg = spec.serve
+    if spec.draft is not None and cfg.gamma > 0:
+        check_draft_for_vllm(spec.target, spec.draft)
     engine: dict[str, Any] = {"dtype": spec.dtype, "tensor_parallel_size": tensor_parallel_size,
                               "trust_remote_code": False, "max_num_seqs": max(cfg.max_batch_size, 1)}
     if spec.draft is not None and cfg.gamma > 0:

@@ -374,6 +374,30 @@ def test_vllm_config_from_a_recipe_pair_validates(tiny_target_dir, tiny_draft_di
     assert serve_config(spec)["applications"][0]["import_path"] == "ray.serve.llm:build_openai_app"
 
 
+def test_vllm_refuses_a_subset_head_draft_pointing_to_its_hf_export_and_a_vocabulary_mismatch(
+        tiny_target_dir, tiny_draft_dir, copy_dir):
+    from apps.vllm_app import vllm_llm_config
+    from fastdraft.checkpoint import read_metadata, write_metadata
+    from fastdraft.errors import FastdraftError
+    from fastdraft.models import HEAD_TOKENS_KEY
+    from fastdraft.serving.app import recipe_from_args, resolve_pair
+
+    subset = copy_dir(tiny_draft_dir, "subset-draft")
+    meta = read_metadata(subset)
+    meta.extra[HEAD_TOKENS_KEY] = list(range(64))
+    write_metadata(subset, meta)
+    spec = resolve_pair(recipe_from_args({"target": str(tiny_target_dir), "draft": str(subset)}))
+    with pytest.raises(FastdraftError, match=r"over 64 of .* tokens .* fastdraft export .* --format hf"):
+        vllm_llm_config(spec)
+    wide = copy_dir(tiny_draft_dir, "wide-draft")
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 64}))
+    from fastdraft.serving.vllm import check_draft_for_vllm
+
+    with pytest.raises(FastdraftError, match="vocabulary size to equal the target's"):
+        check_draft_for_vllm(str(tiny_target_dir), str(wide))
+
+
 def test_vllm_app_without_vllm_says_what_to_install(tiny_target_dir, tiny_draft_dir):
     try:
         import vllm  # noqa: F401
