@@ -138,7 +138,7 @@ def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args
     max_tokens = args.max_tokens[k % len(args.max_tokens)]
     temperature = args.temperature[(k // len(args.max_tokens)) % len(args.temperature)]
     body = {"prompt": prompts[k % len(prompts)], "max_tokens": max_tokens, "temperature": temperature, "stream": True,
-            "stream_options": {"include_usage": True}, "speculative": speculative, "seed": k}
+            "stream_options": {"include_usage": True}, "speculative": speculative}
     start = time.perf_counter()
     s = Sample(ok=False, start=start, max_tokens=max_tokens, temperature=temperature, prompt=k % len(prompts))
     try:
