@@ -36,6 +36,12 @@ def rss_bytes() -> float:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def peak_rss_bytes() -> float:
+    """The process's peak resident set since it started (this program, not the process it was spawned from)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 class PeakMemory:
     """Peak memory of what runs inside the block: torch's allocator on CUDA, the resident set on CPU."""
 
@@ -55,8 +61,8 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:  # ru_maxrss: KiB on Linux, the process's lifetime maximum (nothing before the block was larger)
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.base
+        else:  # VmHWM: this address space's peak. Not ru_maxrss: across exec it keeps the parent's peak (vfork)
+            self.peak = peak_rss_bytes() - self.base
 
 
 # ------------------------------------------------------------------------------------------------

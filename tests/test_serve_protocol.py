@@ -426,10 +426,11 @@ def test_a_generation_cut_by_a_dead_replica_continues_from_what_was_streamed():
 def test_bench_summary_counts_errors_and_percentiles():
     from jobs.bench_serve import Sample, pct, summarize
 
-    samples = [Sample(True, 0.0, latency_s=t, ttft_s=t / 4, tokens=10,
+    samples = [Sample(True, 0.0, latency_s=t, ttft_s=t / 4, tokens=10, max_tokens=4 if t < 3 else 64,
                       spec={"drafted": 6, "accepted": 3, "target_passes": 4, "emitted": 10}) for t in (1.0, 2.0, 3.0, 4.0)]
-    row = summarize("speculative", samples + [Sample(False, 0.0, error="HTTP 503")], wall_s=2.0)
-    assert row["requests"] == 4 and row["errors"] == 1 and row["first_errors"] == ["HTTP 503"]
+    row = summarize("speculative", 4, samples + [Sample(False, 0.0, error="HTTP 503", status=503)], wall_s=2.0)
+    assert row["requests"] == 4 and row["errors"] == 1 and row["http_5xx"] == 1 and row["first_errors"] == ["HTTP 503"]
+    assert row["latency_p99_by_max_tokens"] == {4: 2.0, 64: 4.0} and row["short_over_long_p99"] == 0.5
     assert row["output_tokens_per_s"] == 20 and row["latency_p50_s"] in (2.0, 3.0) and row["latency_p99_s"] == 4.0
     assert row["AR"] == 0.5 and row["tau"] == 2.5
     assert pct([], 50) is None
