@@ -177,3 +177,20 @@ def write_gguf(model: PreTrainedModel, tokenizer_dir: Path, path: Path, weights:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def gguf_summary(path: Path) -> dict:
+    """What a GGUF file holds, read back with gguf's own reader: architecture, shape, tokenizer, tensor types."""
+    reader = gguf.GGUFReader(path)
+
+    def field(key: str):
+        return reader.fields[key].contents() if key in reader.fields else None
+
+    types: dict[str, int] = {}
+    for tensor in reader.tensors:
+        types[tensor.tensor_type.name] = types.get(tensor.tensor_type.name, 0) + 1
+    return {"file": path.name, "bytes": path.stat().st_size, "architecture": field("general.architecture"),
+            "block_count": field(f"{GGUF_ARCHITECTURE}.block_count"), "vocab_size": field(f"{GGUF_ARCHITECTURE}.vocab_size"),
+            "tokenizer": field("tokenizer.ggml.model"), "tokenizer_pre": field("tokenizer.ggml.pre"),
+            "tokens": len(reader.fields["tokenizer.ggml.tokens"].data), "tensors": len(reader.tensors),
+            "tensor_types": types, "tied_output": all(t.name != "output.weight" for t in reader.tensors)}
