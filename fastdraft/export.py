@@ -346,7 +346,7 @@ def export_and_check_transformers(fmt: str, draft_dir: Path, target_dir: Path, s
                                   with_target: bool, prompts: list[list[int]], settings: CheckSettings) -> list[CheckRow]:
     """hf or gguf: write the export, then check it loaded as any transformers user would (no fastdraft code, no
     metadata). With `with_target` (gguf) the target is exported too and the check decodes with the exported target."""
-    target = load_model(target_dir)
+    target = None
     if fmt == "hf":
         exported_dir = write_hf(draft_dir, target_dir, staging / "draft", weights)
         exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype="auto", local_files_only=True).eval()
@@ -357,7 +357,7 @@ def export_and_check_transformers(fmt: str, draft_dir: Path, target_dir: Path, s
         exported = load_gguf(write_gguf_model(draft_dir, target_dir, staging / GGUF_FILES["draft"], weights,
                                               "fastdraft draft"))
     drafts = {SOURCE_LABEL: load_model(draft_dir), f"exported draft ({weights})": exported}
-    return check_hf(target, drafts, prompts, settings)
+    return check_hf(load_model(target_dir) if target is None else target, drafts, prompts, settings)
 
 
 def export_and_check_openvino(draft_dir: Path, target_dir: Path, staging: Path, weights: str, with_target: bool,
