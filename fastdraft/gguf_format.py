@@ -71,7 +71,7 @@ def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def llama_cpp_pre_tokenizer(tokenizer_dir: Path) -> str:
-    """llama.cpp's name for the pre-tokenizer in `tokenizer.json`: `gpt2` for plain byte-level splitting, `smollm` for
+    """llama.cpp's name for the pre-tokenizer in `tokenizer.json`: `gpt-2` for plain byte-level splitting, `smollm` for
     digits split one by one before it (SmolLM/SmolLM2's original tokenizer), else `default` (llama.cpp then warns
     and splits text as gpt2 does). Speculative decoding hands the draft token ids, never text, so this only matters
     when the draft file is used on its own."""
@@ -80,7 +80,7 @@ def llama_cpp_pre_tokenizer(tokenizer_dir: Path) -> str:
     steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) if pre else []
     kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True)) for s in steps]
     if kinds == [("ByteLevel", None, True)]:
-        return "gpt2"
+        return "gpt-2"  # llama.cpp refuses a name it does not know (such as "gpt2") when it loads the file
     if kinds == [("Digits", True, True), ("ByteLevel", None, False)] or kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
         return "smollm"
     return "default"

@@ -200,7 +200,7 @@ def test_gguf_export_is_a_llama_cpp_file_that_gguf_reads_back_with_the_targets_t
         config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
         config["num_key_value_heads"], config["vocab_size"])
     # llama.cpp's byte-level BPE: every id's token as the tokenizer spells it, its merges, its special ids.
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     by_id = {i: t for t, i in target_tok.get_vocab().items()}
     assert fields["tokenizer.ggml.tokens"] == [by_id[i] for i in range(config["vocab_size"])]
     merges = json.loads((tiny_target_dir / "tokenizer.json").read_text())["model"]["merges"]
