@@ -408,8 +408,9 @@ def export_draft(source: str | Path, fmt: str, out: str | Path, weights: str | N
     target_dir = check_target(draft_dir, target)
     if fmt == "gguf":
         from fastdraft.checkpoint import load_config
-        from fastdraft.gguf_format import check_gguf_config
+        from fastdraft.gguf_format import check_gguf_config, check_gguf_tokenizer
 
+        check_gguf_tokenizer(target_dir)
         for model_dir in (draft_dir, target_dir) if with_target else (draft_dir,):
             check_gguf_config(load_config(model_dir))
     out = Path(out)

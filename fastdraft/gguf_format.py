@@ -70,18 +70,36 @@ def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def _tokenizer_json(tokenizer_dir: Path) -> dict:
+    file = tokenizer_dir / "tokenizer.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def _pre_tokenizer_steps(tokenizer_json: dict) -> list[dict]:
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre] if pre else []
+
+
+def check_gguf_tokenizer(tokenizer_dir: Path) -> None:
+    """Refuse a tokenizer that llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`) does not describe."""
+    data = _tokenizer_json(tokenizer_dir)
+    kind = (data.get("model") or {}).get("type")
+    byte_level = any(s.get("type") == "ByteLevel" for s in _pre_tokenizer_steps(data))
+    if kind != "BPE" or not byte_level:
+        raise FastdraftError(f"--format gguf writes byte-level BPE tokenizers (GPT-2 style, as SmolLM2's); the "
+                             f"tokenizer in {tokenizer_dir} is {kind or 'not a tokenizer.json'}"
+                             f"{'' if byte_level else ' without a ByteLevel pre-tokenizer'}")
+
+
 def llama_cpp_pre_tokenizer(tokenizer_dir: Path) -> str:
     """llama.cpp's name for the pre-tokenizer in `tokenizer.json`: `gpt-2` for plain byte-level splitting, `smollm` for
-    digits split one by one before it (SmolLM/SmolLM2's original tokenizer), else `default` (llama.cpp then warns
-    and splits text as gpt2 does). Speculative decoding hands the draft token ids, never text, so this only matters
-    when the draft file is used on its own."""
-    file = tokenizer_dir / "tokenizer.json"
-    pre = json.loads(file.read_text()).get("pre_tokenizer") if file.is_file() else None
-    steps = (pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]) if pre else []
-    kinds = [(s.get("type"), s.get("individual_digits"), s.get("use_regex", True)) for s in steps]
-    if kinds == [("ByteLevel", None, True)]:
+    digits split one by one before it (SmolLM/SmolLM2's original tokenizer), else `default` (llama.cpp's generic
+    splitting, which may cut text differently). Speculative decoding hands the draft token ids, never text, so this
+    only matters when the draft file is used on its own."""
+    kinds = [(s.get("type"), s.get("individual_digits")) for s in _pre_tokenizer_steps(_tokenizer_json(tokenizer_dir))]
+    if kinds == [("ByteLevel", None)]:
         return "gpt-2"  # llama.cpp refuses a name it does not know (such as "gpt2") when it loads the file
-    if kinds == [("Digits", True, True), ("ByteLevel", None, False)] or kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
+    if kinds == [("Digits", True), ("ByteLevel", None)]:
         return "smollm"
     return "default"
 
@@ -104,9 +122,6 @@ def vocabulary(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[in
             tokens.append(by_id[i])
             types.append(token_type.NORMAL if i not in added else
                          token_type.CONTROL if added[i].special else token_type.USER_DEFINED)
-    if tok.backend_tokenizer.model.__class__.__name__ != "BPE":
-        raise FastdraftError(f"--format gguf writes byte-level BPE tokenizers; {tokenizer_dir} is "
-                             f"{tok.backend_tokenizer.model.__class__.__name__}")
     return tokens, [int(t) for t in types]
 
 
@@ -126,6 +141,7 @@ def write_gguf(model: PreTrainedModel, tokenizer_dir: Path, path: Path, weights:
         raise FastdraftError(f"--weights {weights} is not available for --format gguf (choose {', '.join(GGUF_WEIGHTS)})")
     config = model.config
     check_gguf_config(config)
+    check_gguf_tokenizer(tokenizer_dir)
     layers, heads, kv_heads = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
     writer = gguf.GGUFWriter(str(path), GGUF_ARCHITECTURE)
     writer.add_type(gguf.GGUFType.MODEL)
