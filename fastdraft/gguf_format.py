@@ -8,8 +8,9 @@ converter uses):
 - the `llama` architecture's hyper-parameters (`llama.block_count`, `llama.attention.head_count_kv`, ...);
 - the tokenizer as llama.cpp's byte-level BPE (`tokenizer.ggml.model = gpt2`): every id's token text up to the
   model's vocabulary size (ids the tokenizer lacks are `[PAD<id>]`, type UNUSED), token types (special added
-  tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), the merges, bos/eos/unk/pad ids, add_bos/eos
-  and the chat template (gguf-py's SpecialVocab reads those from the tokenizer folder), and `tokenizer.ggml.pre`,
+  tokens CONTROL, other added tokens USER_DEFINED, the rest NORMAL), the merges, bos/eos/unk/pad ids and the chat
+  template (gguf-py's SpecialVocab reads those from the tokenizer folder), add_bos/add_eos as the tokenizer
+  behaves (llama.cpp's speculative decoding requires the draft's to equal the target's), and `tokenizer.ggml.pre`,
   the pre-tokenizer llama.cpp applies to text, recognised from `tokenizer.json` (see `llama_cpp_pre_tokenizer`);
 - the weights: `token_embd`, `blk.N.attn_q` ..., `output_norm`, and `output` only for an untied output layer
   (llama.cpp and transformers tie the two when `output.weight` is absent). llama.cpp stores the rows of Q and K
@@ -125,6 +126,18 @@ def vocabulary(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[in
     return tokens, [int(t) for t in types]
 
 
+def adds_special_tokens(tokenizer_dir: Path) -> dict[str, bool]:
+    """Whether the tokenizer puts BOS before / EOS after a text it encodes, as it actually does (tokenizer_config
+    often does not say): written explicitly, because llama.cpp's default depends on the pre-tokenizer and its
+    speculative decoding refuses a draft whose add_bos/add_eos differ from the target's."""
+    from fastdraft.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    plain, added = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
+    return {"bos": tok.bos_token_id is not None and added[:1] == [tok.bos_token_id] and plain[:1] != added[:1],
+            "eos": tok.eos_token_id is not None and added[-1:] == [tok.eos_token_id] and plain[-1:] != added[-1:]}
+
+
 def encode_tensor(weight: torch.Tensor, weights: str) -> tuple[np.ndarray, object | None]:
     """(data, raw GGML type or None) of one tensor as GGUFWriter.add_tensor takes it."""
     data = weight.detach().to(torch.float32).cpu().numpy()
@@ -172,6 +185,7 @@ def write_gguf(model: PreTrainedModel, tokenizer_dir: Path, path: Path, weights:
     special = gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=config.vocab_size)
     if not special.merges:
         raise FastdraftError(f"{tokenizer_dir}: no BPE merges found (tokenizer.json or merges.txt)")
+    special.add_special_token = adds_special_tokens(tokenizer_dir)
     special.add_to_gguf(writer, quiet=True)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)

@@ -207,6 +207,7 @@ def test_gguf_export_is_a_llama_cpp_file_that_gguf_reads_back_with_the_targets_t
     assert fields["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m for m in merges]
     assert (fields["tokenizer.ggml.bos_token_id"], fields["tokenizer.ggml.eos_token_id"]) == (
         target_tok.bos_token_id, target_tok.eos_token_id)
+    assert fields["tokenizer.ggml.add_bos_token"] is (target_tok("a")["input_ids"][0] == target_tok.bos_token_id)
     control = {i for i, t in enumerate(fields["tokenizer.ggml.token_type"]) if t == 3}
     assert control == set(target_tok.all_special_ids) and fields["tokenizer.chat_template"] == target_tok.chat_template
     # llama.cpp's tensor names; norms stay float32, matrices are q8_0; a tied head writes no output.weight.
