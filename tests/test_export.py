@@ -338,6 +338,55 @@ def test_llama_cpp_loads_the_gguf_draft_with_the_targets_tokens_and_the_sources_
     assert (got - want).abs().max().item() <= GGUF_LOGIT_TOLERANCE["q8_0"]
 
 
+def test_llama_cpp_speculative_decoding_with_the_gguf_pair_keeps_the_targets_greedy_output(pruned_draft,
+                                                                                          tiny_target_dir, tmp_path):
+    """llama-cpp-python's speculative loop (the target verifies what a draft proposes), with both files of a
+    `--with-target` export in llama.cpp: greedy output equal to the target's alone (skipped where llama-cpp-python
+    is not installed)."""
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+    from llama_cpp.llama_speculative import LlamaDraftModel
+
+    result = export_draft(pruned_draft, "gguf", tmp_path / "pair", weights="f32", with_target=True, settings=QUICK)
+    gamma, new = QUICK.gamma, QUICK.max_new_tokens
+
+    class GreedyGGUFDraft(LlamaDraftModel):
+        """The draft file in llama.cpp, proposing `gamma` greedy tokens after the context it is given."""
+
+        def __init__(self):
+            self.llm = llama_cpp.Llama(model_path=str(tmp_path / "pair" / "draft" / "draft.gguf"), n_ctx=256,
+                                       logits_all=True, verbose=False, n_threads=1)
+
+        def __call__(self, input_ids, **kwargs):
+            self.llm.reset()
+            self.llm.eval(input_ids.tolist())
+            proposed = []
+            for _ in range(gamma):
+                proposed.append(int(np.argmax(self.llm.scores[self.llm.n_tokens - 1])))
+                self.llm.eval(proposed[-1:])
+            return np.array(proposed, dtype=np.intc)
+
+    def greedy(llm, prompt: list[int]) -> list[int]:
+        out = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            out.append(token)
+            if len(out) == new:
+                return out
+
+    target_file = str(tmp_path / "pair" / "target" / "target.gguf")
+    draft = GreedyGGUFDraft()
+    alone = llama_cpp.Llama(model_path=target_file, n_ctx=256, verbose=False, n_threads=1)
+    paired = llama_cpp.Llama(model_path=target_file, n_ctx=256, verbose=False, n_threads=1, draft_model=draft)
+    try:
+        for prompt in check_prompts(tiny_target_dir, QUICK.prompts):
+            assert greedy(paired, prompt) == greedy(alone, prompt)
+    finally:
+        for llm in (alone, paired, draft.llm):
+            llm.close()
+    assert result.passed
+
+
 def test_a_draft_gguf_cannot_hold_is_refused_before_anything_is_written(tmp_path):
     from fastdraft.assets import build_tiny_model, build_tiny_tokenizer
     from fastdraft.models import make_draft
