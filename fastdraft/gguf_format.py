@@ -150,6 +150,10 @@ def encode_tensor(weight: torch.Tensor, weights: str) -> tuple[np.ndarray, objec
 
 def write_gguf(model: PreTrainedModel, tokenizer_dir: Path, path: Path, weights: str, name: str = "fastdraft draft") -> Path:
     """Write `model` (a Llama, full-vocabulary output layer) with the tokenizer in `tokenizer_dir` to `path`."""
+    from fastdraft.models import head_token_ids
+
+    if head_token_ids(model) is not None:
+        raise ValueError("write_gguf needs a full-vocabulary output layer: pass fastdraft.export.full_vocab_head(model)")
     if weights not in GGUF_WEIGHTS:
         raise FastdraftError(f"--weights {weights} is not available for --format gguf (choose {', '.join(GGUF_WEIGHTS)})")
     config = model.config
