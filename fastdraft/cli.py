@@ -6,7 +6,7 @@
     fastdraft make-draft --target PATH_OR_ID --params 50M --out DIR
     fastdraft check-pair TARGET DRAFT
     fastdraft plan RECIPE [--set ...]              # what runs where, each worker's peak memory, and whether it fits
-    fastdraft export RUN_OR_DRAFT --format openvino|hf [--weights int8|int4|f16|f32] --out DIR
+    fastdraft export RUN_OR_DRAFT --format openvino|hf|gguf [--weights int8|int4|q8_0|f16|f32] --out DIR
 
 User errors (bad recipe, missing path, tokenizer mismatch) print one sentence and exit 2.
 """
@@ -103,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target")
     p.add_argument("draft")
 
-    p = sub.add_parser("export", help="write a draft in an engine's format (hf, openvino) and check it against its source")
+    p = sub.add_parser("export", help="write a draft in an engine's format (hf, openvino, gguf) and check it against its source")
     p.add_argument("source", metavar="RUN_OR_DRAFT", help="a draft directory, a recipe (its final draft) or a run's workdir")
-    p.add_argument("--format", dest="fmt", required=True, help="hf (transformers assistant_model), openvino (GenAI draft_model), gguf")
-    p.add_argument("--weights", default=None, help="openvino: int8 (default), int4, f16, f32; hf: f32 (default), f16")
+    p.add_argument("--format", dest="fmt", required=True, help="hf (transformers assistant_model), openvino (GenAI draft_model), gguf (llama.cpp -md)")
+    p.add_argument("--weights", default=None, help="openvino: int8 (default), int4, f16, f32; hf: f32 (default), f16; gguf: q8_0 (default), f16, f32")
     p.add_argument("--out", required=True, help="export folder (new, empty, or a previous export, replaced once the new one is checked)")
     p.add_argument("--target", default=None, help="the target to check against (default: the one the draft was made for)")
-    p.add_argument("--with-target", action="store_true", help="openvino: export the target too, for a deployable pair")
+    p.add_argument("--with-target", action="store_true", help="openvino, gguf: export the target too, for a deployable pair")
     p.add_argument("--prompts", type=int, default=8, help="check: built-in instruction prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="check: new tokens per prompt")
     p.add_argument("--gamma", type=int, default=4, help="check: draft tokens per round")

@@ -3,12 +3,13 @@
     fastdraft export runs/demo/drafts/FT --format openvino --out exports/demo-ov            # int8 IR for GenAI
     fastdraft export jobs/recipes/demo.yaml --format hf --out exports/demo-hf             # transformers assistant
     fastdraft export runs/demo --format openvino --weights int4 --with-target --out exports/pair
+    fastdraft export runs/demo --format gguf --out exports/demo-gguf                      # q8_0 draft for llama.cpp -md
 
 The source is a draft directory, a recipe (its final draft, as `fastdraft run` leaves it) or a run's workdir
 (the draft that went through the most stages). An export folder holds:
 
-    <out>/draft/        the draft: safetensors + tokenizer (hf) or a stateful IR (openvino)
-    <out>/target/       the target in the same format (openvino with `with_target`): a deployable pair
+    <out>/draft/        the draft: safetensors + tokenizer (hf), a stateful IR (openvino) or draft.gguf (gguf)
+    <out>/target/       the target in the same format (openvino, gguf with `with_target`): a deployable pair
     <out>/export.json   what was exported from what, and the check's numbers
     <out>/README.md     the model card: target, tokenizer fingerprint, stages, measured AR and speedup, how to load
 
@@ -16,7 +17,10 @@ The check runs the exporting engine on the target's greedy decoding of built-in 
 alone, the source draft (float32) and the exported draft, each with the same gamma. It reports the acceptance
 rate (GenAI's own counters; for transformers, which reports none, fastdraft's exact offline greedy acceptance),
 whether the speculative output equals the target's own token for token, and wall-clock speedup over the target
-alone in that engine (metric definitions: fastdraft.evaluation.metrics).
+alone in that engine (metric definitions: fastdraft.evaluation.metrics). A GGUF draft (fastdraft.gguf_format) is
+checked in transformers, loaded with `gguf_file=` (transformers dequantizes it: the weights are the file's, the
+arithmetic float32), and its logits are compared with the source's on the check's sequences (`logits_max_abs_diff`).
+llama.cpp itself is not run here.
 
 A draft with a trimmed head (fastdraft.models.SubsetHead, `head_tokens`) keeps its -inf logits outside the subset
 in OpenVINO (the IR computes the subset's logits and scatters them into a -inf vector, as fastdraft does). Plain
@@ -24,6 +28,8 @@ transformers has no such layer and Llama's output layer has no bias, so the hf e
 layer whose rows outside the subset are the *mean* of the subset's rows: each such token's logit is then the mean
 of the subset's logits, which is below their maximum unless all of them are equal, so greedy decoding never
 proposes one (exact, by linearity). Sampling is not exact: those tokens get a little probability (see the card).
+The gguf export writes the same full output layer (`output.weight`), for the same reason: llama.cpp has no such
+layer either.
 """
 
 from __future__ import annotations
@@ -40,13 +46,21 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from fastdraft.checkpoint import METADATA_FILE, DraftMetadata, load_model, read_metadata
 from fastdraft.errors import FastdraftError, require
+from fastdraft.gguf_format import GGUF_WEIGHTS
 
 FORMATS = ("hf", "openvino", "gguf")
-WEIGHTS = {"hf": ("f32", "f16"), "openvino": ("int8", "int4", "f16", "f32")}
-DEFAULT_WEIGHTS = {"hf": "f32", "openvino": "int8"}  # int8: the draft's AR barely moves (see the README)
+WEIGHTS = {"hf": ("f32", "f16"), "openvino": ("int8", "int4", "f16", "f32"), "gguf": GGUF_WEIGHTS}
+# int8 / q8_0: the draft's AR barely moves (see the README)
+DEFAULT_WEIGHTS = {"hf": "f32", "openvino": "int8", "gguf": "q8_0"}
+WEIGHTS_HINTS = {"hf": "; int8/int4 come with --format openvino, q8_0 with --format gguf",
+                 "openvino": "", "gguf": "; gguf's int8 is q8_0"}
+GGUF_FILES = {"draft": "draft/draft.gguf", "target": "target/target.gguf"}
 EXPORT_RECORD = "export.json"
 AR_GOAL_POINTS = 2.0
 """An exported draft should accept within this many AR points of its float32 source."""
+
+
+SOURCE_LABEL = "source draft (f32)"
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,8 @@ class CheckRow:
     identical: bool | None = None
     """Whether the speculative output equals the target's own greedy output on every prompt (None: the target)."""
     speedup: float | None = None
+    logits_max_abs_diff: float | None = None
+    """transformers check: the largest |logit - source logit| over the check's sequences (finite source logits)."""
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -85,15 +101,13 @@ def check_request(fmt: str, weights: str | None, with_target: bool) -> str:
     """Validate the format and weights (and that the format's extra is installed); returns the weights to use."""
     if fmt not in FORMATS:
         raise FastdraftError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
-    if fmt == "gguf":
-        raise FastdraftError("--format gguf is not built yet: export --format hf, then convert that folder with "
-                             "llama.cpp's convert_hf_to_gguf.py (its hf export loads as a plain Llama)")
     weights = weights or DEFAULT_WEIGHTS[fmt]
     if weights not in WEIGHTS[fmt]:
         raise FastdraftError(f"--weights {weights} is not available for --format {fmt} "
-                             f"(choose {', '.join(WEIGHTS[fmt])}; int8/int4 come with --format openvino)")
+                             f"(choose {', '.join(WEIGHTS[fmt])}{WEIGHTS_HINTS[fmt]})")
     if with_target and fmt == "hf":
-        raise FastdraftError("--with-target is for --format openvino: an hf target already is a transformers checkpoint")
+        raise FastdraftError("--with-target is for --format openvino or gguf: an hf target already is a transformers "
+                             "checkpoint")
     if fmt == "openvino":
         purpose = f"--format openvino --weights {weights}"
         for module in ("openvino", "openvino_genai", "openvino_tokenizers") + (("nncf",) if weights.startswith("int") else ()):
@@ -216,6 +230,21 @@ def write_hf(draft_dir: Path, target_dir: Path, out: Path, weights: str) -> Path
     return out
 
 
+def write_gguf_model(model_dir: Path, target_dir: Path, path: Path, weights: str, name: str) -> Path:
+    """A draft or target directory as one GGUF file with the target's tokenizer (fastdraft.gguf_format); a trimmed
+    head is written over the full vocabulary, as for hf."""
+    from fastdraft.gguf_format import write_gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_gguf(full_vocab_head(load_model(model_dir)), target_dir, path, weights, name)
+
+
+def load_gguf(path: Path) -> PreTrainedModel:
+    """A GGUF file as transformers loads it (`gguf_file=`, dequantized to float32): no fastdraft code."""
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                local_files_only=True).eval()
+
+
 def write_openvino(model_dir: Path, out: Path, weights: str, tokenizer: PreTrainedTokenizerBase) -> Path:
     """A draft or target directory as a stateful IR for openvino_genai (weights compressed by NNCF for int8/int4),
     with `tokenizer` converted so that the folder takes text."""
@@ -257,17 +286,32 @@ def _hf_greedy(target: PreTrainedModel, prompt: list[int], max_new_tokens: int,
     return out[0, len(prompt):].tolist()
 
 
-def check_hf(target_dir: Path, drafts: dict[str, PreTrainedModel], prompts: list[list[int]],
+def max_logit_diff(source: PreTrainedModel, exported: PreTrainedModel, sequences: list[list[int]]) -> float:
+    """The largest |exported logit - source logit| over `sequences`, where the source's logit is finite (a SubsetHead
+    source is -inf outside its tokens)."""
+    worst = 0.0
+    with torch.inference_mode():
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            want, got = source(ids).logits[0].float(), exported(ids).logits[0].float()
+            finite = torch.isfinite(want)
+            worst = max(worst, (got - want)[finite].abs().max().item())
+    return worst
+
+
+def check_hf(target: PreTrainedModel, drafts: dict[str, PreTrainedModel], prompts: list[list[int]],
              settings: CheckSettings) -> list[CheckRow]:
     """transformers' `generate` alone and with each draft as `assistant_model`; AR is fastdraft's offline greedy
-    acceptance (exact under greedy: transformers itself reports no counters)."""
+    acceptance (exact under greedy: transformers itself reports no counters). Each draft but the source also gets
+    its logits' largest difference from the source's, on the prompts followed by the target's answers."""
     from fastdraft.evaluation.acceptance import Continuation, offline_sweep
     from fastdraft.speculative.types import SamplingParams
 
-    target, n = load_model(target_dir), settings.max_new_tokens
+    n = settings.max_new_tokens
     refs, alone = _timed(lambda p: _hf_greedy(target, p, n), prompts)
     rows = [CheckRow("target alone", alone)]
     continuations = [Continuation(p, r) for p, r in zip(prompts, refs)]
+    source = drafts.get(SOURCE_LABEL)
     for label, draft in drafts.items():
         # A constant gamma, drafted to the end: the settings the AR and the other engine's rows assume.
         draft.generation_config.num_assistant_tokens = settings.gamma
@@ -275,7 +319,9 @@ def check_hf(target_dir: Path, drafts: dict[str, PreTrainedModel], prompts: list
         draft.generation_config.assistant_confidence_threshold = 0.0
         outs, seconds = _timed(lambda p: _hf_greedy(target, p, n, draft), prompts)
         stats = offline_sweep(target, draft, continuations, SamplingParams(temperature=0.0), [settings.gamma], n)[settings.gamma]
-        rows.append(CheckRow(label, seconds, int(stats.drafted), int(stats.accepted), outs == refs, alone / seconds))
+        diff = None if source is None or draft is source else \
+            max_logit_diff(source, draft, [p + r for p, r in zip(prompts, refs)])
+        rows.append(CheckRow(label, seconds, int(stats.drafted), int(stats.accepted), outs == refs, alone / seconds, diff))
     return rows
 
 
@@ -296,13 +342,22 @@ def check_openvino(target_ir: Path, drafts: dict[str, Path], prompts: list[list[
     return rows
 
 
-def export_and_check_hf(draft_dir: Path, target_dir: Path, staging: Path, weights: str, prompts: list[list[int]],
-                        settings: CheckSettings) -> list[CheckRow]:
-    exported_dir = write_hf(draft_dir, target_dir, staging / "draft", weights)
-    # Loaded as any transformers user would: no fastdraft code, no metadata.
-    exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype="auto", local_files_only=True).eval()
-    drafts = {"source draft (f32)": load_model(draft_dir), f"exported draft ({weights})": exported}
-    return check_hf(target_dir, drafts, prompts, settings)
+def export_and_check_transformers(fmt: str, draft_dir: Path, target_dir: Path, staging: Path, weights: str,
+                                  with_target: bool, prompts: list[list[int]], settings: CheckSettings) -> list[CheckRow]:
+    """hf or gguf: write the export, then check it loaded as any transformers user would (no fastdraft code, no
+    metadata). With `with_target` (gguf) the target is exported too and the check decodes with the exported target."""
+    target = None
+    if fmt == "hf":
+        exported_dir = write_hf(draft_dir, target_dir, staging / "draft", weights)
+        exported = AutoModelForCausalLM.from_pretrained(exported_dir, dtype="auto", local_files_only=True).eval()
+    else:
+        if with_target:
+            target = load_gguf(write_gguf_model(target_dir, target_dir, staging / GGUF_FILES["target"], weights,
+                                                "fastdraft target"))
+        exported = load_gguf(write_gguf_model(draft_dir, target_dir, staging / GGUF_FILES["draft"], weights,
+                                              "fastdraft draft"))
+    drafts = {SOURCE_LABEL: load_model(draft_dir), f"exported draft ({weights})": exported}
+    return check_hf(load_model(target_dir) if target is None else target, drafts, prompts, settings)
 
 
 def export_and_check_openvino(draft_dir: Path, target_dir: Path, staging: Path, weights: str, with_target: bool,
@@ -351,6 +406,13 @@ def export_draft(source: str | Path, fmt: str, out: str | Path, weights: str | N
     weights = check_request(fmt, weights, with_target)
     draft_dir = resolve_draft(source)
     target_dir = check_target(draft_dir, target)
+    if fmt == "gguf":
+        from fastdraft.checkpoint import load_config
+        from fastdraft.gguf_format import check_gguf_config, check_gguf_tokenizer
+
+        check_gguf_tokenizer(target_dir)
+        for model_dir in (draft_dir, target_dir) if with_target else (draft_dir,):
+            check_gguf_config(load_config(model_dir))
     out = Path(out)
     check_out_dir(out)
     staging = out.with_name(out.name + ".partial")
@@ -358,12 +420,13 @@ def export_draft(source: str | Path, fmt: str, out: str | Path, weights: str | N
     staging.mkdir(parents=True)
     try:
         prompts = check_prompts(target_dir, settings.prompts)
-        if fmt == "hf":
-            rows = export_and_check_hf(draft_dir, target_dir, staging, weights, prompts, settings)
-        else:
+        if fmt == "openvino":
             rows = export_and_check_openvino(draft_dir, target_dir, staging, weights, with_target, prompts, settings)
+        else:
+            rows = export_and_check_transformers(fmt, draft_dir, target_dir, staging, weights, with_target, prompts,
+                                                 settings)
         meta = read_metadata(draft_dir)
-        record = export_record(fmt, weights, with_target, draft_dir, target_dir, meta, rows, settings)
+        record = export_record(fmt, weights, with_target, draft_dir, target_dir, meta, rows, settings, staging)
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2))
         (staging / "README.md").write_text(model_card(record, meta))
     except BaseException:
@@ -386,25 +449,31 @@ def publish(staging: Path, out: Path) -> None:
 
 
 def export_record(fmt: str, weights: str, with_target: bool, draft_dir: Path, target_dir: Path, meta: DraftMetadata,
-                  rows: list[CheckRow], settings: CheckSettings) -> dict:
-    """export.json: provenance, and the check's rows with the AR drop from the float32 source in points."""
+                  rows: list[CheckRow], settings: CheckSettings, folder: Path) -> dict:
+    """export.json: provenance, the check's rows with the AR drop from the float32 source in points, and for gguf
+    what the written file holds as gguf's own reader sees it (`folder`: where the export was written)."""
     from fastdraft.models import HEAD_TOKENS_KEY
 
+    from fastdraft.gguf_format import gguf_summary
+
     by_label = {r.label: r for r in rows}
-    source, exported = by_label.get("source draft (f32)"), by_label[f"exported draft ({weights})"]
+    source, exported = by_label.get(SOURCE_LABEL), by_label[f"exported draft ({weights})"]
     drop = None if source is None or None in (source.acceptance_rate, exported.acceptance_rate) else \
         round(100 * (source.acceptance_rate - exported.acceptance_rate), 2)
     return {
         "format": fmt, "weights": weights, "source": str(draft_dir.resolve()), "target": meta.target, "target_dir": str(target_dir),
         "tokenizer_fingerprint": meta.tokenizer_fingerprint, "stages": [asdict(r) for r in meta.history],
         "tokens_seen": meta.tokens_seen, "head_tokens": len(meta.extra.get(HEAD_TOKENS_KEY) or []) or None,
-        "files": {"draft": "draft", "target": "target" if with_target else None},
-        "check": {"engine": "transformers" if fmt == "hf" else "openvino_genai", **asdict(settings),
-                  "ar_source": "fastdraft offline greedy acceptance" if fmt == "hf" else "GenAI's counters",
+        "files": dict(GGUF_FILES, target=GGUF_FILES["target"] if with_target else None) if fmt == "gguf" else
+                 {"draft": "draft", "target": "target" if with_target else None},
+        "gguf": gguf_summary(folder / GGUF_FILES["draft"]) if fmt == "gguf" else None,
+        "check": {"engine": "openvino_genai" if fmt == "openvino" else "transformers", **asdict(settings),
+                  "ar_source": "GenAI's counters" if fmt == "openvino" else "fastdraft offline greedy acceptance",
                   "rows": [{**asdict(r), "acceptance_rate": r.acceptance_rate} for r in rows],
                   "identical": all(r.identical for r in rows if r.identical is not None),
                   "ar_drop_points": drop, "ar_goal_points": AR_GOAL_POINTS,
-                  "ar_goal_met": None if drop is None else drop <= AR_GOAL_POINTS},
+                  "ar_goal_met": None if drop is None else drop <= AR_GOAL_POINTS,
+                  "logits_max_abs_diff": exported.logits_max_abs_diff},
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
@@ -443,6 +512,26 @@ pipe = ov_genai.LLMPipeline("{target_ir}", "CPU", draft_model=draft)
 config = ov_genai.GenerationConfig(max_new_tokens=128, num_assistant_tokens={gamma})
 print(pipe.generate("Why does ice float?", config))
 ```''',
+    "gguf": '''llama.cpp (speculative decoding with this draft; `-md` is an option of llama-speculative and llama-server):
+
+```bash
+llama-speculative -m {target_gguf} -md ./draft/draft.gguf --draft-max {gamma} --temp 0 -n 128 -p "Why does ice float?"
+llama-server -m {target_gguf} -md ./draft/draft.gguf --draft-max {gamma}
+```
+
+transformers (dequantizes the file):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+target = AutoModelForCausalLM.from_pretrained("{target_dir}")
+draft = AutoModelForCausalLM.from_pretrained("./draft", gguf_file="draft.gguf")
+tok = AutoTokenizer.from_pretrained("./draft", gguf_file="draft.gguf")
+inputs = tok.apply_chat_template([{{"role": "user", "content": "Why does ice float?"}}], add_generation_prompt=True,
+                                 return_tensors="pt", return_dict=True)
+out = target.generate(**inputs, assistant_model=draft, do_sample=False, max_new_tokens=128)
+print(tok.decode(out[0, inputs["input_ids"].shape[1]:]))
+```''',
 }
 
 
@@ -453,15 +542,30 @@ def model_card(record: dict, meta: DraftMetadata) -> str:
     stages = "\n".join(f"| {r.stage} | {r.tokens:,} | {r.data} |" for r in meta.history) or "| (untrained) | 0 | |"
     # Without --with-target the card cannot name a target IR: the user exports it the same way.
     target_ir = "./target" if record["files"]["target"] else "TARGET_IR"
+    target_gguf = f"./{record['files']['target']}" if record["files"]["target"] else "TARGET_GGUF"
     snippet = LOAD_SNIPPETS[fmt].format(out=".", target_dir=record["target_dir"], target_ir=target_ir,
-                                        gamma=check["gamma"], arch=_architecture(record))
-    if target_ir == "TARGET_IR":
+                                        target_gguf=target_gguf, gamma=check["gamma"], arch=_architecture(record))
+    if fmt == "openvino" and target_ir == "TARGET_IR":
         snippet += ("\n\nTARGET_IR: the target as an IR folder, e.g. `fastdraft export SOURCE --format openvino "
                     "--with-target --out DIR` writes the pair (DIR/target, DIR/draft).")
+    if fmt == "gguf" and target_gguf == "TARGET_GGUF":
+        snippet += ("\n\nTARGET_GGUF: the target as a GGUF file, e.g. `fastdraft export SOURCE --format gguf "
+                    "--with-target --out DIR` writes DIR/target/target.gguf, or the target's own published GGUF "
+                    "(llama.cpp checks that the two vocabularies agree).")
     drop = check["ar_drop_points"]
     verdict = "" if drop is None else (f"\nAR of the {record['weights']} draft: {drop:+.2f} points below the float32 source "
                                        f"(goal: within {check['ar_goal_points']:g}): "
                                        f"{'met' if check['ar_goal_met'] else 'NOT met'}.\n")
+    if check.get("logits_max_abs_diff") is not None:
+        verdict += (f"\nLogits of the exported draft vs the float32 source on the check's sequences: largest "
+                    f"difference {check['logits_max_abs_diff']:.2g}.\n")
+    if record.get("gguf"):
+        g = record["gguf"]
+        verdict += (f"\n`{g['file']}`: {g['bytes'] / 2**20:.1f} MiB, architecture `{g['architecture']}`, {g['tensors']} "
+                    f"tensors ({', '.join(f'{n} {k}' for k, n in g['tensor_types'].items())}), tokenizer "
+                    f"`{g['tokenizer']}` (pre `{g['tokenizer_pre']}`, {g['tokens']:,} tokens)"
+                    f"{', output layer tied to the embeddings' if g['tied_output'] else ''}. Checked in transformers "
+                    f"(`gguf_file=`), not in llama.cpp.\n")
     head = "" if not record["head_tokens"] else _head_note(fmt, record["head_tokens"])
     return f"""# fastdraft draft for `{record['target']}` ({fmt}, {record['weights']} weights)
 
@@ -500,7 +604,8 @@ def _head_note(fmt: str, count: int) -> str:
     if fmt == "openvino":
         return (f"- output layer: {count:,} tokens (the draft proposes only those; the IR gives every other token "
                 f"logit -inf, exactly as fastdraft's SubsetHead)\n")
-    return (f"- output layer: trained over {count:,} tokens, written over the whole vocabulary for plain transformers: "
+    engine = "plain transformers" if fmt == "hf" else "llama.cpp (`output.weight`)"
+    return (f"- output layer: trained over {count:,} tokens, written over the whole vocabulary for {engine}: "
             f"every other token's row is the mean of the trained rows, so its logit is the mean of theirs and greedy "
             f"decoding never proposes it. Under sampling those tokens keep a little probability (the target's "
             f"verification keeps the output exact either way); the full layer also reads more weights per token "

@@ -46,6 +46,7 @@ WHERE_RUN = {
     "fastdraft export runs/demo --format openvino --with-target": "test_export.py::test_openvino_int8_pair_runs_in_genai_with_a_draft_model_and_the_targets_greedy_output",
     "fastdraft export runs/demo --format hf": "test_export.py::test_hf_export_is_a_plain_transformers_assistant_whose_greedy_output_is_the_targets"
                                               " + test_export.py::test_a_workdir_exports_its_draft_with_the_most_stages",
+    "fastdraft export runs/demo --format gguf": "test_export.py::test_gguf_export_is_a_llama_cpp_file_that_gguf_reads_back_with_the_targets_tokenizer",
     "python jobs/bench_prepare.py": "test_benchmarks.py::test_bench_prepare_compares_the_pipeline_with_a_plain_loop_at_two_sizes",
     "python jobs/bench_generate.py": "test_benchmarks.py::test_bench_generate_times_the_loop_both_batched_engines_and_the_ray_pipeline",
     "python jobs/bench_train.py": "test_benchmarks.py::test_bench_train_compares_ray_train_with_a_plain_loop",
