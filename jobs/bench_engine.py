@@ -15,7 +15,8 @@ Pairs (issue 7):
 Rows: transformers target alone (`generate`), transformers assisted generation (constant
 `num_assistant_tokens`, confidence threshold 0), fastdraft gamma 0 (target alone, same loop), static gammas
 and dynamic gamma, static gammas with the draft's matrices in int8 (where the native kernel runs it; c in bytes); with the `openvino` extra installed, OpenVINO GenAI's target alone and its speculative
-pipeline (the same float32 weights exported to IR, f32 precision hints, constant `num_assistant_tokens`).
+pipeline (the same float32 weights exported to IR, f32 precision hints, constant `num_assistant_tokens`), and the
+same pipeline with the draft's weights compressed to int8 by NNCF, as `fastdraft export --format openvino` ships it.
 
 Every configuration runs once per repeat, interleaved, in reverse order every other repeat (a machine that
 slows down or speeds up during the run favours no row); ratios between rows are taken within each repeat and
@@ -128,6 +129,12 @@ def rows_for_pair(pair: str, target, drafts: dict, gammas: list[int], hf_gamma: 
             pipeline = openvino.GenAIPipeline(target_ir, openvino.export_ir(draft, openvino_dir / f"draft{i}"), threads)
             rows.append(Row(pair, f"openvino speculative, {label}", hf_gamma, openvino_runner(pipeline, max_new, hf_gamma), c,
                             label, alone="openvino target alone"))
+            # The paper's deployment: the draft exported as `fastdraft export --format openvino` does (NNCF int8 weights)
+            int8_ir = openvino.export_ir(draft, openvino_dir / f"draft{i}-int8", weights="int8")
+            pipeline8 = openvino.GenAIPipeline(target_ir, int8_ir, threads)
+            c_int8 = CostRatio.of(draft, target, "int8").bytes  # a byte a weight (+ per-channel scales), like NNCF's
+            rows.append(Row(pair, f"openvino speculative, NNCF int8 draft, {label}", hf_gamma,
+                            openvino_runner(pipeline8, max_new, hf_gamma), c_int8, label, alone="openvino target alone"))
         rows += [Row(pair, f"fastdraft, {label}", g, engine_runner(engine, max_new, g), c, label) for g in gammas]
         rows.append(Row(pair, f"fastdraft dynamic, {label}", None, engine_runner(dynamic, max_new, 3), c, label))
         if resolve_weights(draft, "auto", backend) == "int8":  # the same draft, its matrices streamed as int8

@@ -30,6 +30,9 @@ def test_bench_engine_agreeing_pair_smoke(tmp_path):
     assert rows["openvino target alone/None"]["speedup_vs_own_target_alone"] == 1
     openvino = rows["openvino speculative, agreeing draft/4"]
     assert openvino["mbsu_bound"] == agree["mbsu_bound"] and openvino["efficiency"] > 0
+    # the paper's deployment beside it: the draft's weights compressed to int8 by NNCF (fastdraft export's default)
+    nncf = rows["openvino speculative, NNCF int8 draft, agreeing draft/4"]
+    assert nncf["same_output"] and nncf["mbsu_bound"] > agree["mbsu_bound"] and nncf["efficiency"] > 0
     assert rows["fastdraft, random draft/4"]["acceptance_rate"] < 0.5
     # the same draft with int8 matrices: reads a quarter of the bytes, so its bound is higher; the same tokens
     int8 = rows["fastdraft int8 draft, agreeing draft/4"]
