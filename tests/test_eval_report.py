@@ -91,3 +91,17 @@ def test_sweep_table_has_one_row_per_draft_and_task_and_a_column_per_gamma(repor
     assert header == ["draft", "task", "AR γ=1", "AR γ=3", "tau γ=1", "tau γ=3"]
     assert body[0] == ["PT", "code", "0.667", "0.800", "1.500", "3.000"]  # 2/3, 4/5, 6/4, 6/2
     assert len(body) == 4
+
+
+def test_the_verdict_says_plainly_whether_the_pair_pays_and_flags_speedups_above_the_memory_bound():
+    def row(task, decoding, x, mbsu):
+        return {"draft": "FT", "method": "engine", "task": task, "decoding": decoding, "wall_clock_speedup": x,
+                "acceptance_rate": 0.3, "mbsu": mbsu, "mbsu_bytes": mbsu, "greedy_identical": True}
+
+    slow = {"settings": {"temperature": 0.6}, "rows": [row("code", "greedy", 0.8, 1.1), row("code", "sampled", 1.05, 1.1)]}
+    pays, lines = rep.verdict(slow, "FT")
+    assert not pays and lines == ["code: 1.25x slower than the target alone (greedy, output identical; AR 0.30, MBSU 1.10), "
+                                  "1.05x faster than the target alone (T 0.6; AR 0.30, MBSU 1.10)"]
+    busy = {"settings": {"temperature": 0.6}, "rows": [row("text", "sampled", 1.49, 1.21)]}
+    pays, [line] = rep.verdict(busy, "FT")
+    assert pays and "above its memory-bound limit 1.21: the machine was busy" in line

@@ -140,7 +140,12 @@ def verdict(report: dict, draft: str) -> tuple[bool, list[str]]:
             speed = f"{x:.2f}x faster than" if x > 1.0 else f"{1 / x:.2f}x slower than" if x < 1.0 else "as fast as"
             how = (f"greedy, output {'identical' if r.get('greedy_identical') else 'DIFFERENT'}" if r["decoding"] == "greedy"
                    else f"T {report['settings'].get('temperature')}")
-            parts.append(f"{speed} the target alone ({how}; AR {r['acceptance_rate'] or 0:.2f}, MBSU {r['mbsu'] or 0:.2f})")
+            part = f"{speed} the target alone ({how}; AR {r['acceptance_rate'] or 0:.2f}, MBSU {r['mbsu'] or 0:.2f})"
+            # Faster than the memory-bound limit (in bytes, the larger of the two) is not a speedup but a busy machine.
+            bound = max(r.get("mbsu") or 0, r.get("mbsu_bytes") or 0)
+            if bound and x > 1.1 * bound:
+                part += f" [above its memory-bound limit {bound:.2f}: the machine was busy while timing; measure again on a quiet one]"
+            parts.append(part)
         lines.append(f"{task}: " + ", ".join(parts))
     return pays, lines
 
