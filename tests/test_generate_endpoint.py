@@ -200,7 +200,9 @@ def test_local_rows_then_a_crashing_endpoint_resume_exactly_once(endpoint_run, t
         assert crashing.wait_dead() == 17
         before = {p: p.read_bytes() for p in (workdir / "alignment").glob("part-*.parquet")}
         partial = read_rows(workdir)
-        assert local_keys < set(partial) and len(partial) < ROWS, len(partial)
+        # The crash comes after a request count, not a row count: on a slow machine retries spend the count before
+        # any endpoint batch is written, which leaves only the local rows. Resume must hold either way.
+        assert local_keys <= set(partial) and len(partial) < ROWS, len(partial)
         assert not manifest_of(workdir)["complete"]
 
         crashing.start()  # back, on the same port
