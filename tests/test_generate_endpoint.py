@@ -474,29 +474,46 @@ def test_other_client_errors_fail_at_once_and_the_rate_limit_spaces_requests():
 
 
 def test_the_api_key_comes_from_the_named_variable_as_a_bearer_token(tiny_target_dir, monkeypatch):
-    import httpx
+    """A real loopback HTTP server records the Authorization header the backend sends."""
+    import http.server
+    import json as _json
+    import threading
 
     seen = []
 
-    def handler(request):
-        seen.append(request.headers.get("authorization"))
-        return httpx.Response(200, json={"choices": [{"token_ids": [5, 6], "finish_reason": "length"}]})
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.headers.get("authorization"))
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = _json.dumps({"choices": [{"token_ids": [5, 6], "finish_reason": "length"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("FASTDRAFT_TEST_KEY", "sk-loopback")
-    real = httpx.AsyncClient
-    monkeypatch.setattr(httpx, "AsyncClient", lambda **kw: real(transport=httpx.MockTransport(handler), **kw))
-    cfg = OpenAIEndpointConfig(base_url="http://x/v1", model="m", api_key_env="FASTDRAFT_TEST_KEY")
-    backend = OpenAIBackend(tiny_target_dir, cfg, prompt_format="token_ids")
-    out = backend.generate([([1, 2, 3], SamplingParams(max_new_tokens=2))])
+    try:
+        cfg = OpenAIEndpointConfig(base_url=f"http://127.0.0.1:{server.server_port}/v1", model="m",
+                                   api_key_env="FASTDRAFT_TEST_KEY")
+        backend = OpenAIBackend(tiny_target_dir, cfg, prompt_format="token_ids")
+        out = backend.generate([([1, 2, 3], SamplingParams(max_new_tokens=2))])
+    finally:
+        server.shutdown()
     assert out[0].token_ids == [5, 6] and seen == ["Bearer sk-loopback"]
 
 
 # ---------------------------------------------------------------------------------------------- fastdraft's own server
 @pytest.mark.timeout(600)
 def test_fastdraft_serving_as_the_endpoint_strict_mode_with_an_api_key(ray_session, tiny_target_dir, prompts_file, tmp_path):
-    """fastdraft.serving (Ray Serve, the target alone) as the endpoint: it lists no fingerprint yet and has no
-    /tokenize, so the tokenizer is probed by prompt token counts; it refuses vLLM's extra fields and logprobs, so
-    `vllm_extensions: false`, no top-k, and response ids re-tokenized from its text (recorded per row). The API key
+    """fastdraft.serving (Ray Serve, the target alone) as the endpoint: the tokenizer is checked by the fingerprint
+    on its /v1/models; with `vllm_extensions: false` and no top-k, response ids are re-tokenized from its text
+    (recorded per row). The API key
     reaches the actors through generate.runtime_env, as on a cluster."""
     import os
 
