@@ -293,8 +293,8 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
                              inference_items({"target": tcfg, "draft": dcfg}, s.max_batch_size,
                                              min(s.max_tokens_cap + 2048, tcfg.max_position_embeddings), dtype),
                              available, source, "serve.max_batch_size, serve.max_tokens_cap, target.dtype"))
-    for p in out:
-        p.notes.insert(0, f"target shape from {tsource}") if p is out[0] else None
+    if out:
+        out[0].notes.insert(0, f"target shape from {tsource}")
     return out
 
 
