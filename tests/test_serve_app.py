@@ -547,11 +547,11 @@ class _FlakyRun:
     def done(self):
         return not self.batch.rows
 
-    def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None):
+    def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None, params=None):
         from fastdraft.speculative.types import GenerationResult
 
         seqs = []
-        for p, m in zip(prompts, max_new_tokens):
+        for p, m in zip(prompts, max_new_tokens or [r.max_new_tokens for r in params]):
             self.batch.tokens.append(list(p))
             self.prompts.append(list(p))
             self.results.append(GenerationResult([], "length"))
