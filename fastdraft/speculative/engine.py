@@ -10,8 +10,8 @@ Penalties (presence, frequency, repetition), `logit_bias`, `allowed_token_ids` a
 the target's and the draft's logits alike before acceptance (`sampling.process_logits`), each verified position
 seeing the tokens before it (the draft's proposals included) as history: the output is exactly the processed target's,
 greedy or sampled. Every row of a batch has its own settings (`Run.add(params=...)`), greedy and sampled rows alike,
-and its own seeded generator. Log-probabilities (`SamplingParams.logprobs`) come from the same verification pass: the target's
-processed distribution at each emitted token, drafted and accepted or not. `should_stop` ends one row within a round
+and its own seeded generator. Log-probabilities (`SamplingParams.logprobs`) come from the same verification pass: the
+target's processed distribution at each emitted token, drafted and accepted or not. `should_stop` ends one row within a round
 (cancellation, deadlines) while the rest of the batch goes on.
 
     from fastdraft.speculative.engine import SpeculativeEngine
@@ -40,8 +40,8 @@ from fastdraft.errors import FastdraftError
 from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
-from fastdraft.speculative.sampling import (Settings, each, greedy_accept, history, process_logits, rejection_accept,
-                                            sample, warp_probs)
+from fastdraft.speculative.sampling import (Settings, greedy_accept, history, process_logits, rejection_accept, sample,
+                                            warp_probs)
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
 
 OnTokens = Callable[..., None]
@@ -76,7 +76,7 @@ class _Batch:
     Sequences are numbered in the order they joined (`add`); `rows[r]` is the sequence in row r of the caches.
     Each sequence has its own `SamplingParams` (temperature, top-p/k, penalties, seed, max_new_tokens, stops, ...)
     and its own generator, seeded from its seed: what it samples does not depend on the settings or seeds of the
-    rows beside it."""
+    rows beside it, only on how many tokens each round drafts (gamma, and fewer near the longest row's end)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -134,10 +134,11 @@ class _Batch:
         return self.params[s].max_new_tokens - (len(self.tokens[s]) - self.prompt_len[s])
 
 
-def row_seed(seed: int | None, i: int) -> int | None:
-    """The seed of prompt i of a call with one `seed`: seed + i (as the server seeds choice i of a request), so that
-    the prompts of one call do not repeat each other and prompt 0 samples as a lone request with that seed would."""
-    return None if seed is None else (seed + i) % (1 << 63)
+def seeded_rows(params: SamplingParams, n: int, first: int = 0) -> list[SamplingParams]:
+    """n rows of one setting, row i seeded seed + first + i (as the server seeds choice i of a request), so that the
+    rows do not all draw the same tokens and row 0 of a call samples as a lone request with that seed would."""
+    return [dataclasses.replace(params, seed=None if params.seed is None else (params.seed + first + i) % (1 << 63))
+            for i in range(n)]
 
 
 class Run:
@@ -178,17 +179,15 @@ class Run:
             stop_token_ids: list[tuple[int, ...]] | None = None, params: Sequence[SamplingParams] | None = None) -> list[int]:
         """Prefill `prompts` and add them to the batch (between rounds); returns their sequence numbers.
 
-        Each has its own settings: `params[i]` (default: the run's, seeded by sequence number), with `max_new_tokens[i]` and `stop_token_ids[i]`,
-        when given, in place of its max_new_tokens and stop tokens."""
+        Each has its own settings: `params[i]` (default: the run's, seeded by sequence number), with
+        `max_new_tokens[i]` and `stop_token_ids[i]`, when given, in place of its max_new_tokens and stop tokens."""
         engine, n = self.engine, len(prompts)
         prior_output = list(prior_output) if prior_output is not None else [0] * n
         if any(v is not None and len(v) != n for v in (params, max_new_tokens, stop_token_ids)):
             raise FastdraftError(f"params, max_new_tokens and stop_token_ids must give one entry per prompt ({n})")
-        # Rows without settings of their own take the run's, seeded as prompts of one `generate` call: by sequence
-        # number (`row_seed`), so that they do not all draw the same tokens.
-        first = len(self.batch.tokens)
-        rows = list(params) if params is not None else [
-            dataclasses.replace(self.params, seed=row_seed(self.params.seed, first + i)) for i in range(n)]
+        # Rows without settings of their own take the run's, seeded as prompts of one `generate` call, by sequence
+        # number, so that they do not all draw the same tokens.
+        rows = list(params) if params is not None else seeded_rows(self.params, n, first=len(self.batch.tokens))
         if max_new_tokens is not None:
             rows = [dataclasses.replace(p, max_new_tokens=m) for p, m in zip(rows, max_new_tokens)]
         if stop_token_ids is not None:
@@ -338,7 +337,7 @@ class SpeculativeEngine:
         """Generate for every prompt; `on_tokens(i, new_ids)` streams each round's new tokens of prompt i.
 
         Args:
-            params: one setting for every prompt, prompt i then seeded with `row_seed(seed, i)`; or one per prompt,
+            params: one setting for every prompt, prompt i then seeded seed + i (`seeded_rows`); or one per prompt,
                 each seeded with its own seed, as separate requests would be.
             should_stop: asked after every round for each live prompt; a reason it returns ends that prompt alone
                 (its rows leave the batch at once, the others go on): cancellation and deadlines.
@@ -350,7 +349,7 @@ class SpeculativeEngine:
         gamma = self.gamma if gamma is None else gamma
         prior_output = list(prior_output) if prior_output is not None else [0] * len(prompts)
         if isinstance(params, SamplingParams):
-            rows = [dataclasses.replace(params, seed=row_seed(params.seed, i)) for i in range(len(prompts))]
+            rows = seeded_rows(params, len(prompts))
         else:
             rows = list(params)
             if len(rows) != len(prompts):
