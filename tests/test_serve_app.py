@@ -547,11 +547,11 @@ class _FlakyRun:
     def done(self):
         return not self.batch.rows
 
-    def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None):
+    def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None, params=None):
         from fastdraft.speculative.types import GenerationResult
 
         seqs = []
-        for p, m in zip(prompts, max_new_tokens):
+        for p, m in zip(prompts, max_new_tokens or [r.max_new_tokens for r in params]):
             self.batch.tokens.append(list(p))
             self.prompts.append(list(p))
             self.results.append(GenerationResult([], "length"))
@@ -650,6 +650,30 @@ def test_a_short_request_joins_a_running_batch_and_finishes_before_the_long_one(
     assert order == ["short", "long"]
     assert short[-1]["batch_rows"] == 2  # it joined the running batch
     assert [t for e in long for t in e["token_ids"]] == list(range(2, 42))
+
+
+def test_requests_with_different_sampling_settings_share_one_batch_and_only_gamma_splits_batches():
+    """The scheduler batches on gamma alone: greedy, nucleus, top-k and penalized requests with their own seeds and
+    lengths arriving together run as one batch, each row with its own settings; another gamma runs beside them."""
+    import asyncio
+
+    from fastdraft.speculative.types import SamplingParams
+
+    pair = _replica(_FlakyEngine())
+    settings = [SamplingParams(max_new_tokens=5), SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=6, seed=1),
+                SamplingParams(temperature=1.0, top_k=5, max_new_tokens=7, seed=2),
+                SamplingParams(temperature=1.0, presence_penalty=0.5, max_new_tokens=4)]
+
+    async def one(params, gamma):
+        return [e async for e in type(pair).generate(pair, {"prompt_ids": [1], "params": params, "gamma": gamma})]
+
+    async def main():
+        return await asyncio.gather(*[one(p, 3) for p in settings], one(settings[0], 1))
+
+    *same_gamma, other_gamma = asyncio.run(main())
+    assert [e[-1]["batch_rows"] for e in same_gamma] == [4, 4, 4, 4]
+    assert other_gamma[-1]["batch_rows"] == 1
+    assert [sum(len(e["token_ids"]) for e in events) for events in same_gamma] == [p.max_new_tokens for p in settings]
 
 
 def test_health_check_fails_when_the_engine_thread_stops_making_progress():

@@ -488,3 +488,51 @@ def test_rows_join_a_running_batch_and_leave_it_at_once_each_equal_to_transforme
         assert r.stats.emitted + r.stats.truncated == r.stats.accepted + r.stats.target_passes
         check += r.stats
     assert check.emitted == sum(len(r) for r in refs)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["agreeing", "random-float32"])
+def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(pairs, pair):
+    """One continuous batch mixes greedy, penalized greedy, nucleus, top-k and penalized sampled rows, joining at
+    different rounds: each greedy row is token for token its own target greedy (transformers', or the penalized
+    oracle's), each sampled row honours its own top-k and length, and log-probabilities come only to the rows that ask,
+    with each row's own k."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    prompts = make_prompts(6, seed=8)
+    settings = [
+        SamplingParams(max_new_tokens=30, stop_token_ids=(2,)),
+        SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=20, seed=1),
+        SamplingParams(max_new_tokens=24, stop_token_ids=(2,), frequency_penalty=0.3, logprobs=2),
+        SamplingParams(temperature=1.0, top_k=5, max_new_tokens=16, seed=2, prompt_logprobs=1),
+        SamplingParams(max_new_tokens=12, stop_token_ids=(2,)),
+        SamplingParams(temperature=1.0, presence_penalty=0.5, repetition_penalty=1.2, max_new_tokens=14, seed=3),
+    ]
+    schedule = {0: [0, 1, 2, 3], 1: [5], 2: [4]}  # round -> rows that join before it
+    run = engine.start(settings[0])
+    joined, rounds = {}, 0
+    while rounds == 0 or not run.done or any(r > rounds for r in schedule):
+        for i in schedule.get(rounds, []):
+            [s] = run.add([prompts[i]], params=[settings[i]])
+            joined[i] = s
+        run.step()
+        rounds += 1
+    result = {i: run.results[s] for i, s in joined.items()}
+    for i in (0, 4):
+        assert result[i].token_ids == hf_greedy(target, prompts[i], settings[i].max_new_tokens, stop=2), f"row {i}"
+    ref, ref_lps = reference_greedy(target, prompts[2], 24, frequency=0.3)
+    # (float32 rounding between the lean decoder and transformers' forward: 1e-5, not the float64 pairs' 1e-9)
+    assert result[2].token_ids == ref and result[2].logprobs == pytest.approx(ref_lps, abs=1e-5)
+    assert all(len(top) == 2 for top in result[2].top_logprobs)
+    assert all(result[i].logprobs is None for i in (0, 1, 3, 4, 5))
+    assert len(result[3].prompt_logprobs) == len(prompts[3]) - 1
+    assert all(result[i].prompt_logprobs is None for i in (0, 1, 2, 4, 5))
+    for i in (1, 3, 5):  # no stop tokens: each runs to its own length
+        assert len(result[i].token_ids) == settings[i].max_new_tokens and result[i].finish_reason == "length"
+    with torch.inference_mode():  # top-k 5: every token of row 3 is among the target's 5 most likely at its position
+        p, out = prompts[3], result[3].token_ids
+        logits = target(torch.tensor([p + out])).logits[0, len(p) - 1:-1]
+    ranks = (logits > logits.gather(1, torch.tensor(out)[:, None])).sum(-1)
+    assert (ranks < 5).all()
+    for r in run.results:
+        assert r.stats.emitted + r.stats.truncated == r.stats.accepted + r.stats.target_passes

@@ -4,11 +4,13 @@ A vocabulary of 16 tokens makes the target's distribution over the first tokens 
 engine's empirical distribution (thousands of seeded samples in one batch) is compared with it by a
 chi-square test (p > 0.01), for several temperatures, top-p and top-k; so is transformers' own
 `generate(do_sample=True)`, which pins the warping semantics. Fixed seeds make every test repeatable.
+One batch may mix settings, row by row: each row is then exactly what its own setting would be alone.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,8 +21,9 @@ from transformers.generation.logits_process import (MinPLogitsWarper, Repetition
 
 from fastdraft.models import restrict_head
 from fastdraft.speculative.engine import SpeculativeEngine
-from fastdraft.speculative.sampling import history, process_logits, rejection_accept, warp_logits
+from fastdraft.speculative.sampling import greedy_accept, history, process_logits, rejection_accept, warp_logits, warp_probs
 from fastdraft.speculative.types import SamplingParams
+from spec_fixtures import hf_greedy
 
 V = 16
 PROMPT = [3, 7, 1, 12, 5]
@@ -73,18 +76,20 @@ def next_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> torch.T
         return warp_logits(model(prefixes).logits[:, -1], params).softmax(-1)
 
 
-def exact_distributions(model, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's exact joint P(x1, x2) [V, V] and marginal P(x4) [V], by enumerating prefixes."""
+def exact_distributions(model, params: SamplingParams, probs=next_probs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's exact joint P(x1, x2) [V, V] and marginal P(x4) [V], by enumerating prefixes.
+
+    `probs(model, prefixes, params)` gives the next-token distributions after PROMPT + output prefixes."""
     prompt = torch.tensor(PROMPT)
-    p1 = next_probs(model, prompt[None], params)[0]
+    p1 = probs(model, prompt[None], params)[0]
     one = torch.arange(V)[:, None]
-    p2 = next_probs(model, torch.cat([prompt.expand(V, -1), one], 1), params)           # [x1, x2]
+    p2 = probs(model, torch.cat([prompt.expand(V, -1), one], 1), params)           # [x1, x2]
     joint12 = p1[:, None] * p2
-    two = torch.cartesian_prod(torch.arange(V), torch.arange(V))                       # rows (x1, x2)
-    p3 = next_probs(model, torch.cat([prompt.expand(V * V, -1), two], 1), params)      # [(x1,x2), x3]
+    two = torch.cartesian_prod(torch.arange(V), torch.arange(V))                   # rows (x1, x2)
+    p3 = probs(model, torch.cat([prompt.expand(V * V, -1), two], 1), params)      # [(x1,x2), x3]
     joint123 = joint12.flatten()[:, None] * p3
     three = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
-    p4 = next_probs(model, torch.cat([prompt.expand(V ** 3, -1), three], 1), params)  # [(x1,x2,x3), x4]
+    p4 = probs(model, torch.cat([prompt.expand(V ** 3, -1), three], 1), params)  # [(x1,x2,x3), x4]
     return joint12, (joint123.flatten()[:, None] * p4).sum(0)
 
 
@@ -187,23 +192,17 @@ def penalized_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> to
     return warp_logits(logits, params).softmax(-1)
 
 
+PENALIZED = SamplingParams(temperature=1.0, max_new_tokens=4, presence_penalty=0.8, frequency_penalty=0.6,
+                           repetition_penalty=1.3, logit_bias=((4, 1.5), (9, -2.0)), min_p=0.02)
+
+
 @pytest.mark.timeout(240)
 def test_penalized_sampling_follows_the_penalized_target_distribution(pair):
     """Penalties depend on the tokens so far, draft proposals included: the engine's samples must follow the
     penalized target's exact distribution (enumerated with an independent implementation of the penalties)."""
     target, draft = pair
-    params = SamplingParams(temperature=1.0, max_new_tokens=4, presence_penalty=0.8, frequency_penalty=0.6,
-                            repetition_penalty=1.3, logit_bias=((4, 1.5), (9, -2.0)), min_p=0.02)
-    prompt = torch.tensor(PROMPT)
-    p1 = penalized_probs(target, prompt[None], params)[0]
-    one = torch.arange(V)[:, None]
-    p2 = penalized_probs(target, torch.cat([prompt.expand(V, -1), one], 1), params)
-    joint12 = p1[:, None] * p2
-    two = torch.cartesian_prod(torch.arange(V), torch.arange(V))
-    p3 = penalized_probs(target, torch.cat([prompt.expand(V * V, -1), two], 1), params)
-    three = torch.cartesian_prod(torch.arange(V), torch.arange(V), torch.arange(V))
-    p4 = penalized_probs(target, torch.cat([prompt.expand(V ** 3, -1), three], 1), params)
-    x4 = ((joint12.flatten()[:, None] * p3).flatten()[:, None] * p4).sum(0)
+    params = PENALIZED
+    joint12, x4 = exact_distributions(target, params, penalized_probs)
     plain, _ = exact_distributions(target, SamplingParams(temperature=1.0, max_new_tokens=4, min_p=0.02))
     assert (joint12 - plain).abs().sum() > 0.1  # the penalties move the distribution
     engine = SpeculativeEngine(target, draft, gamma=3)
@@ -281,3 +280,107 @@ def test_rows_that_join_a_running_batch_sample_the_targets_exact_distribution(pa
     counts12, counts4 = histograms(tokens)
     assert chi_square_p(counts12, joint) > 0.01
     assert chi_square_p(counts4, x4) > 0.01
+
+
+MIXED = [
+    SamplingParams(max_new_tokens=12, stop_token_ids=(2,)),          # greedy, outliving the sampled rows
+    SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=4),
+    SamplingParams(temperature=1.0, top_k=5, max_new_tokens=4),
+    PENALIZED,
+]
+"""The settings one continuous batch mixes in the tests below: greedy, nucleus, top-k and penalized sampling."""
+
+
+def test_a_batch_of_mixed_settings_processes_and_warps_each_row_as_its_setting_alone():
+    """Per-row settings are exact, not approximate: every row of a mixed batch gets bit for bit the processed and
+    warped logits that its own setting gives it alone (a row whose setting is off gets the identity), and a greedy row's
+    distribution is one-hot at its argmax."""
+    g, vocab = torch.Generator().manual_seed(4), 50
+    settings = [*MIXED, SamplingParams(temperature=1.3, min_p=0.1, allowed_token_ids=tuple(range(0, vocab, 3)),
+                                       min_new_tokens=3, stop_token_ids=(3,))]
+    prompts = [[3, 4, 5, 3], [7, 8], [9], [4, 4, 10], [6, 3]]
+    outputs = [[4, 9, 9], [10], [], [11, 4], [3]]
+    block = torch.randint(0, vocab, (5, 3), generator=g)
+    logits = torch.randn(5, 4, vocab, generator=g, dtype=torch.float64) * 3
+    produced = [len(o) for o in outputs]
+    counts, seen = history(outputs, prompts, settings, vocab, logits.device)
+    processed = process_logits(logits, settings, produced, counts, seen, block)
+    warped = warp_logits(processed, settings)
+    for r, params in enumerate(settings):
+        c, s = history(outputs[r:r + 1], prompts[r:r + 1], params, vocab, logits.device)
+        alone = process_logits(logits[r:r + 1], params, produced[r:r + 1], c, s, block[r:r + 1])
+        assert torch.equal(processed[r:r + 1], alone), f"row {r}: processing"
+        assert torch.equal(warped[r:r + 1], warp_logits(alone, params)), f"row {r}: warping"
+    greedy = warp_probs(processed, settings)[0]
+    assert torch.equal(greedy, torch.nn.functional.one_hot(processed[0].argmax(-1), vocab).to(greedy.dtype))
+
+
+def test_rejection_sampling_of_a_greedy_row_is_greedy_acceptance():
+    """A greedy row verified among sampled ones (one-hot p and q, `warp_probs` at temperature 0) keeps exactly the drafts
+    that match the target's argmax and corrects to the argmax: `greedy_accept`'s answer, whatever its random draws."""
+    g, rows, gamma, vocab = torch.Generator().manual_seed(6), 500, 3, 12
+    logits = torch.randn(rows, gamma + 1, vocab, generator=g, dtype=torch.float64)
+    best = logits.argmax(-1)[:, :gamma]
+    wrong = torch.rand(rows, gamma, generator=g) < 0.3
+    drafts = torch.where(wrong, torch.randint(0, vocab, (rows, gamma), generator=g), best)  # some match, some do not
+    greedy = SamplingParams()
+    q = torch.nn.functional.one_hot(drafts, vocab).double()  # a greedy draft proposes its argmax with probability 1
+    streams = [torch.Generator().manual_seed(i) for i in range(rows)]
+    accepted, nxt = rejection_accept(drafts, q, warp_probs(logits, greedy), streams)
+    expected_accepted, expected_next = greedy_accept(drafts, logits)
+    assert 0 < expected_accepted.float().mean() < gamma
+    assert torch.equal(accepted, expected_accepted) and torch.equal(nxt, expected_next)
+
+
+def own_seeds(params: SamplingParams, n: int, first: int) -> list[SamplingParams]:
+    """n rows of `params`, each with its own seed (first, first + 1, ...), as n separate requests would have."""
+    return [dataclasses.replace(params, seed=first + i) for i in range(n)]
+
+
+@pytest.mark.timeout(600)
+def test_one_batch_of_mixed_settings_keeps_every_row_exact_including_rows_that_join_mid_flight(pair):
+    """One continuous batch: a greedy row, 4,000 rows at T=0.7 top-p 0.9, 4,000 penalized rows and, after the first
+    round, 4,000 rows at T=1.0 top-k 5, each row with its own seed. The greedy row is token for token transformers'
+    greedy output; each sampled group follows its own setting's exact target distribution (chi-square)."""
+    target, draft = pair
+    greedy, nucleus, top_k, penalized = MIXED
+    n = 4000
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    run = engine.start(greedy)
+    [greedy_seq] = run.add([PROMPT], params=[greedy])
+    groups = {"T0.7-top_p0.9": (nucleus, run.add([PROMPT] * n, params=own_seeds(nucleus, n, 0)), next_probs),
+              "penalized": (penalized, run.add([PROMPT] * n, params=own_seeds(penalized, n, n)), penalized_probs)}
+    run.step()
+    groups["T1.0-top_k5, joined mid-flight"] = (top_k, run.add([PROMPT] * n, params=own_seeds(top_k, n, 2 * n)), next_probs)
+    while not run.done:
+        run.step()
+    assert run.results[greedy_seq].token_ids == hf_greedy(target, PROMPT, greedy.max_new_tokens, stop=2)
+    for name, (params, seqs, probs) in groups.items():
+        joint, x4 = exact_distributions(target, params, probs)
+        counts12, counts4 = histograms(torch.tensor([run.results[s].token_ids for s in seqs]))
+        assert chi_square_p(counts12, joint) > 0.01, name
+        assert chi_square_p(counts4, x4) > 0.01, name
+    accepted = sum(run.results[s].stats.accepted for s in groups["penalized"][1])
+    drafted = sum(run.results[s].stats.drafted for s in groups["penalized"][1])
+    assert 0.1 < accepted / drafted < 0.95  # the residual distribution is exercised, not just acceptances
+
+
+def test_a_seeded_rows_tokens_do_not_depend_on_its_batchmates(pair):
+    """Each row draws from its own generator, seeded from its own seed: a seeded row samples the same tokens alone
+    and in a batch with other settings and seeds, one of them joining mid-flight (the batchmates are shorter, so
+    the rounds draft as many tokens as the row alone would)."""
+    target, draft = pair
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    row = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=24, seed=5)
+    [alone] = engine.generate([PROMPT], [row])
+    run = engine.start(row)
+    [seq] = run.add([PROMPT], params=[row])
+    run.add([[3, 9, 4], [1, 2, 3, 4]], params=[dataclasses.replace(MIXED[0], max_new_tokens=6),
+                                               dataclasses.replace(PENALIZED, max_new_tokens=6, seed=5)])
+    run.step()
+    run.add([PROMPT], params=[dataclasses.replace(MIXED[1], max_new_tokens=5, seed=9)])
+    while not run.done:
+        run.step()
+    assert run.results[seq].token_ids == alone.token_ids
+    other = engine.generate([PROMPT], [dataclasses.replace(row, seed=6)])[0]
+    assert other.token_ids != alone.token_ids  # the seed, not the batch, decides

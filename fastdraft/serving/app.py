@@ -3,9 +3,8 @@
 Two deployments:
 - `SpeculativePair` holds both models in fastdraft's speculative engine and generates token ids.
   Requests are batched between speculative rounds (`fastdraft.serving.scheduler`): a request joins a running
-  batch of requests with the same decoding settings (up to `serve.max_batch_size` rows; its own max_tokens and
-  stops), so they share forward passes, and it leaves in the round it finishes; batches with other settings take
-  their rounds in turn. Replicas scale with `serve.num_replicas` (an int, or 'auto' for autoscaling up to
+  batch of requests with the same gamma (up to `serve.max_batch_size` rows; every other setting, sampling, seed,
+  max_tokens and stops, is its own), so they share forward passes, and it leaves in the round it finishes. Replicas scale with `serve.num_replicas` (an int, or 'auto' for autoscaling up to
   `serve.max_replicas`).
 - `OpenAIIngress` (FastAPI) validates requests, applies the chat template, tokenizes, turns token
   streams into text (stop sequences, SSE), checks the bearer token and records metrics.
@@ -179,7 +178,8 @@ class SpeculativePair:
     """Target + draft in fastdraft's speculative engine; yields token ids as they are accepted.
 
     Requests are batched at the level of speculative rounds (`fastdraft.serving.scheduler`): each joins a running
-    batch between rounds, with its own max_tokens and stops, and leaves it in the round it finishes."""
+    batch between rounds, with its own sampling settings, seed, max_tokens and stops, and leaves it in the round it
+    finishes."""
 
     def __init__(self, target: str, draft: str | None, dtype: str = "float32", device: str = "cpu", gamma: int = 3,
                  max_gamma: int = 8, dynamic_gamma: bool = False, max_batch_size: int = 8,

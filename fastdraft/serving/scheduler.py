@@ -1,9 +1,10 @@
 """Iteration-level ("continuous") batching for a model replica: the engine thread's loop.
 
 Requests arrive at any time (`submit`, thread-safe). Between speculative rounds the loop admits them: a request
-joins a running batch (`speculative.engine.Run.add`) whose settings it shares (`run_key`: everything but
-max_tokens, stop tokens and a greedy request's seed) while it has room (`max_batch_size` rows), else it starts a
-new one. Every running batch then takes one round, in turn, so a short request never waits for a long one to
+joins a running batch (`speculative.engine.Run.add`) of its gamma while it has room (`max_batch_size` rows), else it
+starts a new one. Gamma is all that must match (`batch_key`): a round drafts one block width for all its rows, while
+every other setting (temperature, top-p/k, min-p, penalties, logit bias, seed, max tokens, stops, logprobs) is the
+row's own, each row sampling exactly its own target distribution from its own seeded generator. Every running batch then takes one round, in turn, so a short request never waits for a long one to
 finish: it is prefilled at the next round boundary, and leaves (its result posted) in the round it finishes.
 
 Each request posts its own events through `request["post"](kind, payload)`:
@@ -28,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 
 from fastdraft.serving import protocol as P
-from fastdraft.speculative.engine import run_key
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,6 +47,11 @@ def continuation(request: dict, generated: list[int]) -> dict:
     # What was generated stays output: min_tokens and the presence/frequency penalties count it (`prior_output`).
     prior = request.get("prior_output", 0) + len(generated)
     return {**request, "prompt_ids": list(request["prompt_ids"]) + list(generated), "params": rest, "prior_output": prior}
+
+
+def batch_key(request: dict) -> tuple:
+    """What requests must share to run in one batch: gamma alone (one block width per round); see the module doc."""
+    return (request["gamma"],)
 
 
 @dataclass
@@ -108,7 +113,7 @@ class Scheduler:
     def _admit(self, requests: list[dict], alone: bool = False) -> None:
         groups: dict[tuple, list[dict]] = {}
         for r in requests:
-            groups.setdefault((run_key(r["params"]), r["gamma"]), []).append(r)
+            groups.setdefault(batch_key(r), []).append(r)
         ragged = self.engine.target.ragged and (self.engine.draft is None or self.engine.draft.ragged)
         for key, group in groups.items():
             while group:
@@ -139,8 +144,7 @@ class Scheduler:
             for j, r in enumerate(requests):
                 batch.requests[first + j] = r
             seqs = batch.run.add([r["prompt_ids"] for r in requests], [r.get("prior_output", 0) for r in requests],
-                                 [r["params"].max_new_tokens for r in requests],
-                                 [r["params"].stop_token_ids for r in requests])
+                                 params=[r["params"] for r in requests])
         except Exception as exc:  # noqa: BLE001 - the running rows are untouched; the new ones go on alone
             batch.requests = before
             if not batch.run.batch.rows:

@@ -9,8 +9,9 @@ through the very same loop, so "speedup" compares like with like.
 Penalties (presence, frequency, repetition), `logit_bias`, `allowed_token_ids` and `min_new_tokens` are applied to
 the target's and the draft's logits alike before acceptance (`sampling.process_logits`), each verified position
 seeing the tokens before it (the draft's proposals included) as history: the output is exactly the processed target's,
-greedy or sampled. Log-probabilities (`SamplingParams.logprobs`) come from the same verification pass: the target's
-processed distribution at each emitted token, drafted and accepted or not. `should_stop` ends one row within a round
+greedy or sampled. Every row of a batch has its own settings (`Run.add(params=...)`), greedy and sampled rows alike,
+and its own seeded generator. Log-probabilities (`SamplingParams.logprobs`) come from the same verification pass: the
+target's processed distribution at each emitted token, drafted and accepted or not. `should_stop` ends one row within a round
 (cancellation, deadlines) while the rest of the batch goes on.
 
     from fastdraft.speculative.engine import SpeculativeEngine
@@ -30,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -39,7 +40,8 @@ from fastdraft.errors import FastdraftError
 from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
-from fastdraft.speculative.sampling import greedy_accept, history, process_logits, rejection_accept, sample, warp_probs
+from fastdraft.speculative.sampling import (Settings, greedy_accept, history, process_logits, rejection_accept, sample,
+                                            warp_probs)
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
 
 OnTokens = Callable[..., None]
@@ -68,37 +70,52 @@ class _Timer:
 
 
 class _Batch:
-    """The live rows of one batched generation: tokens so far, results, and where each cache ends.
+    """The live rows of one batched generation: tokens so far, settings, random streams, results, and where each
+    cache ends.
 
     Sequences are numbered in the order they joined (`add`); `rows[r]` is the sequence in row r of the caches.
-    Each sequence has its own `max_new_tokens` and stop tokens; every other setting is the run's `params`."""
+    Each sequence has its own `SamplingParams` (temperature, top-p/k, penalties, seed, max_new_tokens, stops, ...)
+    and its own generator, seeded from its seed: what it samples does not depend on the settings or seeds of the
+    rows beside it, only on how many tokens each round drafts (gamma, and fewer near the longest row's end)."""
 
-    def __init__(self, params: SamplingParams):
-        self.params = params
+    def __init__(self, device: torch.device):
+        self.device = device
         self.tokens: list[list[int]] = []
         self.prompt_len: list[int] = []
         self.output_start: list[int] = []   # output tokens begin here (a continuation's prior output included)
-        self.max_new: list[int] = []
-        self.stops: list[set[int]] = []
+        self.params: list[SamplingParams] = []
+        self.generators: list[torch.Generator] = []
         self.results: list[GenerationResult] = []
         self.rows: list[int] = []            # row r of the caches holds sequence rows[r]
         self.draft_len: list[int] = []       # valid draft-cache tokens, per row
 
-    def add(self, prompts: list[list[int]], prior_output: list[int], max_new: list[int], stops: list[tuple[int, ...]]) -> list[int]:
+    def add(self, prompts: list[list[int]], prior_output: list[int], params: list[SamplingParams]) -> list[int]:
         first = len(self.tokens)
-        for p, k, m, st in zip(prompts, prior_output, max_new, stops):
+        for p, k, sp in zip(prompts, prior_output, params):
             self.tokens.append(list(p))
             self.prompt_len.append(len(p))
             self.output_start.append(len(p) - k)
-            self.max_new.append(m)
-            self.stops.append(set(st))
+            self.params.append(sp)
+            generator = torch.Generator(device=self.device)
+            if sp.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(sp.seed)
+            self.generators.append(generator)
             result = GenerationResult([], "length", SpecStats())
-            if self.params.logprobs is not None:
+            if sp.logprobs is not None:
                 result.logprobs, result.top_logprobs = [], []
             self.results.append(result)
             self.rows.append(len(self.tokens) - 1)
             self.draft_len.append(len(p) - 1)
         return list(range(first, len(self.tokens)))
+
+    def live_params(self) -> list[SamplingParams]:
+        """The settings of the live rows, row by row (`sampling.Settings`)."""
+        return [self.params[s] for s in self.rows]
+
+    def live_generators(self) -> list[torch.Generator]:
+        return [self.generators[s] for s in self.rows]
 
     def committed(self) -> list[int]:
         return [len(self.tokens[s]) for s in self.rows]
@@ -110,18 +127,18 @@ class _Batch:
     def history(self, vocab: int, device) -> tuple:
         """(output counts, seen) of the live rows, for the penalties (`sampling.history`)."""
         return history([self.tokens[s][self.output_start[s]:] for s in self.rows],
-                       [self.tokens[s][:self.output_start[s]] for s in self.rows], self.params, vocab, device)
+                       [self.tokens[s][:self.output_start[s]] for s in self.rows], self.live_params(), vocab, device)
 
     def remaining(self, row: int) -> int:
         s = self.rows[row]
-        return self.max_new[s] - (len(self.tokens[s]) - self.prompt_len[s])
+        return self.params[s].max_new_tokens - (len(self.tokens[s]) - self.prompt_len[s])
 
 
-def run_key(params: SamplingParams) -> SamplingParams:
-    """What requests must share to run in one batch (`Run.add`): every setting but max_new_tokens, the stop tokens
-    (unless min_new_tokens masks them) and, for greedy decoding, the seed, which each row may have of its own."""
-    return dataclasses.replace(params, max_new_tokens=1, seed=None if params.greedy else params.seed,
-                               stop_token_ids=params.stop_token_ids if params.min_new_tokens else ())
+def seeded_rows(params: SamplingParams, n: int, first: int = 0) -> list[SamplingParams]:
+    """n rows of one setting, row i seeded seed + first + i (as the server seeds choice i of a request), so that the
+    rows do not all draw the same tokens and row 0 of a call samples as a lone request with that seed would."""
+    return [dataclasses.replace(params, seed=None if params.seed is None else (params.seed + first + i) % (1 << 63))
+            for i in range(n)]
 
 
 class Run:
@@ -129,21 +146,22 @@ class Run:
     leave the batch as soon as they finish. `SpeculativeEngine.generate` is `start`, then `step` until `done`;
     a server runs several at once and adds requests to a running one (iteration-level, "continuous" batching).
 
+    Every row has its own settings (`add(params=...)`): greedy and sampled rows, any temperature, top-p/k, min-p,
+    penalties, logit bias, seed, max tokens and stops share one batch, each row exactly its own target distribution.
+    Only gamma (drafted tokens per round) is the run's: a round drafts and verifies one block width for all rows.
+
     Callbacks get the sequence number `add` returned: on_tokens(s, new_ids[, logprobs]), should_stop(s),
     on_prompt_logprobs(s, entries).
     """
 
     def __init__(self, engine: "SpeculativeEngine", params: SamplingParams, gamma: int, on_tokens: OnTokens | None = None,
                  should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None):
-        self.engine, self.params = engine, params
+        self.engine = engine
+        self.params = params
+        """The settings of rows added without their own."""
         self.gamma = 0 if engine.draft is None else gamma
         self.on_tokens, self.should_stop, self.on_prompt = on_tokens, should_stop, on_prompt_logprobs
-        self.batch = _Batch(params)
-        self.generator = torch.Generator(device=engine.device)
-        if params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(params.seed)
+        self.batch = _Batch(engine.device)
         self.ragged = engine.target.ragged and (engine.draft is None or engine.draft.ragged)
         self.target_cache = self.draft_cache = None
         self.control = (GammaController(self.gamma, engine.max_gamma)
@@ -158,17 +176,25 @@ class Run:
         return self.batch.results
 
     def add(self, prompts: list[list[int]], prior_output: list[int] | None = None, max_new_tokens: list[int] | None = None,
-            stop_token_ids: list[tuple[int, ...]] | None = None) -> list[int]:
+            stop_token_ids: list[tuple[int, ...]] | None = None, params: Sequence[SamplingParams] | None = None) -> list[int]:
         """Prefill `prompts` and add them to the batch (between rounds); returns their sequence numbers.
 
-        Each may have its own `max_new_tokens` and stop tokens (default: the run's params)."""
-        engine, params, n = self.engine, self.params, len(prompts)
+        Each has its own settings: `params[i]` (default: the run's, seeded by sequence number), with
+        `max_new_tokens[i]` and `stop_token_ids[i]`, when given, in place of its max_new_tokens and stop tokens."""
+        engine, n = self.engine, len(prompts)
         prior_output = list(prior_output) if prior_output is not None else [0] * n
-        max_new = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * n
-        stops = list(stop_token_ids) if stop_token_ids is not None else [params.stop_token_ids] * n
-        engine._validate(prompts, params, self.gamma)
-        for m, st in set(zip(max_new, map(tuple, stops))):  # each row's own limits
-            engine._validate([], dataclasses.replace(params, max_new_tokens=m, stop_token_ids=st), self.gamma)
+        if any(v is not None and len(v) != n for v in (params, max_new_tokens, stop_token_ids)):
+            raise FastdraftError(f"params, max_new_tokens and stop_token_ids must give one entry per prompt ({n})")
+        # Rows without settings of their own take the run's, seeded as prompts of one `generate` call, by sequence
+        # number, so that they do not all draw the same tokens.
+        rows = list(params) if params is not None else seeded_rows(self.params, n, first=len(self.batch.tokens))
+        if max_new_tokens is not None:
+            rows = [dataclasses.replace(p, max_new_tokens=m) for p, m in zip(rows, max_new_tokens)]
+        if stop_token_ids is not None:
+            rows = [dataclasses.replace(p, stop_token_ids=tuple(st)) for p, st in zip(rows, stop_token_ids)]
+        engine._validate_prompts(prompts)
+        for p in set(rows):  # each row's own settings
+            engine._validate([], p, self.gamma)
         if len(prior_output) != n or any(not 0 <= k < len(p) for k, p in zip(prior_output, prompts)):
             raise FastdraftError("prior_output must give, per prompt, a count below the prompt's length")
         if not self.ragged and len(self.batch.rows) + n > 1:
@@ -176,21 +202,21 @@ class Run:
         if not prompts:
             return []
         timer = _Timer(engine.device)
-        capacity = max(len(p) + m for p, m in zip(prompts, max_new)) + engine.max_gamma + 2
+        capacity = max(len(p) + r.max_new_tokens for p, r in zip(prompts, rows)) + engine.max_gamma + 2
         if self.target_cache is not None:
             capacity = max(capacity, self.target_cache.capacity)
         target_cache = engine.target.new_cache(n, capacity)
         draft_cache = engine.draft.new_cache(n, capacity) if engine.draft is not None and self.gamma > 0 else None
         # Prefill all but the last prompt token: the first round's verification pass feeds that one.
         prefix = [p[:-1] for p in prompts]
-        scored = params.prompt_logprobs is not None
+        scored = any(r.prompt_logprobs is not None for r in rows)
         logits = None
         with torch.inference_mode():
             if any(prefix):
                 logits = engine.target.forward(target_cache, right_pad(prefix, engine.device), [0] * n, "all" if scored else None)
                 if draft_cache is not None:
                     engine.draft.forward(draft_cache, right_pad(prefix, engine.device), [0] * n, None)
-        seqs = self.batch.add(prompts, prior_output, max_new, stops)
+        seqs = self.batch.add(prompts, prior_output, rows)
         if scored:
             engine._score_prompts(self.batch, seqs, prompts, logits, self.on_prompt)
         if self.target_cache is None:
@@ -206,27 +232,28 @@ class Run:
 
     def step(self) -> list[int]:
         """One speculative round for every live row; returns the sequences that finished in it (they have left)."""
-        engine, batch, params = self.engine, self.batch, self.params
+        engine, batch = self.engine, self.batch
         if not batch.rows:
             return []
+        params, generators = batch.live_params(), batch.live_generators()
         timer = _Timer(engine.device)
         with torch.inference_mode():
             g = self.control.next_gamma() if self.control else self.gamma
             g = min(g, max(batch.remaining(r) for r in range(len(batch.rows))) - 1)  # never draft past max tokens
             catch_up = max(c - d for c, d in zip(batch.committed(), batch.draft_len))
             counts, seen = batch.history(engine.vocab_size, engine.device)
-            drafts, q, draft_s = engine._draft(self.draft_cache, batch, g, params, self.generator, timer, counts, seen)
+            drafts, q, draft_s = engine._draft(self.draft_cache, batch, g, params, generators, timer, counts, seen)
             committed = batch.committed()
             ids = torch.cat([torch.tensor([[batch.tokens[s][-1]] for s in batch.rows], device=engine.device), drafts], dim=1)
             logits = engine.target.forward(self.target_cache, ids, [c - 1 for c in committed], "all")
             logits = process_logits(logits, params, batch.produced(), counts, seen, drafts)
             verify_s = timer.lap()
-            if params.greedy:
+            if all(p.greedy for p in params):
                 accepted, nxt = greedy_accept(drafts, logits)
-            else:
-                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(engine.prob_dtype), params), self.generator)
+            else:  # a greedy row among sampled ones is one-hot in p and q: rejection sampling accepts it greedily
+                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(engine.prob_dtype), params), generators)
             finished = engine._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), self.on_tokens,
-                                      logits if params.logprobs is not None else None, self.should_stop)
+                                      logits if any(p.logprobs is not None for p in params) else None, self.should_stop)
             if self.control:
                 self.control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
             engine._drop_finished(batch, finished, self.target_cache, self.draft_cache)
@@ -304,12 +331,14 @@ class SpeculativeEngine:
         """c = draft params / target params (for MBSU)."""
         return self.draft.num_params / self.target.num_params if self.draft else 0.0
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, gamma: int | None = None,
+    def generate(self, prompts: list[list[int]], params: Settings, gamma: int | None = None,
                  on_tokens: OnTokens | None = None, should_stop: ShouldStop | None = None,
                  prior_output: list[int] | None = None, on_prompt_logprobs: Callable | None = None) -> list[GenerationResult]:
         """Generate for every prompt; `on_tokens(i, new_ids)` streams each round's new tokens of prompt i.
 
         Args:
+            params: one setting for every prompt, prompt i then seeded seed + i (`seeded_rows`); or one per prompt,
+                each seeded with its own seed, as separate requests would be.
             should_stop: asked after every round for each live prompt; a reason it returns ends that prompt alone
                 (its rows leave the batch at once, the others go on): cancellation and deadlines.
             prior_output: per prompt, how many of its trailing tokens were already generated (a continuation):
@@ -319,7 +348,15 @@ class SpeculativeEngine:
         """
         gamma = self.gamma if gamma is None else gamma
         prior_output = list(prior_output) if prior_output is not None else [0] * len(prompts)
-        self._validate(prompts, params, gamma)
+        if isinstance(params, SamplingParams):
+            rows = seeded_rows(params, len(prompts))
+        else:
+            rows = list(params)
+            if len(rows) != len(prompts):
+                raise FastdraftError(f"{len(rows)} settings for {len(prompts)} prompts")
+        self._validate_prompts(prompts)
+        for p in set(rows):
+            self._validate([], p, gamma)
         if len(prior_output) != len(prompts) or any(not 0 <= k < len(p) for k, p in zip(prior_output, prompts)):
             raise FastdraftError("prior_output must give, per prompt, a count below the prompt's length")
         if self.draft is None:
@@ -330,16 +367,12 @@ class SpeculativeEngine:
         ragged = self.target.ragged and (self.draft is None or self.draft.ragged)
         groups = [list(range(len(prompts)))] if ragged else [[i] for i in range(len(prompts))]
         results: list[GenerationResult] = [None] * len(prompts)  # type: ignore[list-item]
-        shared = None  # one random stream for the whole call, as one batch would draw it
         for group in groups:
-            run = self.start(params, gamma,
+            run = self.start(rows[group[0]], gamma,
                              on_tokens=None if on_tokens is None else (lambda i, *a, g=group: on_tokens(g[i], *a)),
                              should_stop=None if should_stop is None else (lambda i, g=group: should_stop(g[i])),
                              on_prompt_logprobs=None if on_prompt_logprobs is None else (lambda i, e, g=group: on_prompt_logprobs(g[i], e)))
-            if shared is None:
-                shared = run.generator
-            run.generator = shared
-            run.add([prompts[i] for i in group], [prior_output[i] for i in group])
+            run.add([prompts[i] for i in group], [prior_output[i] for i in group], params=[rows[i] for i in group])
             while not run.done:
                 run.step()
             for i, r in zip(group, run.results):
@@ -373,6 +406,9 @@ class SpeculativeEngine:
             raise FastdraftError(f"token ids in logit_bias / allowed_token_ids / stop_token_ids must be in [0, {self.vocab_size})")
         if params.allowed_token_ids is not None and not params.allowed_token_ids:
             raise FastdraftError("allowed_token_ids must not be empty")
+        self._validate_prompts(prompts)
+
+    def _validate_prompts(self, prompts: list[list[int]]) -> None:
         for i, p in enumerate(prompts):
             if not p:
                 raise FastdraftError(f"prompt {i} is empty: the engine needs at least one token (e.g. BOS)")
@@ -384,9 +420,12 @@ class SpeculativeEngine:
     def _score_prompts(self, batch: _Batch, seqs: list[int], prompts: list[list[int]], logits: torch.Tensor | None,
                        on_prompt: Callable | None) -> None:
         """Prompt logprobs from the prefill's logits: for tokens 1.. of each prompt, (logprob, rank, top k) under the
-        target's plain distribution (no penalties: nothing is generated yet); the first token has none."""
-        k = batch.params.prompt_logprobs
+        target's plain distribution (no penalties: nothing is generated yet); the first token has none. Only for the
+        sequences whose settings ask for them."""
         for r, p in enumerate(prompts):
+            k = batch.params[seqs[r]].prompt_logprobs
+            if k is None:
+                continue
             entries = []
             if len(p) > 1:
                 lp = logits[r, :len(p) - 1].to(self.prob_dtype).log_softmax(dim=-1)
@@ -400,10 +439,12 @@ class SpeculativeEngine:
             if on_prompt is not None:
                 on_prompt(seqs[r], entries)
 
-    def _draft(self, cache, batch: _Batch, g: int, params: SamplingParams, generator: torch.Generator,
+    def _draft(self, cache, batch: _Batch, g: int, params: list[SamplingParams], generators: list[torch.Generator],
                timer: _Timer, counts: torch.Tensor | None = None,
                seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
-        """Propose g tokens per row: ([B, g] tokens, [B, g, V] draft probabilities or None if greedy, seconds)."""
+        """Propose g tokens per row, each with its own settings and generator: ([B, g] tokens, [B, g, V] draft
+        probabilities, or None when every row is greedy, seconds). A greedy row among sampled ones gets the one-hot q
+        of its argmax (`warp_probs`), which its verification needs."""
         rows = len(batch.rows)
         if g <= 0:
             return torch.empty(rows, 0, dtype=torch.long, device=self.device), None, 0.0
@@ -420,11 +461,11 @@ class SpeculativeEngine:
             # The draft's logits get the target's processing (penalties, bias, masks) over its own proposals so far:
             # not needed for exactness (the target verifies against q as proposed), but it keeps acceptance up.
             logits = process_logits(self._to_target_vocab(logits), params, [n + i for n in produced], counts, seen)
-            if params.greedy:
+            if all(p.greedy for p in params):
                 tok = logits.argmax(dim=-1)
             else:
                 probs.append(warp_probs(logits.to(self.prob_dtype), params))
-                tok = sample(probs[-1], generator)
+                tok = sample(probs[-1], generators)
             tokens.append(tok)
             if counts is not None:
                 counts = counts.scatter_add(1, tok[:, None], torch.ones_like(tok[:, None]))
@@ -459,13 +500,13 @@ class SpeculativeEngine:
             # Position j of the verification pass scores the j-th new token of the round (accepted or the correction):
             # the target's own distribution there, whichever model proposed the token.
             logprobs = logits.to(self.prob_dtype).log_softmax(dim=-1)
-            k = batch.params.logprobs
+            k = max(batch.params[s].logprobs or 0 for s in batch.rows)  # each row then takes its own k of these
             top = logprobs.topk(k, dim=-1) if k else None
         for r, s in enumerate(batch.rows):
             n, g = accepted[r], len(drafts[r])
             new = drafts[r][:n] + [nxt[r]]
             room = batch.remaining(r)
-            cut = next((i + 1 for i, t in enumerate(new) if t in batch.stops[s]), None)
+            cut = next((i + 1 for i, t in enumerate(new) if t in batch.params[s].stop_token_ids), None)
             reason = None
             if cut is not None and cut <= room:
                 new, reason = new[:cut], "stop"
@@ -483,11 +524,12 @@ class SpeculativeEngine:
             batch.results[s].token_ids.extend(new)
             batch.draft_len[r] = min(batch.draft_len[r], committed + n)  # draft KV past the accepted prefix is stale
             entries = None
-            if logprobs is not None:
+            k = batch.params[s].logprobs
+            if logprobs is not None and k is not None:
                 at = torch.arange(len(new), device=logprobs.device)
                 chosen = logprobs[r, at, torch.tensor(new, device=logprobs.device)].tolist()
-                tops = ([list(zip(top.indices[r, j].tolist(), top.values[r, j].tolist())) for j in range(len(new))]
-                        if top is not None else [[] for _ in new])
+                tops = ([list(zip(top.indices[r, j, :k].tolist(), top.values[r, j, :k].tolist())) for j in range(len(new))]
+                        if k else [[] for _ in new])
                 batch.results[s].logprobs.extend(chosen)
                 batch.results[s].top_logprobs.extend(tops)
                 entries = list(zip(chosen, tops))
