@@ -7,7 +7,7 @@ Specification:
 - a job killed mid-run and rerun completes the set with exactly the keys of an uninterrupted run, no duplicates;
 - bad settings are refused before anything is written; a finished set is never mixed with other settings;
 - the lean engine (fastdraft's own decoder) answers exactly like the transformers engine, top-k log-probs too;
-- the vLLM engine runs through the same actors (a fake vllm stands in, shipped with a runtime_env);
+- the vLLM engine runs through Ray Data LLM's vLLM processor (a fake vllm stands in, shipped with a runtime_env);
 - SmolLM2 (the embedded target) answers chat-templated prompts and writes its own Magpie prompts.
 """
 
@@ -259,25 +259,55 @@ def test_bad_settings_are_refused_before_anything_is_written(full_run, tmp_path,
 
 
 # ---------------------------------------------------------------------------------------------- vLLM
-@pytest.mark.timeout(300)
-def test_vllm_engine_through_the_actor_pool_fake_vllm(full_run, tmp_path, tiny_target_dir, prompts_file):
-    """The actors get a fake `vllm` through their runtime_env, as a cluster's GPU actors would get the real one."""
+@pytest.mark.timeout(600)
+def test_vllm_engine_through_ray_data_llm_fake_vllm(full_run, tmp_path, tiny_target_dir, prompts_file, target):
+    """`engine: vllm` runs Ray Data LLM's real vLLM processor (build_processor, its vLLMEngineStage actors) on a
+    fake `vllm` package shipped to the engine actors with the runtime_env, as a cluster's GPU actors get the real one.
+    The fake answers with the tiny target through transformers, so greedy rows must equal the local engine's."""
     log = tmp_path / "vllm_calls.jsonl"
+    pythonpath = os.pathsep.join(filter(None, [str(FAKE_VLLM_DIR), os.environ.get("PYTHONPATH")]))
     recipe, _ = tiny_recipe(
-        tmp_path / "run", tiny_target_dir, prompts_file, engine="vllm", sampling=SAMPLING[:1], store_topk=2, max_actors=1,
-        runtime_env={"env_vars": {"PYTHONPATH": str(FAKE_VLLM_DIR), "FAKE_VLLM_LOG": str(log)}},
-        engine_kwargs={"gpu_memory_utilization": 0.8},
+        tmp_path / "run", tiny_target_dir, prompts_file, engine="vllm", store_topk=2, min_actors=1, max_actors=1,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath, "FAKE_VLLM_LOG": str(log)}},
+        engine_kwargs={"gpu_memory_utilization": 0.8, "max_num_seqs": 8},
     )
     summary = run_generate(recipe)
-    assert summary["rows"] == 16
+    assert summary["rows"] == ROWS and summary["new_rows"] == ROWS
     rows = read_rows(recipe.run_dir)
     assert rows.schema.field("topk_ids").type == pa.list_(pa.list_(pa.int32()))
+    assert {r["origin"] for r in rows.to_pylist()} == {"local:vllm"}
+    assert {(r["prompt_mode"], r["response_mode"]) for r in rows.to_pylist()} == {("token_ids", "token_ids")}
+    manifest = json.loads((recipe.run_dir / "alignment" / "manifest.json").read_text())
+    assert manifest["complete"] is True and manifest["engine"] == "vllm" and manifest["counts"]["duplicates"] == 0
+
     _, _, reference = full_run
-    ref = {r["key"]: r["response_ids"] for r in reference.to_pylist() if r["temperature"] == 0}
-    assert {r["key"]: r["response_ids"] for r in rows.to_pylist()} == ref  # same keys, same greedy answers
+    assert sorted(rows.column("key").to_pylist()) == sorted(reference.column("key").to_pylist())
+    ref = {r["key"]: (r["response_ids"], r["finish_reason"], r["response_text"]) for r in reference.to_pylist()
+           if r["temperature"] == 0}
+    greedy = [r for r in rows.to_pylist() if r["temperature"] == 0]
+    assert {r["key"]: (r["response_ids"], r["finish_reason"], r["response_text"]) for r in greedy} == ref
+    with_topk = TransformersBackend(tiny_target_dir, store_topk=2)
+    for r in greedy[:4]:  # vLLM's raw log-probs = the target's own top-k, as the local engines store them
+        want = with_topk.generate([(r["prompt_ids"], SamplingParams(max_new_tokens=16))])[0]
+        assert r["topk_ids"] == want.topk_ids
+        assert torch.allclose(torch.tensor(r["topk_logprobs"]), torch.tensor(want.topk_logprobs), atol=1e-4)
+    for r in rows.to_pylist():  # sampled rows too: k per token, even where vLLM added the sampled token
+        assert len(r["topk_ids"]) == len(r["response_ids"]) and all(len(k) == 2 for k in r["topk_ids"])
+        assert r["finish_reason"] == ("stop" if r["response_ids"][-1] in target.stop_ids else "length")
+
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    assert calls[0]["event"] == "init" and calls[0]["kwargs"] == {"gpu_memory_utilization": 0.8}
-    assert sum(c["n"] for c in calls if c["event"] == "generate") == 16
+    engine = next(c for c in calls if c["event"] == "engine_args")["kwargs"]
+    assert engine["model"] == str(tiny_target_dir) and engine["dtype"] == "float32"
+    assert (engine["gpu_memory_utilization"], engine["max_num_seqs"]) == (0.8, 8)
+    assert engine["distributed_executor_backend"] == "uni" and engine["runner"] == "generate"
+    requests = [c for c in calls if c["event"] == "request"]
+    assert len(requests) == ROWS
+    by_seed = {c["params"]["seed"]: c["params"] for c in requests}
+    for r in rows.to_pylist():  # every row reached vLLM with its own settings and seed
+        sent = by_seed[r["seed"]]
+        assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["max_tokens"]) == (
+            r["temperature"], r["top_p"], r["top_k"], r["max_new_tokens"])
+        assert sent["stop_token_ids"] == list(target.stop_ids) and sent["logprobs"] == 2 and sent["detokenize"] is False
 
 
 @pytest.mark.timeout(120)

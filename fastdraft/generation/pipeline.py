@@ -160,6 +160,12 @@ def generate_on_ray(rows: list[dict], cfg: GenerateConfig, recipe: Recipe) -> It
 
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
     blocks = max(1, min(1000, math.ceil(len(rows) / cfg.batch_size)))
+    if cfg.engine == "vllm":  # Ray Data LLM's vLLM processor: fastdraft/generation/vllm_processor.py
+        from fastdraft.generation.vllm_processor import generate_with_vllm
+
+        planned = ray.data.from_items(rows, override_num_blocks=blocks)
+        yield from generate_with_vllm(planned, cfg, recipe.target).iter_batches(batch_size=None, batch_format="pyarrow")
+        return
     ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
         GenerateActor,
         fn_constructor_kwargs=dict(
