@@ -299,7 +299,8 @@ class GenerateConfig(Strict):
     """Store the target's top-k log-probs per response token (for token-level KD); 0 = off."""
     seed: int = 0
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Passed to the engine as they are, e.g. vLLM's `LLM(gpu_memory_utilization=0.9, tensor_parallel_size=2)`."""
+    """Passed to the engine as they are, e.g. vLLM's engine arguments `{gpu_memory_utilization: 0.9,
+    tensor_parallel_size: 2}` (Ray Data LLM's `engine_kwargs`, see `generation/vllm_processor.py`)."""
     runtime_env: dict[str, Any] | None = None
     """Ray runtime_env of the generation actors, e.g. `{pip: [vllm==0.33.0]}` or `{image_uri: ...}`: vLLM cannot
     share the CPU stack's environment."""

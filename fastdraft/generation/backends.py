@@ -12,7 +12,8 @@
   Both draw each sampled row from its own `torch.Generator` seeded by `SamplingParams.seed`
   (`draw_per_row`), so a row's sample depends on its key, not on which rows share its batch.
 - `OpenAIBackend` (`endpoint.py`): any OpenAI-compatible HTTP endpoint (`generate.engine: openai`).
-- `VLLMBackend`: vLLM's offline `LLM.generate` for GPU clusters. vLLM pins torch/transformers versions
+- `VLLMBackend`: vLLM's offline `LLM.generate`, in-process. The generate stage's `engine: vllm` does not use it:
+  it goes through Ray Data LLM's vLLM processor (`vllm_processor.py`). vLLM pins torch/transformers versions
   that cannot share this project's CPU stack, so it is imported lazily and lives in its own environment
   (a cluster image, or `generate.runtime_env` for the Ray Data actors); a clear `MissingDependencyError`
   says so when it is absent.
