@@ -304,8 +304,9 @@ def check_engine_available(cfg: GenerateConfig) -> None:
     if where is not None:
         raise MissingDependencyError(
             f"generate.engine 'vllm': the generation actors' environment ({where}, runtime_env={cfg.runtime_env}) "
-            f"cannot import vllm. Run the job in an image with vLLM, or set generate.runtime_env, e.g. "
-            f"{{pip: [vllm], env_vars: {{...}}}} (vLLM pins its own torch/transformers: see README, 'Optional stacks')"
+            f"cannot import vllm. Run the job in an image with vLLM (pip install 'fastdraft[gpu]'), or set "
+            f"generate.runtime_env, e.g. {{pip: [vllm], env_vars: {{...}}}} (vLLM pins its own torch/transformers: "
+            f"see README, 'Optional stacks')"
         )
 
 
