@@ -71,6 +71,9 @@ def test_recipe_maps_onto_the_processor_config(tiny_target_dir):
 
     plain = processor_config(generate_config(), TargetConfig(model=str(tiny_target_dir)))
     assert plain.engine_kwargs["dtype"] == "float32"  # target.dtype when the recipe does not override it
+    assert "max_logprobs" not in plain.engine_kwargs
+    many = processor_config(generate_config(store_topk=32), TargetConfig(model=str(tiny_target_dir)))
+    assert many.engine_kwargs["max_logprobs"] == 32  # above vLLM's default of 20, which would refuse the requests
     tp = processor_config(generate_config(gpus_per_actor=2, engine_kwargs={"tensor_parallel_size": 2}),
                           TargetConfig(model=str(tiny_target_dir)))
     assert tp.placement_group_config is None  # Ray's own: one {GPU: 1, CPU: 1} bundle per vLLM worker

@@ -31,6 +31,11 @@ Rows come back in the alignment schema (`results_table`, as from the other engin
 "stop", `response_text` decoded by the target's tokenizer (the same call as the other engines). Ray's vLLM stage
 does not pass vLLM's `finish_reason` through, so a row "stopped" when its last token is one of the stop tokens
 (vLLM keeps the stop token in `token_ids`), otherwise it hit its length: the same rule as `cut_at_stop`.
+Greedy rows equal the local engines' token for token (same model, same argmax); sampled rows are vLLM's own draws,
+seeded per row (reproducible, independent of batch mates) but not the draws of fastdraft's samplers. Ray does not
+say which engine replica answered a row, so the manifest's `actors_used` counts the processor as one. Ray's
+defaults stay for what the recipe has no setting for: `max_concurrent_batches=8` batches in flight per engine,
+no `accelerator_type`.
 
 vLLM is optional (the `[gpu]` extra) and never imported here: Ray's engine actors import it in their own
 environment (`generate.runtime_env`), and `check_engine_available` (pipeline.py) stops the run first, with a
@@ -52,9 +57,10 @@ if TYPE_CHECKING:
     import ray.data
 
 ORIGIN = "local:vllm"
+VLLM_MAX_LOGPROBS = 20
+"""vLLM's default `max_logprobs` engine argument (EngineArgs / ModelConfig)."""
 ACTOR_LABEL = "ray.data.llm:vLLMEngineStage"
-"""The `_actor` value of every row: Ray's vLLM stage does not say which engine replica answered a row, so the
-manifest's `actors_used` counts the processor as one."""
+"""The `_actor` value of every row (Ray's vLLM stage does not say which replica answered it)."""
 _LIGHT_CPUS = 0.25
 """CPUs of the row-wise pre/postprocess tasks (dict shuffling and decoding): small, so that on a small cluster the
 reservations of Ray Data's operators do not starve the engine actors."""
@@ -65,7 +71,10 @@ reservations of Ray Data's operators do not starve the engine actors."""
 # --------------------------------------------------------------------------------------------
 def engine_kwargs_for(cfg: GenerateConfig, target: TargetConfig) -> dict[str, Any]:
     """vLLM's engine arguments: the target's dtype and trust_remote_code, then `generate.engine_kwargs` as they are."""
-    return {"dtype": target.dtype, "trust_remote_code": target.trust_remote_code, **cfg.engine_kwargs}
+    kwargs: dict[str, Any] = {"dtype": target.dtype, "trust_remote_code": target.trust_remote_code}
+    if cfg.store_topk > VLLM_MAX_LOGPROBS:  # vLLM refuses requests for more log-probs than max_logprobs
+        kwargs["max_logprobs"] = cfg.store_topk
+    return {**kwargs, **cfg.engine_kwargs}
 
 
 def placement_for(cfg: GenerateConfig, engine_kwargs: dict[str, Any]) -> dict[str, Any] | None:
