@@ -2,24 +2,18 @@
 
 - transformers: batched, left-padded greedy output equals transformers' own per-prompt greedy `generate`;
   sampling is reproducible per seed whatever the batch; top-k log-probs are the target's own.
-- vLLM: a fake stands in for the `vllm` package (tests named `..._fake_vllm`), and without vLLM the
-  error says what to install and where.
+- vLLM is not a backend: `engine: vllm` runs through Ray Data LLM (tests/test_generate_vllm_processor.py).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from fastdraft.errors import MissingDependencyError
 from fastdraft.generation.backends import TransformersBackend, cut_at_stop, filter_logits, make_backend
 from fastdraft.speculative.types import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process generation on one thread
-FAKE_VLLM_DIR = Path(__file__).parent / "fake_vllm"
 TEXTS = ["def parse(line):", "The quick brown fox", "import os\nimport sys\n\nclass Loader:", "Hello", "a = [1, 2, 3]\nfor"]
 
 
@@ -84,32 +78,3 @@ def test_store_topk_gives_the_targets_own_log_probs(tiny_target_dir, prompts):
     expected = torch.log_softmax(logits, -1).topk(4)
     assert out.topk_ids[1] == expected.indices.tolist()
     assert out.topk_logprobs[1] == pytest.approx(expected.values.tolist(), abs=1e-4)
-
-
-def test_without_vllm_the_error_says_what_to_install(tiny_target_dir, monkeypatch):
-    monkeypatch.setitem(sys.modules, "vllm", None)  # importing it now fails, as on this CPU stack
-    with pytest.raises(MissingDependencyError, match=r"vllm.*fastdraft\[gpu\]"):
-        make_backend("vllm", tiny_target_dir)
-
-
-def test_vllm_backend_gives_the_same_rows_fake_vllm(tiny_target_dir, backend, prompts, monkeypatch, tmp_path, request):
-    """A fake `vllm` (tests/fake_vllm, answering through transformers) stands in for the real one."""
-    monkeypatch.syspath_prepend(str(FAKE_VLLM_DIR))
-    monkeypatch.delitem(sys.modules, "vllm", raising=False)
-    # The fake must not outlive this test (later tests check the error when vLLM is absent).
-    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "vllm"])
-    monkeypatch.setenv("FAKE_VLLM_LOG", str(tmp_path / "calls.jsonl"))
-    vb = make_backend("vllm", tiny_target_dir, dtype="float32", store_topk=3, engine_kwargs={"gpu_memory_utilization": 0.5})
-    assert vb.vllm.IS_FAKE and vb.stop_ids == backend.stop_ids
-    outs = vb.generate([(p, SamplingParams(max_new_tokens=10)) for p in prompts])
-    for ids, out in zip(prompts, outs):
-        assert (out.token_ids, out.finish_reason) == reference_greedy(backend.model, ids, 10, backend.stop_ids)
-        assert [t[0] for t in out.topk_ids] == out.token_ids and len(out.topk_logprobs[0]) == 3
-    vb.generate([(prompts[0], SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=4, seed=11))])
-    import json
-
-    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
-    assert calls[0]["event"] == "init" and calls[0]["kwargs"] == {"gpu_memory_utilization": 0.5}
-    sent = calls[-1]["params"][0]
-    assert (sent["temperature"], sent["top_p"], sent["top_k"], sent["max_tokens"], sent["seed"]) == (0.7, 0.9, -1, 4, 11)
-    assert sent["stop_token_ids"] == list(backend.stop_ids) and sent["logprobs"] == 3 and sent["detokenize"] is False

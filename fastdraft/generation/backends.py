@@ -12,11 +12,8 @@
   Both draw each sampled row from its own `torch.Generator` seeded by `SamplingParams.seed`
   (`draw_per_row`), so a row's sample depends on its key, not on which rows share its batch.
 - `OpenAIBackend` (`endpoint.py`): any OpenAI-compatible HTTP endpoint (`generate.engine: openai`).
-- `VLLMBackend`: vLLM's offline `LLM.generate`, in-process. The generate stage's `engine: vllm` does not use it:
-  it goes through Ray Data LLM's vLLM processor (`vllm_processor.py`). vLLM pins torch/transformers versions
-  that cannot share this project's CPU stack, so it is imported lazily and lives in its own environment
-  (a cluster image, or `generate.runtime_env` for the Ray Data actors); a clear `MissingDependencyError`
-  says so when it is absent.
+- `engine: vllm` is not a backend here: the generate stage hands its rows to Ray Data LLM's vLLM processor
+  (`vllm_processor.py`), which runs vLLM's async engine in its own actors and environment.
 
 Both return `Generated` rows with identical conventions: prompt excluded, stop token included on
 "stop", and optionally the target's top-k log-probabilities per response token (for token-level KD).
@@ -32,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fastdraft.errors import FastdraftError, require
+from fastdraft.errors import FastdraftError
 from fastdraft.speculative.decoders import right_pad
 from fastdraft.speculative.types import SamplingParams
 
@@ -81,8 +78,9 @@ def make_backend(
         return TransformersBackend(model_dir, dtype, device, store_topk, trust_remote_code)
     if engine == "lean":
         return LeanBackend(model_dir, dtype, device, store_topk, trust_remote_code)
-    if engine == "vllm":
-        return VLLMBackend(model_dir, dtype, store_topk, trust_remote_code, engine_kwargs or {})
+    if engine == "vllm":  # vLLM's async engine in Ray Data LLM's own actors, not a backend in ours
+        raise FastdraftError("generate.engine 'vllm' runs through Ray Data LLM's vLLM processor "
+                             "(fastdraft.generation.vllm_processor.generate_with_vllm), not make_backend")
     if engine == "openai":
         from fastdraft.generation.endpoint import OpenAIBackend
 
@@ -298,64 +296,3 @@ class LeanBackend(TransformersBackend):
             offsets = [len(prompts[i]) + len(outs[i].token_ids) - 1 for i in live]
             logits = self.decoder.forward(cache, tokens[:, None], offsets, [0] * len(live))
 
-
-# --------------------------------------------------------------------------------------------
-# vLLM
-# --------------------------------------------------------------------------------------------
-class VLLMBackend:
-    """vLLM's offline engine (`vllm.LLM`) fed token ids directly; for GPU actors.
-
-    `engine_kwargs` go to `vllm.LLM(...)` as they are (e.g. `gpu_memory_utilization`,
-    `tensor_parallel_size`, `max_model_len`).
-    """
-
-    name = "vllm"
-
-    def __init__(
-        self, model_dir: str | Path, dtype: str = "bfloat16", store_topk: int = 0, trust_remote_code: bool = False,
-        engine_kwargs: dict[str, Any] | None = None,
-    ):
-        from fastdraft.assets import resolve_model_path
-        from fastdraft.tokenizer import load_tokenizer
-
-        self.vllm = require("vllm", "gpu", "generate.engine 'vllm' (the vLLM generation engine)")
-        path = str(resolve_model_path(str(model_dir)))
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-        self.llm = self.vllm.LLM(model=path, tokenizer=path, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 **(engine_kwargs or {}))
-        from transformers import GenerationConfig
-
-        try:
-            gen_config = GenerationConfig.from_pretrained(path)
-        except OSError:  # no generation_config.json: the tokenizer's EOS is the stop token
-            gen_config = None
-        self.stop_ids = stop_token_ids(gen_config, self.tokenizer)
-        self.store_topk = store_topk
-
-    def sampling_params(self, p: SamplingParams) -> Any:
-        """fastdraft's settings as vLLM's `SamplingParams` (greedy = temperature 0; top_k -1 = off)."""
-        return self.vllm.SamplingParams(
-            n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k if p.top_k > 0 else -1,
-            max_tokens=p.max_new_tokens, seed=p.seed, stop_token_ids=list(dict.fromkeys([*self.stop_ids, *p.stop_token_ids])),
-            logprobs=self.store_topk or None, detokenize=False,
-        )
-
-    def generate(self, requests: Sequence[Request]) -> list[Generated]:
-        prompts = [{"prompt_token_ids": list(ids)} for ids, _ in requests]
-        results = self.llm.generate(prompts, [self.sampling_params(p) for _, p in requests], use_tqdm=False)
-        return [self._convert(r.outputs[0], p) for r, (_, p) in zip(results, requests)]
-
-    def _convert(self, completion: Any, p: SamplingParams) -> Generated:
-        token_ids = list(completion.token_ids)
-        reason = "stop" if completion.finish_reason == "stop" else "length"
-        stops = [*self.stop_ids, *p.stop_token_ids]
-        if reason == "stop" and (not token_ids or token_ids[-1] not in stops):
-            token_ids.append(stops[0])  # the alignment contract: a stopped response ends with its stop token
-        gen = Generated(token_ids, reason)
-        if self.store_topk and completion.logprobs is not None:
-            gen.topk_ids, gen.topk_logprobs = [], []
-            for position in completion.logprobs[: len(token_ids)]:
-                best = sorted(position.items(), key=lambda kv: kv[1].logprob, reverse=True)[: self.store_topk]
-                gen.topk_ids.append([int(t) for t, _ in best])
-                gen.topk_logprobs.append([float(lp.logprob) for _, lp in best])
-        return gen

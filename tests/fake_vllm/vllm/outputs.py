@@ -1,4 +1,4 @@
-"""As `vllm.outputs`: the fields Ray's vLLM stage and fastdraft's `VLLMBackend` read."""
+"""As `vllm.outputs`: the fields Ray's vLLM stage reads."""
 
 from __future__ import annotations
 
