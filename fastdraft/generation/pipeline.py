@@ -456,13 +456,14 @@ def write_prompt_set(cfg: GenerateConfig, recipe: Recipe, tokenizer, out_dir: Pa
 
 
 def planned_rows(prompts_dir: Path, cfg: GenerateConfig, done):
-    """The plan as a Ray Dataset: the prompt set's files -> `plan_block` (keys already written filtered out)."""
+    """The plan as a Ray Dataset: the prompt set's files -> `plan_block` (keys already written filtered out), in
+    blocks of one engine batch: each becomes its own part, so an interruption loses at most the batches in flight."""
     import ray.data
 
     return ray.data.read_parquet(str(prompts_dir), file_extensions=["parquet"]).map_batches(
         plan_block, fn_kwargs=dict(settings=[s.model_dump(mode="json") for s in cfg.sampling], seed=cfg.seed, done=done),
         batch_size=None, batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS, udf_modifying_row_count=True,
-    )
+    ).repartition(target_num_rows_per_block=cfg.batch_size)  # streaming: splits and joins blocks, no shuffle
 
 
 def ask_target(requests: list[Request], cfg: GenerateConfig, recipe: Recipe) -> list[Generated]:
