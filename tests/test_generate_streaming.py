@@ -102,3 +102,22 @@ def test_generate_resumes_a_large_prompt_set_exactly_once_with_flat_driver_memor
     assert manifest["complete"] and manifest["counts"]["duplicates"] == 0 and manifest["counts"]["prompts"] == PROMPTS
     assert [r["new_rows"] for r in manifest["runs"]] == [PROMPTS // 4, PROMPTS * 3 // 4]
     assert not list(alignment.glob("prompts-*"))  # the run's prompt set is removed when it finishes
+
+
+def test_the_planner_keys_seeds_and_skips_rows_already_written_without_ray():
+    from fastdraft.config import SamplingConfig
+    from fastdraft.generation.pipeline import plan_block, prompts_table, row_key
+    from fastdraft.generation.prompts import EncodedPrompt, stable_seed
+
+    import pyarrow as pa
+
+    prompts = prompts_table([EncodedPrompt(f"s:{i}", "s", list(range(1, 6 - i % 3)), f"t{i}") for i in range(5)])
+    settings = [SamplingConfig(max_new_tokens=4), SamplingConfig(temperature=0.8, n=2)]
+    rows = plan_block(prompts, [s.model_dump() for s in settings], seed=7).to_pylist()
+    assert sorted(r["key"] for r in rows) == sorted(row_key(f"s:{i}", s, j) for i in range(5) for s in settings for j in range(s.n))
+    assert all(r["seed"] == stable_seed(7, r["key"]) for r in rows)
+    greedy = [r for r in rows if r["temperature"] == 0]
+    assert rows[:5] == greedy and [len(r["prompt_ids"]) for r in greedy] == sorted(len(r["prompt_ids"]) for r in greedy)
+    done = pa.array([r["key"] for r in rows[::3]])
+    rest = plan_block(prompts, [s.model_dump() for s in settings], seed=7, done=done).to_pylist()
+    assert sorted(r["key"] for r in rest) == sorted(set(r["key"] for r in rows) - set(done.to_pylist()))
