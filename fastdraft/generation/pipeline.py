@@ -239,21 +239,28 @@ def _value_counts(column) -> Counter:
     return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
 
-def survey_parts(out_dir: str) -> tuple[dict, pa.Array | None]:
-    """Ray task (two returns): the manifest's `counts` over every part (also proves keys unique), and the keys
-    already written, which stay in the object store for the planner's resume filter. A worker reads the parts one
-    at a time; the driver gets the counts and an ObjectRef."""
+def _read_part(part: Path, columns: list[str] | None = None):
+    """A part's columns (its schema when `columns` is None), or a clear error naming the file."""
+    try:
+        return pq.read_schema(part) if columns is None else pq.read_table(part, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise FastdraftError(f"{part}: unreadable alignment part ({exc}); delete it and rerun to regenerate its rows") from None
+
+
+def survey_parts(out_dir: str, keys_only: bool = False) -> tuple[dict, pa.Array | None]:
+    """Ray task (two returns): the manifest's `counts` over every part (also proves keys unique; only `rows` with
+    `keys_only`), and the keys already written, which stay in the object store for the planner's resume filter. A
+    worker reads the parts one at a time; the driver gets the counts and an ObjectRef."""
     c: dict[str, Counter] = {k: Counter() for k in ("by_source", "by_setting", "finish_reason", "by_origin",
                                                     "by_prompt_mode", "by_response_mode")}
     keys, prompt_ids, resp_tokens, prompt_tokens = [], [], 0, 0
     parts = sorted(Path(out_dir).glob("part-*.parquet"))
     for part in parts:
-        try:
-            provenance = [c for c in ("origin", "prompt_mode", "response_mode") if c in pq.read_schema(part).names]
-            t = pq.read_table(part, columns=["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids",
-                                             *provenance])
-        except (pa.ArrowException, OSError) as exc:
-            raise FastdraftError(f"{part}: unreadable alignment part ({exc}); delete it and rerun to regenerate its rows") from None
+        if keys_only:  # what resume needs: no list columns read
+            keys += _read_part(part, ["key"]).column("key").chunks
+            continue
+        provenance = [c for c in ("origin", "prompt_mode", "response_mode") if c in _read_part(part).names]
+        t = _read_part(part, ["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids", *provenance])
         keys += t.column("key").chunks
         prompt_ids += t.column("prompt_id").chunks
         c["by_source"].update(_value_counts(t.column("source")))
@@ -266,6 +273,8 @@ def survey_parts(out_dir: str) -> tuple[dict, pa.Array | None]:
             c[f"by_{column}"].update(_value_counts(values))
     done = pa.chunked_array(keys, pa.string()).combine_chunks() if keys else None
     rows = len(done) if done is not None else 0
+    if keys_only:
+        return {"rows": rows}, done
     distinct = pc.count_distinct(done).as_py() if done is not None else 0
     prompts = pc.count_distinct(pa.chunked_array(prompt_ids, pa.string())).as_py() if prompt_ids else 0
     counts = {"rows": rows, "prompts": prompts, "duplicates": rows - distinct, "response_tokens": resp_tokens,
@@ -273,13 +282,14 @@ def survey_parts(out_dir: str) -> tuple[dict, pa.Array | None]:
     return counts, done
 
 
-def survey(out_dir: Path) -> tuple[dict, object]:
+def survey(out_dir: Path, keys_only: bool = False) -> tuple[dict, object]:
     """`survey_parts` on a worker: (counts, ObjectRef of the keys written) without the keys reaching the driver."""
     import ray
 
     from fastdraft.data.pipeline import user_error
 
-    counts_ref, keys_ref = ray.remote(num_cpus=SMALL_TASK_CPUS)(survey_parts).options(num_returns=2).remote(str(out_dir))
+    task = ray.remote(num_cpus=SMALL_TASK_CPUS)(survey_parts).options(num_returns=2)
+    counts_ref, keys_ref = task.remote(str(out_dir), keys_only)
     try:
         return ray.get(counts_ref), keys_ref
     except Exception as exc:
@@ -523,7 +533,7 @@ def run_generate(recipe: Recipe) -> dict:
     prompts_dir = out_dir / f"prompts-{run_id}"
     sources = write_prompt_set(cfg, recipe, tokenizer, out_dir, prompts_dir)
     prompts = sum(st["prompts"] for st in sources.values())
-    before, done = survey(out_dir)
+    before, done = survey(out_dir, keys_only=True)
     todo = planned_rows(prompts_dir, cfg, done).count() if prompts else 0  # a cheap pass: exact totals and ETA
     print(f"[generate] {prompts} prompts x {len(cfg.sampling)} settings: {todo} rows to generate, "
           f"{before['rows']} already written in {out_dir}", flush=True)
