@@ -12,7 +12,8 @@ The estimate counts, per worker:
 - generation and evaluation: the target's (and draft's) weights in the recipe's dtype, KV caches for the
   batch at its longest, and one step's logits;
 - the driver: distill's held-out rows and the draft it scores before training (the alignment set streams
-  through Ray Data to the workers).
+  through Ray Data to the workers); generate's progress records and Magpie's user turns (the prompts, planned
+  rows, written keys and answers stay on the workers).
 
 It compares that with what the cluster offers: the recipe's `cluster` section (accelerator, or device memory,
 and host memory per node), else the connected Ray cluster (`accelerator_type:*` resources, node memory), else
@@ -274,6 +275,7 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         out.append(StagePlan("generate", where, items, available, source,
                              "generate.batch_size, generate.max_prompt_tokens, generate.sampling[*].max_new_tokens, "
                              "target.dtype", notes=notes))
+        out.append(_generate_driver_plan(recipe))
     if recipe.distill is not None and "distill" in want:
         d = recipe.distill
         topk = recipe.generate.store_topk if recipe.generate is not None and d.loss != "ce" else 0
@@ -313,6 +315,32 @@ def _distill_driver_plan(recipe: Recipe, dcfg: PretrainedConfig, topk: int) -> S
                      notes=["the alignment set streams through Ray Data to the workers; the driver reads one column "
                             "of one part file at a time; the target's held-out predictions run in a task on the "
                             "training device"])
+
+
+def _generate_driver_plan(recipe: Recipe) -> StagePlan:
+    """The generate driver holds no prompt, planned row, written key or answer: Ray tasks encode the prompt set,
+    Ray Data plans, filters and generates, the workers write the parts, and the driver gets a summary per part.
+    What remains grows with Magpie's `limit` (the user turns the target writes), not with the prompt set."""
+    from fastdraft.generation.prompts import MAGPIE_CHUNK, MAGPIE_QUERY_TOKENS
+
+    g = recipe.generate
+    magpie = sum(int(s.limit or 0) for s in g.prompts if s.kind == "magpie")
+    # summaries are counted and dropped as they arrive: what stays is counters, the actor ids and the manifest
+    items = [Item(f"per-source stats, progress counters, the manifest ({len(g.prompts)} sources, {g.max_actors} actors)", 1e6)]
+    if magpie:
+        # a user turn: up to MAGPIE_QUERY_TOKENS tokens, ~4 characters each, kept as text in the state (and its JSON)
+        items.append(Item(f"Magpie user turns kept ({magpie:,} texts)", magpie * MAGPIE_QUERY_TOKENS * 4 * 3))
+        # one chunk of answers in flight as Python lists of ints (8-byte pointer + 28-byte int a token)
+        items.append(Item(f"Magpie answers of one chunk ({MAGPIE_CHUNK} x {MAGPIE_QUERY_TOKENS} tokens)",
+                          MAGPIE_CHUNK * MAGPIE_QUERY_TOKENS * 36 * 2))
+    spec = recipe.cluster
+    available = spec.driver_memory_gb * GB if spec is not None and spec.driver_memory_gb else None
+    return StagePlan("generate driver", "the driver process", items, available,
+                     "cluster.driver_memory_gb" if available else "unknown: set cluster.driver_memory_gb",
+                     "generate.prompts[magpie].limit, cluster.driver_memory_gb",
+                     notes=["flat in the number of prompts: one Ray task per source encodes the prompt set to Parquet, "
+                            "Ray Data plans the rows and filters the keys already written (held in the object store), "
+                            "the workers write the parts; the driver streams one summary per part (rows, tokens)"])
 
 
 def check_stage(recipe: Recipe, stage: str) -> list[StagePlan]:

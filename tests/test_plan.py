@@ -49,6 +49,9 @@ def test_the_paper_recipes_fit_the_a10g_workers_they_declare_at_every_training_a
         assert "GPU" in plans["evaluate"].where  # timed on the device it is served on
         # the driver holds the held-out rows and the draft, not the alignment set (it streams to the workers)
         assert plans["distill driver"].fits and plans["distill driver"].peak < 2 * GB
+        # the generate driver holds no prompt, row, key or answer: what it keeps is Magpie's user turns
+        gen = plans["generate driver"]
+        assert gen.fits and gen.peak < 0.5 * GB and any("flat in the number of prompts" in n for n in gen.notes)
         assert all(p.fits for p in plans.values())
 
 

@@ -3,18 +3,38 @@
     fastdraft generate jobs/recipes/demo.yaml [--set generate.max_actors=2]
     RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/generate.py jobs/recipes/demo.yaml
 
+Everything that grows with the number of prompts runs in Ray tasks and actors; the driver holds the recipe,
+per-source stats, one small summary per finished block and the manifest, so its memory stays flat from a dozen
+prompts to the paper recipe's ~430k x 4 settings (tests/test_generate_streaming.py watches its RSS).
+
 Flow (all in `run_generate`):
-  1. read every prompt source on the driver (`prompts.py`): format, chat template, length policy, dedupe;
-     Magpie sources first ask the target for their user turns (one Ray Data pass of their own);
-  2. plan one row per (prompt, sampling setting, sample index), keyed `prompt_id|setting|sample`, with a
-     seed derived from the key; rows whose key is already in `alignment/part-*.parquet` are skipped (resume);
-  3. `ray.data.from_items(rows).map_batches(GenerateActor, compute=ActorPoolStrategy(min_size, max_size),
-     num_cpus=, num_gpus=)`: each actor loads the engine once and answers a batch per call;
-  4. the driver streams the results and writes each block as its own part (`*.partial`, then rename), so
-     an interrupted run loses at most the batches in flight and a rerun completes the set exactly once;
-  5. `alignment/manifest.json` (alignment contract: complete, target, tokenizer_fingerprint, settings,
-     counts, section_hash) is rewritten with `complete: true` at the end; `runs` lists every run (engine, origin,
-     its parts' run id) and `counts.by_origin` how many rows came from each engine or endpoint.
+  1. Magpie sources first ask the target for their user turns (`magpie_queries`, chunks of `MAGPIE_CHUNK` requests
+     through the same actor pool); the driver keeps their texts, bounded by the source's required `limit`, in
+     `magpie-<name>.json`;
+  2. the prompt set: one Ray task per source (`encode_source`, on the driver's node, where the source files were
+     checked) reads, formats, applies the chat template and length policy, drops reserved evaluation texts and
+     dedupes, in reading order (so `limit` and dedupe are exactly the sequential ones; prompt ids carry their
+     source's name, so there is no dedupe across sources), and writes `prompts-<run>/` Parquet files of
+     `PROMPTS_PER_FILE` prompts (removed at the end); the driver gets each source's stats;
+  3. what is written already: one Ray task (`survey_parts`) reads the `key` column of `part-*.parquet` and leaves
+     the keys in the object store; the driver gets their count and an ObjectRef. Resume is then a filter in the
+     planner (a hash set lookup, `pc.is_in`): exact, per block, with no all-to-all join barrier before the first
+     answer; the price is the keys themselves in the object store (~50 bytes a row: ~85 MB at 1.7M rows);
+  4. `plan_block` (Ray Data map over the prompt files): one row per (prompt, sampling setting, sample index),
+     keyed `prompt_id|setting|sample`, seeded from the key, minus the keys already written, grouped by setting and
+     sorted by prompt length within the block (a global sort would be an all-to-all barrier before the first answer),
+     re-cut into blocks of `batch_size` rows; a first cheap pass only counts them (an exact total for the ETA, and
+     no engine is started when nothing is left);
+  5. `generate_rows`: planned rows in, result rows out (`map_batches(GenerateActor, compute=ActorPoolStrategy(min,
+     max))`, one engine per actor); `engine: vllm` is Ray Data LLM's vLLM processor instead (`vllm_processor.py`);
+  6. `write_part` (a Ray Data map after it): each block is written by the worker as its own
+     `part-<run>-<id>.parquet` (`*.partial`, then rename) and only a summary row (rows, tokens, actor) reaches the
+     driver, for progress (rows, tokens/s, ETA): an interrupted run loses at most the blocks in flight and a rerun
+     completes the set exactly once;
+  7. `alignment/manifest.json` (alignment contract: complete, target, tokenizer_fingerprint, settings, counts,
+     section_hash) is rewritten with `complete: true` at the end, `counts` from `survey_parts` over every part;
+     `runs` lists every run (engine, origin, its parts' run id) and `counts.by_origin` how many rows came from each
+     engine or endpoint.
 
 `generate.engine: openai` (`endpoint.py`) answers through an OpenAI-compatible endpoint from the same actors; its
 tokenizer is checked against the target's (`check_endpoint`) before anything is written.
@@ -26,13 +46,16 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import socket
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,8 +64,10 @@ import pyarrow.parquet as pq
 from fastdraft.config import GenerateConfig, Recipe, SamplingConfig
 from fastdraft.errors import FastdraftError, MissingDependencyError, RecipeError
 from fastdraft.generation.backends import Generated, Request, make_backend
+from fastdraft.config import PromptSourceConfig
 from fastdraft.generation.prompts import (
-    EncodedPrompt, PromptEncoder, check_source, load_prompts, magpie_prompts, reserved_eval_texts, stable_seed,
+    EncodedPrompt, PromptEncoder, SourceStats, check_source, iter_magpie_prompts, iter_prompts, magpie_queries,
+    reserved_eval_texts, stable_seed,
 )
 from fastdraft.layout import RunLayout
 from fastdraft.plan import check_stage
@@ -60,6 +85,15 @@ _OUTPUT_FIELDS = [("response_ids", pa.list_(pa.int32())), ("response_text", pa.s
 """origin: `local:<engine>` or `endpoint:<model>@<base_url>` (a set resumed with another engine mixes them);
 prompt_mode: token_ids (the exact ids reached the model), text (re-tokenized by the server) or text_mismatch (the
 server counted other prompt tokens); response_mode: token_ids, logprob_tokens (mapped back) or text_retokenized."""
+_PROMPT_FIELDS = [("prompt_id", pa.string()), ("source", pa.string()), ("prompt_ids", pa.list_(pa.int32())),
+                  ("prompt_text", pa.string())]
+_SUMMARY_FIELDS = [("part", pa.string()), ("rows", pa.int64()), ("response_tokens", pa.int64()),
+                   ("actors", pa.list_(pa.string()))]
+PROMPTS_PER_FILE = 4096
+"""Prompts per file of the prompt set, and so per planning block (x samples per prompt rows)."""
+SMALL_TASK_CPUS = 0.25
+"""CPUs reserved by the planning and writing tasks: light work, and whole CPUs could be held by the engine
+actors on GPU nodes (a task that cannot be scheduled would stall the stream)."""
 _TOPK_FIELDS = [("topk_ids", pa.list_(pa.list_(pa.int32()))), ("topk_logprobs", pa.list_(pa.list_(pa.float32())))]
 
 
@@ -77,21 +111,31 @@ def row_key(prompt_id: str, s: SamplingConfig, sample_index: int) -> str:
     return f"{prompt_id}|{setting_label(s)}|{sample_index}"
 
 
-def plan_rows(prompts: list[EncodedPrompt], settings: list[SamplingConfig], seed: int, done: set[str]) -> list[dict]:
-    """One row per (prompt, setting, sample) whose key is not in `done`, grouped by setting, short prompts first."""
-    rows = []
-    for order, s in enumerate(settings):
-        for p in sorted(prompts, key=lambda p: len(p.prompt_ids)):  # similar lengths share a batch: less padding
-            for j in range(s.n):
-                key = row_key(p.prompt_id, s, j)
-                if key in done:
-                    continue
-                rows.append(dict(
-                    key=key, prompt_id=p.prompt_id, prompt_ids=p.prompt_ids, prompt_text=p.prompt_text,
-                    temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                    sample_index=j, seed=stable_seed(seed, key), source=p.source,
-                ))
-    return rows
+def plan_block(prompts: pa.Table, settings: list[dict], seed: int, done=None) -> pa.Table:
+    """Ray Data map: a block of the prompt set -> one row per (prompt, setting, sample) whose key is not in `done`
+    (an Arrow array of the keys already written, or its ObjectRef), grouped by setting, short prompts first."""
+    import ray
+
+    # similar lengths share a batch: less padding (stable sort: equal lengths keep the source's order)
+    prompts = prompts.take(pc.sort_indices(pc.list_value_length(prompts.column("prompt_ids"))))
+    ids = prompts.column("prompt_id").to_pylist()
+    schema, tables = pa.schema(_INPUT_FIELDS), []
+    for s in map(SamplingConfig.model_validate, settings):
+        which = np.repeat(np.arange(len(ids)), s.n)  # a prompt's samples next to each other
+        sample = np.tile(np.arange(s.n), len(ids))
+        keys = [row_key(ids[i], s, j) for i, j in zip(which.tolist(), sample.tolist())]
+        rows, n = prompts.take(pa.array(which)), len(keys)
+        tables.append(pa.table({
+            "key": keys, "prompt_id": rows.column("prompt_id"), "prompt_ids": rows.column("prompt_ids"),
+            "prompt_text": rows.column("prompt_text"), "temperature": [s.temperature] * n, "top_p": [s.top_p] * n,
+            "top_k": [s.top_k] * n, "max_new_tokens": [s.max_new_tokens] * n, "sample_index": sample,
+            "seed": [stable_seed(seed, k) for k in keys], "source": rows.column("source"),
+        }, schema=schema))
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    done = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    if done is not None:
+        table = table.filter(pc.invert(pc.is_in(table.column("key"), value_set=done)))
+    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,19 +198,15 @@ def actor_pool(cfg: GenerateConfig):
     return ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors)
 
 
-def generate_on_ray(rows: list[dict], cfg: GenerateConfig, recipe: Recipe) -> Iterator[pa.Table]:
-    """Stream planned rows through the engine actor pool; yields result blocks as they finish."""
-    import ray.data
-
+def generate_rows(planned, cfg: GenerateConfig, recipe: Recipe):
+    """The generation step: a Ray Dataset of planned rows (`_INPUT_FIELDS`) -> the result rows (alignment schema +
+    `_actor`), one each, answered on the autoscaling engine actor pool. Any step with this contract can replace it."""
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
-    blocks = max(1, min(1000, math.ceil(len(rows) / cfg.batch_size)))
     if cfg.engine == "vllm":  # Ray Data LLM's vLLM processor: fastdraft/generation/vllm_processor.py
         from fastdraft.generation.vllm_processor import generate_with_vllm
 
-        planned = ray.data.from_items(rows, override_num_blocks=blocks)
-        yield from generate_with_vllm(planned, cfg, recipe.target).iter_batches(batch_size=None, batch_format="pyarrow")
-        return
-    ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
+        return generate_with_vllm(planned, cfg, recipe.target)
+    return planned.map_batches(
         GenerateActor,
         fn_constructor_kwargs=dict(
             engine=cfg.engine, model=recipe.target.model, dtype=recipe.target.dtype, device=device,
@@ -179,68 +219,90 @@ def generate_on_ray(rows: list[dict], cfg: GenerateConfig, recipe: Recipe) -> It
         num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
         udf_modifying_row_count=False, runtime_env=cfg.runtime_env,
     )
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
 # --------------------------------------------------------------------------------------------
-# The alignment directory: parts, resume, manifest
+# The alignment directory: parts written by the workers, what they hold, the manifest
 # --------------------------------------------------------------------------------------------
-class AlignmentWriter:
-    """Writes result blocks as `part-<run>-<n>.parquet` atomically and knows which keys exist."""
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """A file is whole or absent: written as `*.partial`, then renamed (a rerun deletes stale partials)."""
+    tmp = path.with_name(path.name + ".partial")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
 
-    def __init__(self, out_dir: Path, store_topk: int = 0):
-        self.dir, self.schema = out_dir, alignment_schema(store_topk)
-        self.run_id, self.seq = uuid.uuid4().hex[:8], 0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.dir.glob("*.partial"):  # a write that an earlier interruption cut short
-            stale.unlink()
 
-    def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
+def write_part(block: pa.Table, out_dir: str, run_id: str, store_topk: int) -> pa.Table:
+    """Ray Data map after the generation step: the worker writes its block as `part-<run_id>-<id>.parquet` and
+    passes on one summary row (rows, response tokens, actors) for the driver's progress."""
+    schema = alignment_schema(store_topk)
+    name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+    write_atomic(block.select(schema.names).cast(schema), Path(out_dir) / name)
+    tokens = pc.sum(pc.list_value_length(block.column("response_ids"))).as_py() or 0
+    actors = sorted(set(block.column("_actor").to_pylist()))
+    return pa.table({"part": [name], "rows": [block.num_rows], "response_tokens": [tokens], "actors": [actors]},
+                    schema=pa.schema(_SUMMARY_FIELDS))
 
-    def done_keys(self) -> set[str]:
-        keys: set[str] = set()
-        for part in self.parts():
-            try:
-                keys.update(pq.read_table(part, columns=["key"]).column("key").to_pylist())
-            except (pa.ArrowException, OSError) as exc:
-                raise FastdraftError(f"{part}: unreadable alignment part ({exc}); delete it and rerun to regenerate its rows") from None
-        return keys
 
-    def write(self, table: pa.Table) -> Path:
-        table = table.select(self.schema.names).cast(self.schema)
-        path = self.dir / f"part-{self.run_id}-{self.seq:05d}.parquet"
-        tmp = path.with_name(path.name + ".partial")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
-        self.seq += 1
-        return path
+def _value_counts(column) -> Counter:
+    counts = pc.value_counts(column)
+    return Counter(dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))
 
-    def counts(self) -> dict:
-        """Rows, prompts, tokens and finish reasons over every part (also proves keys are unique)."""
-        c: dict[str, Counter] = {k: Counter() for k in ("by_source", "by_setting", "finish_reason", "by_origin",
-                                                        "by_prompt_mode", "by_response_mode")}
-        keys, prompts, resp_tokens, prompt_tokens = set(), set(), 0, 0
-        rows = duplicates = 0
-        for part in self.parts():
-            provenance = [c for c in ("origin", "prompt_mode", "response_mode") if c in pq.read_schema(part).names]
-            t = pq.read_table(part, columns=["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids",
-                                             *provenance])
-            for key in t.column("key").to_pylist():
-                duplicates += key in keys
-                keys.add(key)
-            prompts.update(t.column("prompt_id").to_pylist())
-            c["by_source"].update(t.column("source").to_pylist())
-            c["by_setting"].update(k.split("|")[1] for k in t.column("key").to_pylist())
-            c["finish_reason"].update(t.column("finish_reason").to_pylist())
-            resp_tokens += pc.sum(pc.list_value_length(t.column("response_ids"))).as_py() or 0
-            prompt_tokens += pc.sum(pc.list_value_length(t.column("prompt_ids"))).as_py() or 0
-            for column in ("origin", "prompt_mode", "response_mode"):  # parts written before these columns: unrecorded
-                values = t.column(column).to_pylist() if column in provenance else [None] * t.num_rows
-                c[f"by_{column}"].update("unrecorded" if v is None else v for v in values)
-            rows += t.num_rows
-        return {"rows": rows, "prompts": len(prompts), "duplicates": duplicates, "response_tokens": resp_tokens,
-                "prompt_tokens": prompt_tokens, "parts": len(self.parts()), **{k: dict(v) for k, v in c.items()}}
+
+def _read_part(part: Path, columns: list[str] | None = None):
+    """A part's columns (its schema when `columns` is None), or a clear error naming the file."""
+    try:
+        return pq.read_schema(part) if columns is None else pq.read_table(part, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise FastdraftError(f"{part}: unreadable alignment part ({exc}); delete it and rerun to regenerate its rows") from None
+
+
+def survey_parts(out_dir: str, keys_only: bool = False) -> tuple[dict, pa.Array | None]:
+    """Ray task (two returns): the manifest's `counts` over every part (also proves keys unique; only `rows` with
+    `keys_only`), and the keys already written, which stay in the object store for the planner's resume filter. A
+    worker reads the parts one at a time; the driver gets the counts and an ObjectRef."""
+    c: dict[str, Counter] = {k: Counter() for k in ("by_source", "by_setting", "finish_reason", "by_origin",
+                                                    "by_prompt_mode", "by_response_mode")}
+    keys, prompt_ids, resp_tokens, prompt_tokens = [], [], 0, 0
+    parts = sorted(Path(out_dir).glob("part-*.parquet"))
+    for part in parts:
+        if keys_only:  # what resume needs: no list columns read
+            keys += _read_part(part, ["key"]).column("key").chunks
+            continue
+        provenance = [c for c in ("origin", "prompt_mode", "response_mode") if c in _read_part(part).names]
+        t = _read_part(part, ["key", "prompt_id", "source", "finish_reason", "prompt_ids", "response_ids", *provenance])
+        keys += t.column("key").chunks
+        prompt_ids += t.column("prompt_id").chunks
+        c["by_source"].update(_value_counts(t.column("source")))
+        c["by_setting"].update(_value_counts(pc.list_element(pc.split_pattern(t.column("key"), "|"), 1)))
+        c["finish_reason"].update(_value_counts(t.column("finish_reason")))
+        resp_tokens += pc.sum(pc.list_value_length(t.column("response_ids"))).as_py() or 0
+        prompt_tokens += pc.sum(pc.list_value_length(t.column("prompt_ids"))).as_py() or 0
+        for column in ("origin", "prompt_mode", "response_mode"):  # parts written before these columns: unrecorded
+            values = pc.fill_null(t.column(column), "unrecorded") if column in provenance else pa.array(["unrecorded"] * t.num_rows)
+            c[f"by_{column}"].update(_value_counts(values))
+    done = pa.chunked_array(keys, pa.string()).combine_chunks() if keys else None
+    rows = len(done) if done is not None else 0
+    if keys_only:
+        return {"rows": rows}, done
+    distinct = pc.count_distinct(done).as_py() if done is not None else 0
+    prompts = pc.count_distinct(pa.chunked_array(prompt_ids, pa.string())).as_py() if prompt_ids else 0
+    counts = {"rows": rows, "prompts": prompts, "duplicates": rows - distinct, "response_tokens": resp_tokens,
+              "prompt_tokens": prompt_tokens, "parts": len(parts), **{k: dict(v) for k, v in c.items()}}
+    return counts, done
+
+
+def survey(out_dir: Path, keys_only: bool = False) -> tuple[dict, object]:
+    """`survey_parts` on a worker: (counts, ObjectRef of the keys written) without the keys reaching the driver."""
+    import ray
+
+    from fastdraft.data.pipeline import user_error
+
+    task = ray.remote(num_cpus=SMALL_TASK_CPUS)(survey_parts).options(num_returns=2)
+    counts_ref, keys_ref = task.remote(str(out_dir), keys_only)
+    try:
+        return ray.get(counts_ref), keys_ref
+    except Exception as exc:
+        raise (user_error(exc) or exc) from None
 
 
 def resume_hash(recipe: Recipe, fingerprint: str) -> str:
@@ -348,31 +410,96 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
-def collect_prompts(cfg: GenerateConfig, recipe: Recipe, encoder: PromptEncoder, out_dir: Path) -> tuple[list[EncodedPrompt], dict]:
-    """Every source's prompts (Magpie sources ask the target on Ray); prompt ids start with the source's name."""
-    prompts, stats = [], {}
-    reserved = reserved_eval_texts()
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def prompts_table(prompts: list[EncodedPrompt]) -> pa.Table:
+    return pa.table({"prompt_id": [p.prompt_id for p in prompts], "source": [p.source for p in prompts],
+                     "prompt_ids": [p.prompt_ids for p in prompts], "prompt_text": [p.prompt_text for p in prompts]},
+                    schema=pa.schema(_PROMPT_FIELDS))
+
+
+def encode_source(index: int, source: dict, tokenizer, max_prompt_tokens: int, overlong: str, reserved: frozenset[str],
+                  out_dir: str, magpie_state: str | None = None) -> dict:
+    """Ray task: one source's prompts, encoded and deduped in reading order, written as `<index>-<n>.parquet` files
+    of `PROMPTS_PER_FILE` prompts under `out_dir`; returns the source's stats (the task holds one file's prompts
+    and the ids seen so far)."""
+    source_cfg = PromptSourceConfig.model_validate(source)
+    encoder, stats = PromptEncoder(tokenizer, max_prompt_tokens, overlong), SourceStats()
+    if source_cfg.kind == "magpie":
+        prompts = iter_magpie_prompts(source_cfg, encoder, json.loads(Path(magpie_state).read_text()), stats, reserved)
+    else:
+        prompts = iter_prompts(source_cfg, encoder, stats, reserved)
+    for n, chunk in enumerate(chunked(prompts, PROMPTS_PER_FILE)):
+        write_atomic(prompts_table(chunk), Path(out_dir) / f"{index:03d}-{n:05d}.parquet")
+    return stats.to_dict()
+
+
+def write_prompt_set(cfg: GenerateConfig, recipe: Recipe, tokenizer, out_dir: Path, prompts_dir: Path) -> dict:
+    """Every source's prompts into `prompts_dir` (Magpie sources ask the target first); returns stats per source."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from fastdraft.data.pipeline import user_error
+
+    states = {}
+    encoder = PromptEncoder(tokenizer, cfg.max_prompt_tokens, cfg.overlong)
     for source in cfg.prompts:
         if source.kind == "magpie":
             def ask(requests: list[Request]) -> list[Generated]:
                 return ask_target(requests, cfg, recipe)
-            got, st = magpie_prompts(source, encoder, ask, out_dir / f"magpie-{source.name}.json", cfg.seed, reserved)
-        else:
-            got, st = load_prompts(source, encoder, reserved)
-        stats[source.name] = st.to_dict()
-        print(f"[generate] prompts from '{source.name}': {len(got)} "
-              f"(skipped {dict(st.skipped) or 0}, truncated {st.truncated})", flush=True)
-        prompts += got
-    return prompts, stats
+            states[source.name] = out_dir / f"magpie-{source.name}.json"
+            magpie_queries(source, encoder, ask, states[source.name], cfg.seed)
+    prompts_dir.mkdir(parents=True)
+    # on the driver's node: the source files are where check_source found them (as when the driver read them)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=1)(encode_source).options(scheduling_strategy=here)
+    tok_ref, reserved = ray.put(tokenizer), reserved_eval_texts()  # the driver's tokenizer: the one fingerprinted
+    refs = [task.remote(i, source.model_dump(mode="json"), tok_ref, cfg.max_prompt_tokens, cfg.overlong, reserved,
+                        str(prompts_dir), str(states[source.name]) if source.name in states else None)
+            for i, source in enumerate(cfg.prompts)]
+    stats = {}
+    for source, ref in zip(cfg.prompts, refs):
+        try:
+            st = ray.get(ref)
+        except Exception as exc:
+            raise (user_error(exc) or exc) from None
+        print(f"[generate] prompts from '{source.name}': {st['prompts']} "
+              f"(skipped {st['skipped'] or 0}, truncated {st['truncated']})", flush=True)
+        stats[source.name] = st
+    return stats
+
+
+def planned_rows(prompts_dir: Path, cfg: GenerateConfig, done):
+    """The plan as a Ray Dataset: the prompt set's files -> `plan_block` (keys already written filtered out), in
+    blocks of one engine batch: each becomes its own part, so an interruption loses at most the batches in flight."""
+    import ray.data
+
+    return ray.data.read_parquet(str(prompts_dir), file_extensions=["parquet"]).map_batches(
+        plan_block, fn_kwargs=dict(settings=[s.model_dump(mode="json") for s in cfg.sampling], seed=cfg.seed, done=done),
+        batch_size=None, batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS, udf_modifying_row_count=True,
+    ).repartition(target_num_rows_per_block=cfg.batch_size)  # streaming: splits and joins blocks, no shuffle
 
 
 def ask_target(requests: list[Request], cfg: GenerateConfig, recipe: Recipe) -> list[Generated]:
-    """Run arbitrary requests (e.g. Magpie's user-turn prompts) through the same actor pool, in order."""
+    """Run arbitrary requests (e.g. one chunk of Magpie's user-turn prompts) through the same actor pool, in order."""
+    import ray.data
+
     rows = [dict(key=str(i), prompt_id="", prompt_ids=ids, prompt_text="", temperature=p.temperature, top_p=p.top_p,
                  top_k=p.top_k, max_new_tokens=p.max_new_tokens, sample_index=0, seed=p.seed or 0, source="")
             for i, (ids, p) in enumerate(requests)]
     out: list[Generated | None] = [None] * len(rows)
-    for block in generate_on_ray(rows, cfg, recipe):
+    blocks = max(1, min(1000, math.ceil(len(rows) / cfg.batch_size)))
+    results = generate_rows(ray.data.from_items(rows, override_num_blocks=blocks), cfg, recipe)
+    for block in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         for r in block.select(["key", "response_ids", "finish_reason"]).to_pylist():
             out[int(r["key"])] = Generated(r["response_ids"], r["finish_reason"])
     return out  # type: ignore[return-value]
@@ -399,7 +526,10 @@ def run_generate(recipe: Recipe) -> dict:
     cfg, endpoint = check_endpoint(cfg, tokenizer, recipe.target.model)
     ensure_ray()
     check_engine_available(cfg)
-    writer = AlignmentWriter(out_dir, cfg.store_topk)
+    run_id = uuid.uuid4().hex[:8]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob("*.partial"), *out_dir.glob("prompts-*")]:  # what an earlier interruption left
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     manifest = {
         "complete": False, "target": recipe.target.model, "tokenizer_fingerprint": fingerprint,
         "settings": [{**s.model_dump(mode="json"), "label": setting_label(s)} for s in cfg.sampling],
@@ -408,39 +538,46 @@ def run_generate(recipe: Recipe) -> dict:
         "endpoint": endpoint,
         # every run, in order: which engine (and endpoint) wrote which parts (`part-<run_id>-*.parquet`); an
         # interrupted run keeps finished: false
-        "runs": previous.get("runs", []) + [{"run_id": writer.run_id, "engine": cfg.engine, "origin": origin_of(cfg),
+        "runs": previous.get("runs", []) + [{"run_id": run_id, "engine": cfg.engine, "origin": origin_of(cfg),
                                              "prompt_format": endpoint["prompt_format"] if endpoint else "token_ids",
                                              "started_at": time.time(), "finished": False}],
     }
     write_manifest(out_dir, manifest)
-    prompts, sources = collect_prompts(cfg, recipe, PromptEncoder(tokenizer, cfg.max_prompt_tokens, cfg.overlong), out_dir)
-    done = writer.done_keys()
-    rows = plan_rows(prompts, cfg.sampling, cfg.seed, done)
-    print(f"[generate] {len(prompts)} prompts x {len(cfg.sampling)} settings: {len(rows)} rows to generate, "
-          f"{len(done)} already written in {out_dir}", flush=True)
-    actors, generated = _write_all(rows, cfg, recipe, writer)
-    counts = writer.counts()
+    prompts_dir = out_dir / f"prompts-{run_id}"
+    sources = write_prompt_set(cfg, recipe, tokenizer, out_dir, prompts_dir)
+    prompts = sum(st["prompts"] for st in sources.values())
+    before, done = survey(out_dir, keys_only=True)
+    todo = planned_rows(prompts_dir, cfg, done).count() if prompts else 0  # a cheap pass: exact totals and ETA
+    print(f"[generate] {prompts} prompts x {len(cfg.sampling)} settings: {todo} rows to generate, "
+          f"{before['rows']} already written in {out_dir}", flush=True)
+    actors, generated = set(), 0
+    if todo:
+        results = generate_rows(planned_rows(prompts_dir, cfg, done), cfg, recipe)
+        summaries = results.map_batches(
+            write_part, fn_kwargs=dict(out_dir=str(out_dir), run_id=run_id, store_topk=cfg.store_topk),
+            batch_size=None, batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS, udf_modifying_row_count=True)
+        actors, generated = follow(summaries, todo)
+    del done  # the keys' ObjectRef: the object store may free them
+    shutil.rmtree(prompts_dir)
+    counts, _ = survey(out_dir)
     manifest["runs"][-1].update(finished=True, new_rows=generated, finished_at=time.time())
     manifest.update(complete=True, counts=counts, sources=sources, actors_used=len(actors), generate=cfg.model_dump(mode="json"))
     write_manifest(out_dir, manifest)
     return {"alignment": str(out_dir), "rows": counts["rows"], "prompts": counts["prompts"], "new_rows": generated,
-            "resumed_rows": len(done), "response_tokens": counts["response_tokens"], "actors_used": len(actors),
+            "resumed_rows": before["rows"], "response_tokens": counts["response_tokens"], "actors_used": len(actors),
             "finish_reason": counts["finish_reason"]}
 
 
-def _write_all(rows: list[dict], cfg: GenerateConfig, recipe: Recipe, writer: AlignmentWriter) -> tuple[set[str], int]:
-    """Stream the actors' blocks into parts, with progress (rows, tokens/s, ETA)."""
-    if not rows:
-        return set(), 0
-    progress = Progress("generate", unit="rows", total=len(rows), every_s=float("inf"))
+def follow(summaries, total: int) -> tuple[set[str], int]:
+    """Stream the workers' per-part summaries, with progress (rows, tokens/s, ETA); the rows stay on the workers."""
+    progress = Progress("generate", unit="rows", total=total, every_s=float("inf"))
     actors, tokens, last = set(), 0, time.perf_counter()
-    for block in generate_on_ray(rows, cfg, recipe):
-        actors.update(block.column("_actor").to_pylist())
-        writer.write(block)
-        new_tokens = pc.sum(pc.list_value_length(block.column("response_ids"))).as_py() or 0
-        tokens += new_tokens
-        progress.update(block.num_rows, tok=new_tokens)
-        if time.perf_counter() - last >= 5.0 or progress.count == len(rows):
+    for block in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for r in block.to_pylist():
+            actors.update(r["actors"])
+            tokens += r["response_tokens"]
+            progress.update(r["rows"], tok=r["response_tokens"])
+        if time.perf_counter() - last >= 5.0 or progress.count == total:
             last = time.perf_counter()
             print(f"{progress.line()} | {tokens / max(progress.elapsed, 1e-9):,.1f} tok/s | actors {len(actors)}", flush=True)
     return actors, progress.count

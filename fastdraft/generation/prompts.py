@@ -49,6 +49,8 @@ MAGPIE_QUERY_TOKENS = 128
 """Longest user turn the target may write; longer (unfinished) ones are dropped."""
 MAGPIE_SAMPLING = dict(temperature=1.0, top_p=1.0)  # Magpie samples the query at T=1 for diversity
 MAGPIE_MAX_ROUNDS = 4
+MAGPIE_CHUNK = 4096
+"""Requests per call to the target while Magpie writes user turns: the driver holds one chunk's answers."""
 MAGPIE_MIN_CHARS = 10
 
 
@@ -387,19 +389,20 @@ def _accept(
     return encoded
 
 
-def load_prompts(
-    source: PromptSourceConfig, encoder: PromptEncoder, reserved: frozenset[str] = frozenset()
-) -> tuple[list[EncodedPrompt], SourceStats]:
-    """Read, parse, encode and dedupe one (non-Magpie) source, up to its `limit` of usable prompts.
+def iter_prompts(
+    source: PromptSourceConfig, encoder: PromptEncoder, stats: SourceStats, reserved: frozenset[str] = frozenset()
+) -> Iterator[EncodedPrompt]:
+    """Read, parse, encode and dedupe one (non-Magpie) source, up to its `limit` of usable prompts, one at a time.
 
-    Prompts whose text is in `reserved` (the evaluation prompts, see `reserved_eval_texts`) are dropped.
+    `stats` counts as it goes (kept, truncated, skipped by reason). Prompts whose text is in `reserved` (the
+    evaluation prompts, see `reserved_eval_texts`) are dropped. Only the ids seen so far are held, never the prompts.
     """
     if source.template == "chat" and not encoder.has_template:
         raise RecipeError(f"generate.prompts '{source.name}': template 'chat' but the target's tokenizer has no chat template")
     fmt = "code" if source.kind == "stdlib_code" else source.format
-    stats, seen, out = SourceStats(), set(), []
+    seen: set[str] = set()
     for row in iter_rows(source):
-        if source.limit is not None and len(out) >= source.limit:
+        if source.limit is not None and stats.prompts >= source.limit:
             break
         try:
             if isinstance(row, MalformedRow):
@@ -410,8 +413,15 @@ def load_prompts(
             continue
         encoded = _accept(encoder, make_prompt(source, messages, is_code, encoder.has_template), seen, stats, reserved)
         if encoded is not None:
-            out.append(encoded)
-    return out, stats
+            yield encoded
+
+
+def load_prompts(
+    source: PromptSourceConfig, encoder: PromptEncoder, reserved: frozenset[str] = frozenset()
+) -> tuple[list[EncodedPrompt], SourceStats]:
+    """`iter_prompts` as a list (benchmarks and tests; the generate stage streams them)."""
+    stats = SourceStats()
+    return list(iter_prompts(source, encoder, stats, reserved)), stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,6 +449,81 @@ def _normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def magpie_query_tokens(encoder: PromptEncoder) -> tuple[list[int], int]:
+    """The chat template's prefix ids and the longest user turn the target may write after it."""
+    tok = encoder.tok
+    prefix_ids = tok(magpie_prefix(tok), add_special_tokens=False)["input_ids"]
+    # a query longer than the prompt budget (minus the template around it) would be dropped as overlong anyway
+    query_tokens = min(MAGPIE_QUERY_TOKENS, encoder.max_tokens - len(prefix_ids) - 8)
+    if query_tokens < 8:
+        raise RecipeError(f"generate.max_prompt_tokens ({encoder.max_tokens}) leaves no room for a Magpie user turn "
+                          f"after the chat template's {len(prefix_ids)}-token prefix")
+    return prefix_ids, query_tokens
+
+
+def magpie_queries(
+    source: PromptSourceConfig,
+    encoder: PromptEncoder,
+    generate: Callable[[list[Request]], list[Generated]],
+    state_path: Path,
+    seed: int = 0,
+) -> dict:
+    """Let the target write `source.limit` user turns, in rounds, keeping finished, long enough, unique ones.
+
+    Kept queries are saved to `state_path` after every chunk of at most `MAGPIE_CHUNK` requests, so a rerun reuses
+    them instead of sampling new ones (which would change the prompt set under a resumed alignment run), and the
+    caller holds one chunk's answers at a time. Returns the state: `kept` texts with their index and seed.
+    """
+    if source.limit is None:
+        raise RecipeError(f"generate.prompts '{source.name}': kind 'magpie' needs a 'limit' (how many prompts to write)")
+    tok = encoder.tok
+    prefix_ids, query_tokens = magpie_query_tokens(encoder)
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"next_index": 0, "kept": [], "skipped": {}}
+    skipped = Counter(state["skipped"])
+    seen = {_normalize(q["text"]) for q in state["kept"]}
+    for _ in range(MAGPIE_MAX_ROUNDS):
+        need = source.limit - len(state["kept"])
+        if need <= 0:
+            break
+        end = state["next_index"] + math.ceil(need * 1.5) + 1
+        while state["next_index"] < end:  # one round, in chunks: the same indices and seeds as one big call
+            indices = range(state["next_index"], min(end, state["next_index"] + MAGPIE_CHUNK))
+            seeds = [stable_seed(seed, "magpie", source.name, i) for i in indices]
+            params = [SamplingParams(**MAGPIE_SAMPLING, max_new_tokens=query_tokens, seed=s) for s in seeds]
+            outs = generate([(prefix_ids, p) for p in params])
+            for i, s, out in zip(indices, seeds, outs):
+                text = tok.decode(out.token_ids, skip_special_tokens=True).strip()
+                reason = ("unfinished" if out.finish_reason != "stop" else "too_short" if len(text) < MAGPIE_MIN_CHARS
+                          else "duplicate" if _normalize(text) in seen else None)
+                if reason:
+                    skipped[reason] += 1
+                elif len(state["kept"]) < source.limit:
+                    seen.add(_normalize(text))
+                    state["kept"].append({"index": i, "seed": s, "text": text})
+            state["next_index"], state["skipped"] = indices.stop, dict(skipped)
+            tmp = state_path.with_name(state_path.name + ".partial")
+            tmp.write_text(json.dumps(state, indent=1))
+            tmp.replace(state_path)
+        print(f"[generate] magpie '{source.name}': {len(state['kept'])}/{source.limit} user turns kept of "
+              f"{state['next_index']} written by the target (dropped: {dict(skipped) or 0})", flush=True)
+    return state
+
+
+def iter_magpie_prompts(
+    source: PromptSourceConfig, encoder: PromptEncoder, state: dict, stats: SourceStats,
+    reserved: frozenset[str] = frozenset(),
+) -> Iterator[EncodedPrompt]:
+    """The kept Magpie user turns of `state` (see `magpie_queries`) as encoded chat prompts."""
+    prefix_ids, query_tokens = magpie_query_tokens(encoder)
+    stats.skipped.update(state["skipped"])
+    stats.extra = {"generated": state["next_index"], "query_tokens": query_tokens, "prefix": encoder.tok.decode(prefix_ids)}
+    seen: set[str] = set()
+    for q in state["kept"][: source.limit]:
+        encoded = _accept(encoder, Prompt(source.name, (("user", q["text"]),)), seen, stats, reserved)
+        if encoded is not None:
+            yield encoded
+
+
 def magpie_prompts(
     source: PromptSourceConfig,
     encoder: PromptEncoder,
@@ -447,50 +532,7 @@ def magpie_prompts(
     seed: int = 0,
     reserved: frozenset[str] = frozenset(),
 ) -> tuple[list[EncodedPrompt], SourceStats]:
-    """Let the target write `source.limit` user turns, in rounds, keeping finished, long enough, unique ones.
-
-    Kept queries are saved to `state_path` after every round, so a rerun reuses them instead of sampling
-    new ones (which would change the prompt set under a resumed alignment run).
-    """
-    if source.limit is None:
-        raise RecipeError(f"generate.prompts '{source.name}': kind 'magpie' needs a 'limit' (how many prompts to write)")
-    tok = encoder.tok
-    prefix_ids = tok(magpie_prefix(tok), add_special_tokens=False)["input_ids"]
-    # a query longer than the prompt budget (minus the template around it) would be dropped as overlong anyway
-    query_tokens = min(MAGPIE_QUERY_TOKENS, encoder.max_tokens - len(prefix_ids) - 8)
-    if query_tokens < 8:
-        raise RecipeError(f"generate.max_prompt_tokens ({encoder.max_tokens}) leaves no room for a Magpie user turn "
-                          f"after the chat template's {len(prefix_ids)}-token prefix")
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {"next_index": 0, "kept": [], "skipped": {}}
-    skipped = Counter(state["skipped"])
-    seen = {_normalize(q["text"]) for q in state["kept"]}
-    for _ in range(MAGPIE_MAX_ROUNDS):
-        need = source.limit - len(state["kept"])
-        if need <= 0:
-            break
-        indices = range(state["next_index"], state["next_index"] + math.ceil(need * 1.5) + 1)
-        seeds = [stable_seed(seed, "magpie", source.name, i) for i in indices]
-        params = [SamplingParams(**MAGPIE_SAMPLING, max_new_tokens=query_tokens, seed=s) for s in seeds]
-        outs = generate([(prefix_ids, p) for p in params])
-        for i, s, out in zip(indices, seeds, outs):
-            text = tok.decode(out.token_ids, skip_special_tokens=True).strip()
-            reason = ("unfinished" if out.finish_reason != "stop" else "too_short" if len(text) < MAGPIE_MIN_CHARS
-                      else "duplicate" if _normalize(text) in seen else None)
-            if reason:
-                skipped[reason] += 1
-            elif len(state["kept"]) < source.limit:
-                seen.add(_normalize(text))
-                state["kept"].append({"index": i, "seed": s, "text": text})
-        state["next_index"], state["skipped"] = indices.stop, dict(skipped)
-        print(f"[generate] magpie '{source.name}': {len(state['kept'])}/{source.limit} user turns kept of "
-              f"{state['next_index']} written by the target (dropped: {dict(skipped) or 0})", flush=True)
-        tmp = state_path.with_name(state_path.name + ".partial")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_path)
-    stats, ids_seen, out = SourceStats(skipped=Counter(skipped)), set(), []
-    for q in state["kept"][: source.limit]:
-        encoded = _accept(encoder, Prompt(source.name, (("user", q["text"]),)), ids_seen, stats, reserved)
-        if encoded is not None:
-            out.append(encoded)
-    stats.extra = {"generated": state["next_index"], "query_tokens": query_tokens, "prefix": tok.decode(prefix_ids)}
-    return out, stats
+    """`magpie_queries` then `iter_magpie_prompts`, as a list."""
+    state = magpie_queries(source, encoder, generate, state_path, seed)
+    stats = SourceStats()
+    return list(iter_magpie_prompts(source, encoder, state, stats, reserved)), stats
