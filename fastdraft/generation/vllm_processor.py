@@ -3,7 +3,7 @@
     results = generate_with_vllm(ray.data.from_items(planned_rows), recipe.generate, recipe.target)
     for block in results.iter_batches(batch_size=None, batch_format="pyarrow"): ...   # the alignment schema
 
-`generate_on_ray` (pipeline.py) calls this for `engine: vllm`; the other engines keep fastdraft's own actor pool.
+`generate_rows` (pipeline.py) calls this for `engine: vllm`; the other engines keep fastdraft's own actor pool.
 
 What Ray Data LLM (`ray.data.llm.vLLMEngineProcessorConfig` + `build_processor`) gives: vLLM's maintained
 async engine (`AsyncLLMEngine`) in a pool of Ray Data actors, each one keeping up to `max_concurrent_batches`
