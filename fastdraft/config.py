@@ -225,6 +225,9 @@ class PromptSourceConfig(Strict):
     template: Literal["auto", "chat", "raw"] = "auto"
     """auto: the target's chat template when it has one, except `code` prompts, which the target continues
     as they are (raw); chat / raw force one or the other."""
+    engine: Literal["transformers", "lean", "vllm", "openai"] | None = None
+    """Who answers this source's prompts; default: `generate.engine`. One recipe can send some sources to an
+    endpoint (`openai`, with `generate.openai`) and others to a local engine; each row's `origin` says which."""
 
 
 class SamplingConfig(Strict):
@@ -307,12 +310,20 @@ class GenerateConfig(Strict):
 
     SCHEDULING_ONLY = frozenset({"min_actors", "max_actors", "cpus_per_actor", "torch_threads"})
 
+    def engines(self) -> dict[str, str]:
+        """Source name -> the engine that answers it (its own `engine`, else `generate.engine`)."""
+        return {source.name: source.engine or self.engine for source in self.prompts}
+
     @model_validator(mode="after")
     def _endpoint(self):
-        if self.engine == "openai" and self.openai is None:
-            raise ValueError("generate.engine 'openai' needs a generate.openai section (base_url, model, ...)")
-        if self.engine != "openai" and self.openai is not None:
-            raise ValueError(f"generate.openai is set but generate.engine is {self.engine!r}; set engine: openai")
+        engines = self.engines()
+        if "openai" in engines.values() and self.openai is None:
+            users = [name for name, e in engines.items() if e == "openai"]
+            raise ValueError(f"engine 'openai' (generate.engine or generate.prompts[].engine of {', '.join(users)}) needs "
+                             f"a generate.openai section (base_url, model, ...)")
+        if "openai" not in engines.values() and self.openai is not None:
+            raise ValueError(f"generate.openai is set but no source uses it (generate.engine is {self.engine!r}); set "
+                             f"engine: openai on generate or on the sources the endpoint should answer")
         if self.openai is not None and self.openai.max_concurrency > self.batch_size:
             raise ValueError(f"generate.openai.max_concurrency ({self.openai.max_concurrency}) exceeds generate.batch_size "
                              f"({self.batch_size}): an actor answers one batch at a time, so raise batch_size")

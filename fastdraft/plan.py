@@ -260,6 +260,10 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         available, source = offered(recipe, device)
         items = inference_items({"target": tcfg}, g.batch_size, length, dtype)
         notes = []
+        others = {name: e for name, e in g.engines().items() if e != g.engine}
+        if others:  # each other engine runs its own step beside this one (generation.pipeline.answer_by_engine)
+            notes.append("sources with their own engine, in a pool of their own: "
+                         + ", ".join(f"{name} ({e})" for name, e in others.items()) + "; this line is generate.engine's")
         if g.engine == "openai":  # the endpoint holds the target: the actors hold requests and answers
             items = [Item(f"requests and answers in flight ({g.batch_size} rows)", g.batch_size * length * 8 * (1 + 2 * g.store_topk))]
             notes.append("the target runs behind the endpoint (generate.openai), not on this cluster")

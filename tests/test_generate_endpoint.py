@@ -148,6 +148,41 @@ def test_endpoint_rows_equal_the_local_engine_and_say_where_they_came_from(endpo
     assert {"topk_ids", "topk_logprobs", "origin", "prompt_mode"} <= set(m["columns"])
 
 
+@pytest.mark.timeout(420)
+def test_one_recipe_sends_one_source_to_the_endpoint_and_another_to_a_local_engine(endpoint_run, server, tmp_path,
+                                                                                     tiny_target_dir, prompts_file):
+    """`generate.prompts[].engine`: the instructions go to the endpoint, the code prompts to the local transformers
+    engine, in one run. Every row says where it came from, and the set equals the all-endpoint one."""
+    _, _, reference = endpoint_run
+    data = endpoint_data(tmp_path / "mixed", tiny_target_dir, prompts_file, server.base_url)
+    data["generate"]["engine"] = "transformers"
+    data["generate"]["prompts"][0]["engine"] = "openai"
+    recipe = recipe_from_dict(data)
+    summary = run_generate(recipe)
+    rows = read_rows(recipe.run_dir)
+    origin = f"endpoint:tiny@{server.base_url}"
+    assert rows.keys() == reference.keys() and summary["new_rows"] == ROWS
+    assert all(answer(rows[k]) == answer(reference[k]) for k in rows)  # same model, same seeds, either engine
+    assert {r["origin"] for r in rows.values() if r["source"] == "inst"} == {origin}
+    assert {r["origin"] for r in rows.values() if r["source"] == "code"} == {"local:transformers"}
+    m = manifest_of(recipe.run_dir)
+    assert m["counts"]["by_origin"] == {origin: 30, "local:transformers": ROWS - 30}
+    assert m["runs"][-1]["origin"] == "mixed"
+    assert m["runs"][-1]["origin_by_source"] == {"inst": origin, "code": "local:transformers"}
+    assert m["endpoint"]["tokenizer_check"]["method"] == "fingerprint"  # the endpoint was checked all the same
+
+
+def test_an_endpoint_section_no_source_uses_is_refused(tmp_path, tiny_target_dir, prompts_file):
+    data = endpoint_data(tmp_path, tiny_target_dir, prompts_file, "http://127.0.0.1:1")
+    data["generate"]["engine"] = "lean"
+    with pytest.raises(RecipeError, match="generate.openai is set but no source uses it"):
+        recipe_from_dict(data)
+    data["generate"].pop("openai")
+    data["generate"]["prompts"][1]["engine"] = "openai"
+    with pytest.raises(RecipeError, match=r"prompts\[\]\.engine of code\) needs a generate.openai section"):
+        recipe_from_dict(data)
+
+
 @pytest.mark.timeout(120)
 def test_distill_reads_the_endpoint_teacher_as_the_local_one(endpoint_run, tiny_target_dir):
     import torch

@@ -38,6 +38,9 @@ Flow (all in `run_generate`):
 
 `generate.engine: openai` (`endpoint.py`) answers through an OpenAI-compatible endpoint from the same actors; its
 tokenizer is checked against the target's (`check_endpoint`) before anything is written.
+A source's own `engine` sends its prompts elsewhere than `generate.engine` (some to the endpoint, the rest local):
+step 5 then runs once per engine over its sources' prompt files and the outputs are unioned (`answer_by_engine`);
+the manifest's run says each source's origin (`origin_by_source`) and every row has its own `origin`.
 """
 
 from __future__ import annotations
@@ -401,6 +404,21 @@ def check_endpoint(cfg: GenerateConfig, tokenizer, target: str) -> tuple[Generat
     return cfg, endpoint
 
 
+def one_or_mixed(values: Iterable[str]) -> str:
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else "mixed"
+
+
+def engine_configs(cfg: GenerateConfig, tokenizer, target: str) -> tuple[dict[str, GenerateConfig], dict | None]:
+    """Engine -> the generate settings its step runs with, for every engine a source uses (an endpoint checked by
+    `check_endpoint` first); and the manifest's `endpoint`."""
+    by_engine, endpoint = {}, None
+    for engine in dict.fromkeys(cfg.engines().values()):
+        by_engine[engine], checked = check_endpoint(cfg.model_copy(update={"engine": engine}), tokenizer, target)
+        endpoint = endpoint or checked
+    return by_engine, endpoint
+
+
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     tmp = out_dir / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2))
@@ -443,7 +461,8 @@ def encode_source(index: int, source: dict, tokenizer, max_prompt_tokens: int, o
     return stats.to_dict()
 
 
-def write_prompt_set(cfg: GenerateConfig, recipe: Recipe, tokenizer, out_dir: Path, prompts_dir: Path) -> dict:
+def write_prompt_set(cfg: GenerateConfig, by_engine: dict[str, GenerateConfig], recipe: Recipe, tokenizer, out_dir: Path,
+                     prompts_dir: Path) -> dict:
     """Every source's prompts into `prompts_dir` (Magpie sources ask the target first); returns stats per source."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -454,8 +473,8 @@ def write_prompt_set(cfg: GenerateConfig, recipe: Recipe, tokenizer, out_dir: Pa
     encoder = PromptEncoder(tokenizer, cfg.max_prompt_tokens, cfg.overlong)
     for source in cfg.prompts:
         if source.kind == "magpie":
-            def ask(requests: list[Request]) -> list[Generated]:
-                return ask_target(requests, cfg, recipe)
+            def ask(requests: list[Request], engine_cfg: GenerateConfig = by_engine[cfg.engines()[source.name]]) -> list[Generated]:
+                return ask_target(requests, engine_cfg, recipe)
             states[source.name] = out_dir / f"magpie-{source.name}.json"
             magpie_queries(source, encoder, ask, states[source.name], cfg.seed)
     prompts_dir.mkdir(parents=True)
@@ -478,15 +497,31 @@ def write_prompt_set(cfg: GenerateConfig, recipe: Recipe, tokenizer, out_dir: Pa
     return stats
 
 
-def planned_rows(prompts_dir: Path, cfg: GenerateConfig, done):
-    """The plan as a Ray Dataset: the prompt set's files -> `plan_block` (keys already written filtered out), in
-    blocks of one engine batch: each becomes its own part, so an interruption loses at most the batches in flight."""
+def planned_rows(prompts_dir: Path, cfg: GenerateConfig, done, files: list[Path] | None = None):
+    """The plan as a Ray Dataset: the prompt set's files (or the given ones) -> `plan_block` (keys already written
+    filtered out), in blocks of one engine batch: each becomes its own part, so an interruption loses at most the
+    batches in flight."""
     import ray.data
 
-    return ray.data.read_parquet(str(prompts_dir), file_extensions=["parquet"]).map_batches(
+    paths = [str(f) for f in files] if files is not None else str(prompts_dir)
+    return ray.data.read_parquet(paths, file_extensions=["parquet"]).map_batches(
         plan_block, fn_kwargs=dict(settings=[s.model_dump(mode="json") for s in cfg.sampling], seed=cfg.seed, done=done),
         batch_size=None, batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS, udf_modifying_row_count=True,
     ).repartition(target_num_rows_per_block=cfg.batch_size)  # streaming: splits and joins blocks, no shuffle
+
+
+def answer_by_engine(prompts_dir: Path, cfg: GenerateConfig, by_engine: dict[str, GenerateConfig], recipe: Recipe, done):
+    """The result rows of every source, each answered by its own engine (`generate.prompts[].engine`): one
+    generation step per engine over the prompt files of its sources (`encode_source` names them by source index),
+    their outputs unioned, so an endpoint and a local pool answer at the same time."""
+    engines = cfg.engines()
+    steps = []
+    for engine, engine_cfg in by_engine.items():
+        files = [f for i, source in enumerate(cfg.prompts) if engines[source.name] == engine
+                 for f in sorted(prompts_dir.glob(f"{i:03d}-*.parquet"))]
+        if files:
+            steps.append(generate_rows(planned_rows(prompts_dir, engine_cfg, done, files), engine_cfg, recipe))
+    return steps[0].union(*steps[1:]) if len(steps) > 1 else steps[0]
 
 
 def ask_target(requests: list[Request], cfg: GenerateConfig, recipe: Recipe) -> list[Generated]:
@@ -523,9 +558,11 @@ def run_generate(recipe: Recipe) -> dict:
     for source in cfg.prompts:
         check_source(source)
     previous = check_resumable(out_dir, fingerprint, resume) or {}
-    cfg, endpoint = check_endpoint(cfg, tokenizer, recipe.target.model)
+    by_engine, endpoint = engine_configs(cfg, tokenizer, recipe.target.model)
     ensure_ray()
-    check_engine_available(cfg)
+    for engine_cfg in by_engine.values():
+        check_engine_available(engine_cfg)
+    origins = {name: origin_of(by_engine[engine]) for name, engine in cfg.engines().items()}
     run_id = uuid.uuid4().hex[:8]
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*out_dir.glob("*.partial"), *out_dir.glob("prompts-*")]:  # what an earlier interruption left
@@ -538,13 +575,15 @@ def run_generate(recipe: Recipe) -> dict:
         "endpoint": endpoint,
         # every run, in order: which engine (and endpoint) wrote which parts (`part-<run_id>-*.parquet`); an
         # interrupted run keeps finished: false
-        "runs": previous.get("runs", []) + [{"run_id": run_id, "engine": cfg.engine, "origin": origin_of(cfg),
+        "runs": previous.get("runs", []) + [{"run_id": run_id, "engine": cfg.engine,
+                                             "origin": one_or_mixed(origins.values()),
+                                             "origin_by_source": dict(origins),
                                              "prompt_format": endpoint["prompt_format"] if endpoint else "token_ids",
                                              "started_at": time.time(), "finished": False}],
     }
     write_manifest(out_dir, manifest)
     prompts_dir = out_dir / f"prompts-{run_id}"
-    sources = write_prompt_set(cfg, recipe, tokenizer, out_dir, prompts_dir)
+    sources = write_prompt_set(cfg, by_engine, recipe, tokenizer, out_dir, prompts_dir)
     prompts = sum(st["prompts"] for st in sources.values())
     before, done = survey(out_dir, keys_only=True)
     todo = planned_rows(prompts_dir, cfg, done).count() if prompts else 0  # a cheap pass: exact totals and ETA
@@ -552,7 +591,7 @@ def run_generate(recipe: Recipe) -> dict:
           f"{before['rows']} already written in {out_dir}", flush=True)
     actors, generated = set(), 0
     if todo:
-        results = generate_rows(planned_rows(prompts_dir, cfg, done), cfg, recipe)
+        results = answer_by_engine(prompts_dir, cfg, by_engine, recipe, done)
         summaries = results.map_batches(
             write_part, fn_kwargs=dict(out_dir=str(out_dir), run_id=run_id, store_topk=cfg.store_topk),
             batch_size=None, batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS, udf_modifying_row_count=True)
