@@ -536,3 +536,66 @@ def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(
     assert (ranks < 5).all()
     for r in run.results:
         assert r.stats.emitted + r.stats.truncated == r.stats.accepted + r.stats.target_passes
+
+
+def long_prompts(n: int, seed: int, lengths: tuple[int, int] = (20, 45), vocab: int = 512) -> list[list[int]]:
+    """Prompts longer than the tests' prefill chunks."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(*lengths, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["agreeing", "agreeing-float32", "random-float32"])
+def test_chunked_prefill_rows_joining_mid_flight_equal_transformers_greedy(pairs, pair):
+    """Chunked prefill (`Run`, prefill_chunk 8): prompts of 20-45 tokens join a running batch a chunk per step, the
+    running rows emitting a round in every one of those steps; a row joins once its prompt is in both caches, and
+    each row's output is token for token the target's greedy `generate`."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft, gamma=3, prefill_chunk=8)
+    prompts = long_prompts(5, seed=9)
+    limits = [30, 6, 25, 12, 18]
+    refs = [hf_greedy(target, p, m, stop=2) for p, m in zip(prompts, limits)]
+    emitted: dict[int, int] = {}
+    run = engine.start(SamplingParams(max_new_tokens=1, stop_token_ids=(2,)),
+                       on_tokens=lambda s, ids: emitted.__setitem__(s, emitted.get(s, 0) + len(ids)))
+    joined, added_at, joined_at, rounds = {}, {}, {}, 0
+    schedule = {0: [0], 1: [1, 2], 3: [3], 4: [4]}  # round -> prompts that join before it (1 and 2: one add call)
+    while rounds == 0 or not run.done or any(r > rounds for r in schedule):
+        if rounds in schedule:
+            group = schedule[rounds]
+            seqs = run.add([prompts[i] for i in group], max_new_tokens=[limits[i] for i in group])
+            joined.update(zip(seqs, group))
+            added_at.update((s, rounds) for s in seqs)
+        live, before, prefilling = list(run.batch.rows), dict(emitted), bool(run.pending)
+        run.step()
+        if live and prefilling:  # a prompt was being prefilled: the rows already running went on emitting
+            assert all(emitted.get(s, 0) > before.get(s, 0) for s in live)
+        for s in joined:
+            if s not in joined_at and (s in run.batch.rows or run.results[s].token_ids):
+                joined_at[s] = rounds
+        rounds += 1
+    for s, i in joined.items():
+        assert run.results[s].token_ids == refs[i], f"prompt {i} (sequence {s})"
+        assert run.results[s].stats.prefill_s > 0
+    # The first prompt, arriving at an idle run, went in whole; the others took a step per chunk of 8 at least.
+    assert joined_at[0] == added_at[0]
+    for s, i in joined.items():
+        if i > 0:
+            assert joined_at[s] - added_at[s] >= -(-(len(prompts[i]) - 1) // 8) - 1, f"prompt {i}"
+
+
+def test_chunked_prefill_is_lossless_on_the_transformers_backend_and_scores_prompts_the_same(pairs):
+    """The fallback decoder (one sequence, a DynamicCache) takes the prompt in chunks too; prompt logprobs from a
+    chunked prefill equal those of a whole one."""
+    target, draft = pairs["factory"]
+    prompts = long_prompts(2, seed=10)
+    params = SamplingParams(max_new_tokens=15, stop_token_ids=(2,), prompt_logprobs=2)
+    for backend in ("hf", "auto"):
+        chunked = SpeculativeEngine(target, draft, gamma=3, backend=backend, prefill_chunk=7).generate(prompts, params)
+        whole = SpeculativeEngine(target, draft, gamma=3, backend=backend, prefill_chunk=0).generate(prompts, params)
+        assert [r.token_ids for r in chunked] == [hf_greedy(target, p, 15, stop=2) for p in prompts], backend
+        for c, w, p in zip(chunked, whole, prompts):
+            assert len(c.prompt_logprobs) == len(p) - 1
+            assert [e[1:] for e in c.prompt_logprobs] == [e[1:] for e in w.prompt_logprobs]
+            assert [e[0] for e in c.prompt_logprobs] == pytest.approx([e[0] for e in w.prompt_logprobs], abs=1e-9)
