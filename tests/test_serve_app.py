@@ -547,6 +547,14 @@ class _FlakyRun:
     def done(self):
         return not self.batch.rows
 
+    @property
+    def sequences(self):
+        return list(self.batch.rows)
+
+    @property
+    def size(self):
+        return len(self.batch.rows)
+
     def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None, params=None):
         from fastdraft.speculative.types import GenerationResult
 

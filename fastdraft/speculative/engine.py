@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from fastdraft.errors import FastdraftError
+from fastdraft.errors import FastdraftError, PrefillError
 from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
@@ -52,14 +52,6 @@ OnTokens = Callable[..., None]
 one (log-probability, [(token id, log-probability), ...top k]) per new id."""
 ShouldStop = Callable[[int], "str | None"]
 """should_stop(i) -> None to go on, or a finish reason (e.g. "abort", "timeout") that ends prompt i's generation now."""
-
-
-class PrefillError(FastdraftError):
-    """A prefill pass failed: its sequences (`seqs`) left the run; the rows already running are untouched."""
-
-    def __init__(self, seqs: list[int], cause: BaseException):
-        super().__init__(f"prefill of sequences {seqs} failed: {type(cause).__name__}: {cause}")
-        self.seqs, self.cause = list(seqs), cause
 
 
 class _Timer:
