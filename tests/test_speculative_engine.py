@@ -491,14 +491,14 @@ def test_rows_join_a_running_batch_and_leave_it_at_once_each_equal_to_transforme
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pair", ["agreeing", "random-float32"])
-def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(pairs, pair):
+@pytest.mark.parametrize("pair,prefill_chunk", [("agreeing", 128), ("random-float32", 128), ("random-float32", 3)])
+def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(pairs, pair, prefill_chunk):
     """One continuous batch mixes greedy, penalized greedy, nucleus, top-k and penalized sampled rows, joining at
     different rounds: each greedy row is token for token its own target greedy (transformers', or the penalized
     oracle's), each sampled row honours its own top-k and length, and log-probabilities come only to the rows that ask,
     with each row's own k."""
     target, draft = pairs[pair]
-    engine = SpeculativeEngine(target, draft, gamma=3)
+    engine = SpeculativeEngine(target, draft, gamma=3, prefill_chunk=prefill_chunk)
     prompts = make_prompts(6, seed=8)
     settings = [
         SamplingParams(max_new_tokens=30, stop_token_ids=(2,)),
