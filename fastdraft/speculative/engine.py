@@ -186,7 +186,7 @@ class Run:
     Chunked prefill: `add` only queues prompts; each `step` first feeds the queued prompts at most `prefill_chunk`
     tokens (rows x width of one pass, oldest `add` first, at least one token per step), into both caches, then runs
     the round of the live rows. A long prompt thus costs the running rows a chunk per round instead of a stall of its
-    whole prefill. A row joins (and drafts from the next round on) once its prompt is in both caches. With no live
+    whole prefill. A row joins once its prompt is in both caches, and drafts in that same step's round. With no live
     row nothing waits, and the oldest queued prompts are prefilled whole. Separate passes: a chunk and the round's
     verification are two forwards (one combined forward would save a weight read per step, not prompt compute).
 
