@@ -4,7 +4,8 @@ For each concurrency (`--clients 1,4,16`), that many clients stream completions 
 phase, against one server holding the pair; the two phases differ only in the request's `speculative` switch, so
 both run on the same replica, prompts and settings. Requests mix lengths and temperatures (`--max-tokens 4,64`,
 `--temperature 0,0.7`: request k takes the k-th combination). Reports requests/s, output tokens/s, latency and
-time to first token (p50/p99), the p99 latency per max_tokens and the short/long ratio (continuous batching: a
+time to first token (p50/p99), the longest gap between a request's streamed tokens (p50/p99 "stall": what
+other requests' prefills cost a running one), the p99 latency per max_tokens and the short/long ratio (continuous batching: a
 short request must not wait for long ones), 5xx responses (goal: 0), and the engine's AR and tau. With
 `--kill-replica`, a last phase kills the model replica's process mid-load (greedy requests only) and reports
 failed requests, the time until a request completes again, and whether every completed text equals the same
@@ -44,6 +45,8 @@ class Sample:
     start: float
     latency_s: float = 0.0
     ttft_s: float | None = None
+    stall_s: float = 0.0
+    """The longest wait between two streamed pieces after the first (a running request stalled by others' prefills)."""
     tokens: int = 0
     prompt_tokens: int = 0
     spec: dict = field(default_factory=dict)
@@ -161,8 +164,12 @@ def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args
                     s.prompt_tokens = event["usage"]["prompt_tokens"]
                 elif event["choices"] and event["choices"][0]["text"]:
                     s.text += event["choices"][0]["text"]
+                    now = time.perf_counter()
                     if s.ttft_s is None:
-                        s.ttft_s = time.perf_counter() - start
+                        s.ttft_s = now - start
+                    else:
+                        s.stall_s = max(s.stall_s, now - last)
+                    last = now
     except httpx.HTTPError as exc:
         s.status, s.error = 0, f"{type(exc).__name__}: {exc}"[:200]
         return s
@@ -220,6 +227,7 @@ def summarize(name: str, clients: int, samples: list[Sample], wall_s: float) -> 
         "requests_per_s": len(ok) / wall_s, "output_tokens_per_s": sum(s.tokens for s in ok) / wall_s,
         "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95), "latency_p99_s": pct(lat, 99),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+        "stall_p50_s": pct([s.stall_s for s in ok], 50), "stall_p99_s": pct([s.stall_s for s in ok], 99),
         "mean_latency_s": statistics.fmean(lat) if lat else None,
         # Every request's prefill is the same work with speculation on or off: it bounds the tokens/s speedup.
         "mean_prompt_tokens": statistics.fmean(s.prompt_tokens for s in ok) if ok else None,
@@ -273,7 +281,7 @@ def print_table(rows: list[dict]) -> None:
             ("http_5xx", "5xx", "{}"), ("requests_per_s", "req/s", "{:.2f}"),
             ("output_tokens_per_s", "tok/s", "{:.1f}"), ("latency_p50_s", "p50 s", "{:.2f}"),
             ("latency_p95_s", "p95 s", "{:.2f}"), ("latency_p99_s", "p99 s", "{:.2f}"), ("ttft_p50_s", "ttft50", "{:.3f}"),
-            ("ttft_p99_s", "ttft99", "{:.3f}"), ("short_over_long_p99", "p99 short/long", "{:.2f}"), ("AR", "AR", "{:.2f}"),
+            ("ttft_p99_s", "ttft99", "{:.3f}"), ("stall_p99_s", "stall99", "{:.3f}"), ("short_over_long_p99", "p99 short/long", "{:.2f}"), ("AR", "AR", "{:.2f}"),
             ("tau", "tau", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
