@@ -599,3 +599,42 @@ def test_chunked_prefill_is_lossless_on_the_transformers_backend_and_scores_prom
             assert len(c.prompt_logprobs) == len(p) - 1
             assert [e[1:] for e in c.prompt_logprobs] == [e[1:] for e in w.prompt_logprobs]
             assert [e[0] for e in c.prompt_logprobs] == pytest.approx([e[0] for e in w.prompt_logprobs], abs=1e-9)
+
+
+def test_a_failed_prefill_drops_its_rows_alone_and_the_running_rows_stay_exact(pairs):
+    """A prefill pass that raises ends `step` with `PrefillError` naming its sequences, which leave the run; the rows
+    already running are untouched and go on to the target's greedy output."""
+    from fastdraft.errors import PrefillError
+
+    target, draft = pairs["agreeing"]
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    running = list(range(3, 15))
+    run = engine.start(SamplingParams(max_new_tokens=10, stop_token_ids=(2,)))
+    [a] = run.add([running])
+    run.step()
+    [b] = run.add([[5] * 8])  # its prefill is the only pass 7 tokens wide
+    forward = engine.target.forward
+
+    def failing(cache, ids, offsets, logits_at):
+        if ids.shape[1] == 7:
+            raise RuntimeError("boom")
+        return forward(cache, ids, offsets, logits_at)
+
+    engine.target.forward = failing
+    with pytest.raises(PrefillError) as info:
+        run.step()
+    assert info.value.seqs == [b] and run.sequences == [a] and isinstance(info.value.cause, RuntimeError)
+    while not run.done:
+        run.step()
+    assert run.results[a].token_ids == hf_greedy(target, running, 10, stop=2)
+
+
+def test_the_serve_default_prefill_chunk_is_the_engines():
+    import inspect
+
+    from fastdraft.config import ServeConfig
+    from fastdraft.serving.app import SpeculativePair
+    from fastdraft.speculative.engine import PREFILL_CHUNK
+
+    replica = inspect.signature(SpeculativePair.func_or_class.__init__).parameters["prefill_chunk"].default
+    assert ServeConfig().prefill_chunk == PREFILL_CHUNK == replica
