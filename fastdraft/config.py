@@ -425,6 +425,11 @@ class ServeConfig(Strict):
     device: Literal["cpu", "cuda"] = "cpu"
     batch_wait_timeout_s: float = Field(default=0.01, ge=0)
     """How long a replica waits to fill a batch of up to `max_batch_size` requests."""
+    prefill_chunk: int = Field(default=128, ge=0)
+    """Prompt tokens a replica's engine feeds per speculative round while other requests are generating (chunked
+    prefill, `speculative.engine.Run`; the default is the engine's `PREFILL_CHUNK`): smaller keeps the running requests
+    emitting steadily while a long prompt is admitted, larger admits it in fewer rounds. 0: every prompt whole,
+    stalling the running requests for its prefill. Output does not depend on it."""
     dynamic_gamma: bool = False
     request_timeout_s: float = Field(default=600.0, gt=0)
     """The longest a request may take (a request's own `timeout` may only shorten it); past it the request alone

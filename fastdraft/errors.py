@@ -38,3 +38,12 @@ def require(module: str, extra: str, purpose: str):
             f"{purpose} needs the '{module}' package, which is not installed here ({exc}). "
             f"Install it in its own environment: pip install 'fastdraft[{extra}]' (see README, 'Optional stacks')."
         ) from None
+
+
+class PrefillError(Exception):
+    """A prefill pass of the speculative engine's `Run` failed: its sequences (`seqs`) left the run, the rows already
+    running are untouched. Not a user error: `cause` is what the forward raised."""
+
+    def __init__(self, seqs: list[int], cause: BaseException):
+        super().__init__(f"prefill of sequences {seqs} failed: {type(cause).__name__}: {cause}")
+        self.seqs, self.cause = list(seqs), cause

@@ -4,7 +4,8 @@ For each concurrency (`--clients 1,4,16`), that many clients stream completions 
 phase, against one server holding the pair; the two phases differ only in the request's `speculative` switch, so
 both run on the same replica, prompts and settings. Requests mix lengths and temperatures (`--max-tokens 4,64`,
 `--temperature 0,0.7`: request k takes the k-th combination). Reports requests/s, output tokens/s, latency and
-time to first token (p50/p99), the p99 latency per max_tokens and the short/long ratio (continuous batching: a
+time to first token (p50/p99), the longest gap between a request's streamed tokens (p50/p99 "stall": what
+other requests' prefills cost a running one), the p99 latency per max_tokens and the short/long ratio (continuous batching: a
 short request must not wait for long ones), 5xx responses (goal: 0), and the engine's AR and tau. With
 `--kill-replica`, a last phase kills the model replica's process mid-load (greedy requests only) and reports
 failed requests, the time until a request completes again, and whether every completed text equals the same
@@ -12,6 +13,7 @@ request's text from the undisturbed phase (nothing lost, nothing answered twice)
 
     python jobs/bench_serve.py                                    # the demo's trained draft, else the agreeing pair
     python jobs/bench_serve.py --pair agreeing --clients 1,4,16 --seconds 30 --kill-replica
+    python jobs/bench_serve.py --pair agreeing --prefill-chunk 0                  # whole prefills, for comparison
     python jobs/bench_serve.py --target DIR --draft DIR --out runs/bench/serve.json
 
 Prints a table and writes JSON (default runs/bench/serve.json).
@@ -43,7 +45,10 @@ class Sample:
     start: float
     latency_s: float = 0.0
     ttft_s: float | None = None
+    stall_s: float = 0.0
+    """The longest wait between two streamed pieces after the first (a running request stalled by others' prefills)."""
     tokens: int = 0
+    prompt_tokens: int = 0
     spec: dict = field(default_factory=dict)
     error: str = ""
     status: int = 200
@@ -102,7 +107,7 @@ def resolve_spec(args):
     from fastdraft.errors import RecipeError
 
     base = {"recipe": args.recipe, "max_tokens_cap": max(max(args.max_tokens), 16), "max_batch_size": max(args.clients),
-            "cpus_per_replica": args.cpus, "gamma": args.gamma}
+            "cpus_per_replica": args.cpus, "gamma": args.gamma, "prefill_chunk": args.prefill_chunk}
     if args.target:
         base = {**base, "target": args.target}
     if args.draft:
@@ -156,10 +161,15 @@ def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args
                     return s
                 if event.get("usage"):
                     s.tokens, s.spec = event["usage"]["completion_tokens"], event["usage"].get("speculative", {})
+                    s.prompt_tokens = event["usage"]["prompt_tokens"]
                 elif event["choices"] and event["choices"][0]["text"]:
                     s.text += event["choices"][0]["text"]
+                    now = time.perf_counter()
                     if s.ttft_s is None:
-                        s.ttft_s = time.perf_counter() - start
+                        s.ttft_s = now - start
+                    else:
+                        s.stall_s = max(s.stall_s, now - last)
+                    last = now
     except httpx.HTTPError as exc:
         s.status, s.error = 0, f"{type(exc).__name__}: {exc}"[:200]
         return s
@@ -217,7 +227,11 @@ def summarize(name: str, clients: int, samples: list[Sample], wall_s: float) -> 
         "requests_per_s": len(ok) / wall_s, "output_tokens_per_s": sum(s.tokens for s in ok) / wall_s,
         "latency_p50_s": pct(lat, 50), "latency_p95_s": pct(lat, 95), "latency_p99_s": pct(lat, 99),
         "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+        "stall_p50_s": pct([s.stall_s for s in ok], 50), "stall_p99_s": pct([s.stall_s for s in ok], 99),
         "mean_latency_s": statistics.fmean(lat) if lat else None,
+        # Every request's prefill is the same work with speculation on or off: it bounds the tokens/s speedup.
+        "mean_prompt_tokens": statistics.fmean(s.prompt_tokens for s in ok) if ok else None,
+        "mean_output_tokens": statistics.fmean(s.tokens for s in ok) if ok else None,
         "latency_p99_by_max_tokens": by_length,
         "short_over_long_p99": short / long if short and long else None,
         "AR": spec["accepted"] / spec["drafted"] if spec["drafted"] else 0.0,
@@ -267,7 +281,7 @@ def print_table(rows: list[dict]) -> None:
             ("http_5xx", "5xx", "{}"), ("requests_per_s", "req/s", "{:.2f}"),
             ("output_tokens_per_s", "tok/s", "{:.1f}"), ("latency_p50_s", "p50 s", "{:.2f}"),
             ("latency_p95_s", "p95 s", "{:.2f}"), ("latency_p99_s", "p99 s", "{:.2f}"), ("ttft_p50_s", "ttft50", "{:.3f}"),
-            ("ttft_p99_s", "ttft99", "{:.3f}"), ("short_over_long_p99", "p99 short/long", "{:.2f}"), ("AR", "AR", "{:.2f}"),
+            ("ttft_p99_s", "ttft99", "{:.3f}"), ("stall_p99_s", "stall99", "{:.3f}"), ("short_over_long_p99", "p99 short/long", "{:.2f}"), ("AR", "AR", "{:.2f}"),
             ("tau", "tau", "{:.2f}")]
     cells = [[h for _, h, _ in cols]] + [["-" if r.get(k) is None else f.format(r[k]) for k, _, f in cols] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
@@ -291,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=ints, default=[4, 64], help="max_tokens of the requests, mixed: e.g. 4,64")
     p.add_argument("--temperature", type=floats, default=[0.0, 0.7], help="temperatures, mixed: e.g. 0,0.7")
     p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--prefill-chunk", type=int, default=128,
+                   help="serve.prefill_chunk: prompt tokens fed per round while others generate (0: whole prompts)")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs of the model replica")
     p.add_argument("--request-timeout", type=float, default=120)
     p.add_argument("--kill-replica", action="store_true", help="add a phase that kills the model replica mid-load")
@@ -313,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     print(f"[bench] target {spec.target}\n[bench] draft  {spec.draft} ({source}), gamma {args.gamma}; "
           f"{args.clients} clients x {args.seconds:.0f} s per phase, max_tokens {args.max_tokens}, "
-          f"T {args.temperature}", flush=True)
+          f"T {args.temperature}, prefill chunk {args.prefill_chunk or 'off (whole prompts)'}", flush=True)
     try:
         with httpx.Client(timeout=args.request_timeout) as c:  # warm-up: first calls pay one-off costs
             for sp in (True, False):
@@ -338,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_top = next(r for r in rows if r["phase"] == "speculative" and r["clients"] == top)
     result = {
         "target": spec.target, "draft": spec.draft, "draft_source": source, "gamma": args.gamma,
+        "prefill_chunk": args.prefill_chunk,
         "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "temperature": args.temperature,
         "phases": rows, "speedup_tokens_per_s": speedups,
         "goals": {

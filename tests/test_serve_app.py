@@ -547,6 +547,14 @@ class _FlakyRun:
     def done(self):
         return not self.batch.rows
 
+    @property
+    def sequences(self):
+        return list(self.batch.rows)
+
+    @property
+    def size(self):
+        return len(self.batch.rows)
+
     def add(self, prompts, prior_output=None, max_new_tokens=None, stop_token_ids=None, params=None):
         from fastdraft.speculative.types import GenerationResult
 
@@ -686,3 +694,48 @@ def test_health_check_fails_when_the_engine_thread_stops_making_progress():
         pair.check_health()
     pair.scheduler.live = 0
     pair.check_health()  # idle is not stalled
+
+
+class _PrefillFlakyRun(_FlakyRun):
+    """A `_FlakyRun` whose prefill fails for prompts containing 17 (`PrefillError`: those rows leave, the rest go on)."""
+
+    def __init__(self, on_tokens, should_stop):
+        super().__init__(on_tokens, should_stop)
+        self.prefilled: set[int] = set()
+
+    def step(self):
+        from fastdraft.errors import PrefillError
+
+        bad = [s for s in self.batch.rows if s not in self.prefilled and 17 in self.prompts[s]]
+        self.prefilled.update(self.batch.rows)
+        if bad:
+            self.batch.rows = [s for s in self.batch.rows if s not in bad]
+            raise PrefillError(bad, RuntimeError("poisoned prefill"))
+        return super().step()
+
+
+class _PrefillFlakyEngine(_FlakyEngine):
+    def start(self, params, gamma=None, on_tokens=None, should_stop=None, on_prompt_logprobs=None):
+        return _PrefillFlakyRun(on_tokens, should_stop)
+
+
+def test_a_failed_prefill_fails_only_its_own_request_and_the_running_rows_go_on():
+    import asyncio
+
+    from fastdraft.speculative.types import SamplingParams
+
+    pair = _replica(_PrefillFlakyEngine())
+    params = SamplingParams(max_new_tokens=5)
+
+    async def one(prompt):
+        return [e async for e in type(pair).generate(pair, {"prompt_ids": prompt, "params": params, "gamma": 3})]
+
+    async def main():
+        return await asyncio.gather(one([1, 2]), one([5, 17]), one([20]))
+
+    good, bad, other = asyncio.run(main())
+    assert [t for e in good for t in e["token_ids"]] == [3, 4, 5, 6, 7]
+    assert [t for e in other for t in e["token_ids"]] == [21, 22, 23, 24, 25]
+    assert "poisoned prefill" in bad[-1]["error"]
+    # A prefill failing for one request fails it alone at once; the running rows were never continued on their own.
+    assert pair.counters["failed"] == 1 and pair.counters["retried_alone"] == 0

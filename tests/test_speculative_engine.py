@@ -476,9 +476,9 @@ def test_rows_join_a_running_batch_and_leave_it_at_once_each_equal_to_transforme
         for i in schedule.get(rounds, []):
             [s] = run.add([prompts[i]], max_new_tokens=[limits[i][0]], stop_token_ids=[(limits[i][1],)])
             joined[s] = i
-        live = len(run.batch.rows)
+        live = run.size  # the live rows and the queued prompts (shorter than a prefill chunk: they join this step)
         finished = run.step()
-        assert len(run.batch.rows) == live - len(finished)  # finished rows leave in the round they finish
+        assert len(run.batch.rows) == live - len(finished) and not run.pending  # finished rows leave in the round they finish
         rounds += 1
     for s, i in joined.items():
         assert run.results[s].token_ids == refs[i], f"prompt {i} (joined as sequence {s})"
@@ -491,14 +491,14 @@ def test_rows_join_a_running_batch_and_leave_it_at_once_each_equal_to_transforme
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("pair", ["agreeing", "random-float32"])
-def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(pairs, pair):
+@pytest.mark.parametrize("pair,prefill_chunk", [("agreeing", 128), ("random-float32", 128), ("random-float32", 3)])
+def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(pairs, pair, prefill_chunk):
     """One continuous batch mixes greedy, penalized greedy, nucleus, top-k and penalized sampled rows, joining at
     different rounds: each greedy row is token for token its own target greedy (transformers', or the penalized
     oracle's), each sampled row honours its own top-k and length, and log-probabilities come only to the rows that ask,
     with each row's own k."""
     target, draft = pairs[pair]
-    engine = SpeculativeEngine(target, draft, gamma=3)
+    engine = SpeculativeEngine(target, draft, gamma=3, prefill_chunk=prefill_chunk)
     prompts = make_prompts(6, seed=8)
     settings = [
         SamplingParams(max_new_tokens=30, stop_token_ids=(2,)),
@@ -536,3 +536,105 @@ def test_every_row_of_a_batch_keeps_its_own_settings_and_greedy_rows_stay_exact(
     assert (ranks < 5).all()
     for r in run.results:
         assert r.stats.emitted + r.stats.truncated == r.stats.accepted + r.stats.target_passes
+
+
+def long_prompts(n: int, seed: int, lengths: tuple[int, int] = (20, 45), vocab: int = 512) -> list[list[int]]:
+    """Prompts longer than the tests' prefill chunks."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(*lengths, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["agreeing", "agreeing-float32", "random-float32"])
+def test_chunked_prefill_rows_joining_mid_flight_equal_transformers_greedy(pairs, pair):
+    """Chunked prefill (`Run`, prefill_chunk 8): prompts of 20-45 tokens join a running batch a chunk per step, the
+    running rows emitting a round in every one of those steps; a row joins once its prompt is in both caches, and
+    each row's output is token for token the target's greedy `generate`."""
+    target, draft = pairs[pair]
+    engine = SpeculativeEngine(target, draft, gamma=3, prefill_chunk=8)
+    prompts = long_prompts(5, seed=9)
+    limits = [30, 6, 25, 12, 18]
+    refs = [hf_greedy(target, p, m, stop=2) for p, m in zip(prompts, limits)]
+    emitted: dict[int, int] = {}
+    run = engine.start(SamplingParams(max_new_tokens=1, stop_token_ids=(2,)),
+                       on_tokens=lambda s, ids: emitted.__setitem__(s, emitted.get(s, 0) + len(ids)))
+    joined, added_at, joined_at, rounds = {}, {}, {}, 0
+    schedule = {0: [0], 1: [1, 2], 3: [3], 4: [4]}  # round -> prompts that join before it (1 and 2: one add call)
+    while rounds == 0 or not run.done or any(r > rounds for r in schedule):
+        if rounds in schedule:
+            group = schedule[rounds]
+            seqs = run.add([prompts[i] for i in group], max_new_tokens=[limits[i] for i in group])
+            joined.update(zip(seqs, group))
+            added_at.update((s, rounds) for s in seqs)
+        live, before, prefilling = list(run.batch.rows), dict(emitted), bool(run.pending)
+        run.step()
+        if live and prefilling:  # a prompt was being prefilled: the rows already running went on emitting
+            assert all(emitted.get(s, 0) > before.get(s, 0) for s in live)
+        for s in joined:
+            if s not in joined_at and (s in run.batch.rows or run.results[s].token_ids):
+                joined_at[s] = rounds
+        rounds += 1
+    for s, i in joined.items():
+        assert run.results[s].token_ids == refs[i], f"prompt {i} (sequence {s})"
+        assert run.results[s].stats.prefill_s > 0
+    # The first prompt, arriving at an idle run, went in whole; the others took a step per chunk of 8 at least.
+    assert joined_at[0] == added_at[0]
+    for s, i in joined.items():
+        if i > 0:
+            assert joined_at[s] - added_at[s] >= -(-(len(prompts[i]) - 1) // 8) - 1, f"prompt {i}"
+
+
+def test_chunked_prefill_is_lossless_on_the_transformers_backend_and_scores_prompts_the_same(pairs):
+    """The fallback decoder (one sequence, a DynamicCache) takes the prompt in chunks too; prompt logprobs from a
+    chunked prefill equal those of a whole one."""
+    target, draft = pairs["factory"]
+    prompts = long_prompts(2, seed=10)
+    params = SamplingParams(max_new_tokens=15, stop_token_ids=(2,), prompt_logprobs=2)
+    for backend in ("hf", "auto"):
+        chunked = SpeculativeEngine(target, draft, gamma=3, backend=backend, prefill_chunk=7).generate(prompts, params)
+        whole = SpeculativeEngine(target, draft, gamma=3, backend=backend, prefill_chunk=0).generate(prompts, params)
+        assert [r.token_ids for r in chunked] == [hf_greedy(target, p, 15, stop=2) for p in prompts], backend
+        for c, w, p in zip(chunked, whole, prompts):
+            assert len(c.prompt_logprobs) == len(p) - 1
+            assert [e[1:] for e in c.prompt_logprobs] == [e[1:] for e in w.prompt_logprobs]
+            assert [e[0] for e in c.prompt_logprobs] == pytest.approx([e[0] for e in w.prompt_logprobs], abs=1e-9)
+
+
+def test_a_failed_prefill_drops_its_rows_alone_and_the_running_rows_stay_exact(pairs):
+    """A prefill pass that raises ends `step` with `PrefillError` naming its sequences, which leave the run; the rows
+    already running are untouched and go on to the target's greedy output."""
+    from fastdraft.errors import PrefillError
+
+    target, draft = pairs["agreeing"]
+    engine = SpeculativeEngine(target, draft, gamma=3)
+    running = list(range(3, 15))
+    run = engine.start(SamplingParams(max_new_tokens=10, stop_token_ids=(2,)))
+    [a] = run.add([running])
+    run.step()
+    [b] = run.add([[5] * 8])  # its prefill is the only pass 7 tokens wide
+    forward = engine.target.forward
+
+    def failing(cache, ids, offsets, logits_at):
+        if ids.shape[1] == 7:
+            raise RuntimeError("boom")
+        return forward(cache, ids, offsets, logits_at)
+
+    engine.target.forward = failing
+    with pytest.raises(PrefillError) as info:
+        run.step()
+    assert info.value.seqs == [b] and run.sequences == [a] and isinstance(info.value.cause, RuntimeError)
+    while not run.done:
+        run.step()
+    assert run.results[a].token_ids == hf_greedy(target, running, 10, stop=2)
+
+
+def test_the_serve_default_prefill_chunk_is_the_engines():
+    import inspect
+
+    from fastdraft.config import ServeConfig
+    from fastdraft.serving.app import SpeculativePair
+    from fastdraft.speculative.engine import PREFILL_CHUNK
+
+    replica = inspect.signature(SpeculativePair.func_or_class.__init__).parameters["prefill_chunk"].default
+    assert ServeConfig().prefill_chunk == PREFILL_CHUNK == replica

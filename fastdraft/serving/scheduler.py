@@ -1,11 +1,12 @@
 """Iteration-level ("continuous") batching for a model replica: the engine thread's loop.
 
 Requests arrive at any time (`submit`, thread-safe). Between speculative rounds the loop admits them: a request
-joins a running batch (`speculative.engine.Run.add`) of its gamma while it has room (`max_batch_size` rows), else it
-starts a new one. Gamma is all that must match (`batch_key`): a round drafts one block width for all its rows, while
+joins a running batch (`speculative.engine.Run.add`) of its gamma while it has room (`max_batch_size` rows, those still
+being prefilled included), else it starts a new one. Gamma is all that must match (`batch_key`): a round drafts one block width for all its rows, while
 every other setting (temperature, top-p/k, min-p, penalties, logit bias, seed, max tokens, stops, logprobs) is the
 row's own, each row sampling exactly its own target distribution from its own seeded generator. Every running batch then takes one round, in turn, so a short request never waits for a long one to
-finish: it is prefilled at the next round boundary, and leaves (its result posted) in the round it finishes.
+finish: its prompt goes in a chunk per round (the run's `prefill_chunk`, so that a long prompt does not stall the rows
+already generating), and it leaves (its result posted) in the round it finishes.
 
 Each request posts its own events through `request["post"](kind, payload)`:
     ("prompt", entries)                 the prefill's prompt log-probabilities (when asked)
@@ -13,8 +14,9 @@ Each request posts its own events through `request["post"](kind, payload)`:
     ("done", (result, gamma, rows, queue_s))
     ("error", message)                  the engine failed on this request (only this one)
 
-Isolation: when a round (or a prefill) fails, every request of that batch is continued on its own from what it
-had streamed (`continuation`), so only a request that fails alone gets an error. `should_stop` ends a row within
+Isolation: when a round fails, every request of that batch is continued on its own from what it had streamed
+(`continuation`), so only a request that fails alone gets an error; when a prefill fails (`PrefillError`), only the
+requests being prefilled are, the running rows untouched. `should_stop` ends a row within
 a round: a cancelled request (its `cancel` event set, a client gone), a passed `deadline`, or a stop sequence its
 `text` stream has seen.
 """
@@ -28,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from fastdraft.errors import PrefillError
 from fastdraft.serving import protocol as P
 
 logger = logging.getLogger("ray.serve")
@@ -119,10 +122,10 @@ class Scheduler:
             while group:
                 batch = None if alone or not ragged else next(
                     (b for b in self.batches if b.key == key and not b.alone
-                     and len(b.run.batch.rows) < self.max_batch_size), None)
+                     and b.run.size < self.max_batch_size), None)
                 if batch is None:
                     batch = self._new_batch(key, group[0], alone)
-                room = self.max_batch_size - len(batch.run.batch.rows) if ragged and not alone else 1
+                room = self.max_batch_size - batch.run.size if ragged and not alone else 1
                 take, group = group[:room], group[room:]
                 self._add(batch, take)
 
@@ -147,11 +150,11 @@ class Scheduler:
                                  params=[r["params"] for r in requests])
         except Exception as exc:  # noqa: BLE001 - the running rows are untouched; the new ones go on alone
             batch.requests = before
-            if not batch.run.batch.rows:
+            if batch.run.done:
                 self.batches.remove(batch)
             self._isolate(requests, [[] for _ in requests], exc, alone=batch.alone or len(requests) == 1)
             return
-        rows = len(batch.run.batch.rows)
+        rows = batch.run.size
         for s, r in zip(seqs, requests):
             batch.streamed[s] = []
             r["queue_s"] = admitted - r["arrived"]
@@ -162,9 +165,15 @@ class Scheduler:
     def _step(self, batch: _Batch) -> None:
         try:
             finished = batch.run.step()
+        except PrefillError as exc:  # the prefilled requests alone failed (nothing streamed yet): they go on alone
+            failed = [batch.requests.pop(s) for s in exc.seqs]
+            if batch.run.done:
+                self.batches.remove(batch)
+            self._isolate(failed, [[] for _ in failed], exc.cause, alone=batch.alone or len(failed) == 1)
+            return
         except Exception as exc:  # noqa: BLE001 - isolate: continue each request of the batch on its own
             self.batches.remove(batch)
-            live = batch.run.batch.rows
+            live = batch.run.sequences  # rows still being prefilled included
             self._isolate([batch.requests[s] for s in live], [batch.streamed[s] for s in live], exc,
                           alone=batch.alone or len(live) == 1)
             return

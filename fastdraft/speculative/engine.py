@@ -36,13 +36,20 @@ from typing import Callable, Sequence
 import torch
 from transformers import PreTrainedModel
 
-from fastdraft.errors import FastdraftError
+from fastdraft.errors import FastdraftError, PrefillError
 from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
 from fastdraft.speculative.sampling import (Settings, greedy_accept, history, process_logits, rejection_accept, sample,
                                             warp_probs)
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
+
+PREFILL_CHUNK = 128
+"""Default prompt tokens per step of chunked prefill (`Run`). A chunk bounds what a joining prompt adds to each round of
+the running rows (on 2 cores an ~85M target takes ~0.15 s for 64 prompt tokens, ~0.35 s for 200: `decoders.
+NATIVE_PASS_ROWS`); past ~64 tokens a pass costs about the same per token, so 128 loses little prefill efficiency and
+admits bench_serve's prompts (169 tokens on average, 288 at most) in one or two rounds. The shared machine's timings
+were too noisy to rank 64 against 128 end to end."""
 
 OnTokens = Callable[..., None]
 """on_tokens(i, new_ids), or on_tokens(i, new_ids, logprobs) with `SamplingParams.logprobs` set, where logprobs holds
@@ -90,6 +97,7 @@ class _Batch:
         self.draft_len: list[int] = []       # valid draft-cache tokens, per row
 
     def add(self, prompts: list[list[int]], prior_output: list[int], params: list[SamplingParams]) -> list[int]:
+        """Number new sequences (not live yet: `join` makes them rows once their prompts are in the caches)."""
         first = len(self.tokens)
         for p, k, sp in zip(prompts, prior_output, params):
             self.tokens.append(list(p))
@@ -106,9 +114,13 @@ class _Batch:
             if sp.logprobs is not None:
                 result.logprobs, result.top_logprobs = [], []
             self.results.append(result)
-            self.rows.append(len(self.tokens) - 1)
-            self.draft_len.append(len(p) - 1)
         return list(range(first, len(self.tokens)))
+
+    def join(self, seqs: list[int]) -> None:
+        """Make `seqs` live rows, after the running ones: their caches hold every prompt token but the last."""
+        for s in seqs:
+            self.rows.append(s)
+            self.draft_len.append(self.prompt_len[s] - 1)
 
     def live_params(self) -> list[SamplingParams]:
         """The settings of the live rows, row by row (`sampling.Settings`)."""
@@ -141,6 +153,31 @@ def seeded_rows(params: SamplingParams, n: int, first: int = 0) -> list[Sampling
             for i in range(n)]
 
 
+@dataclasses.dataclass
+class _Prefill:
+    """The rows of one `Run.add` call while their prompts go into caches of their own, a chunk per step.
+
+    The rows advance in lockstep (`fed` tokens each; a shorter prompt's finished row is fed padding past its length,
+    never attended, as a right-padded prefill would be), so chunk i's logits are positions fed_i.. of every row: the
+    chunks concatenated are the logits of one whole prefill. They join the batch together once all are in."""
+
+    seqs: list[int]
+    prefixes: list[list[int]]
+    """Every prompt token but the last: the first round's verification pass feeds that one."""
+    target_cache: object
+    draft_cache: object | None
+    scored: bool
+    """Some row asked for prompt logprobs: the target's logits of every prompt position are kept."""
+    fed: int = 0
+    logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens the longest row still has to feed."""
+        return max(len(p) for p in self.prefixes) - self.fed
+
+
 class Run:
     """One batched generation, a speculative round at a time (`step`): rows join between rounds (`add`) and
     leave the batch as soon as they finish. `SpeculativeEngine.generate` is `start`, then `step` until `done`;
@@ -150,18 +187,31 @@ class Run:
     penalties, logit bias, seed, max tokens and stops share one batch, each row exactly its own target distribution.
     Only gamma (drafted tokens per round) is the run's: a round drafts and verifies one block width for all rows.
 
+    Chunked prefill: `add` only queues prompts; each `step` first feeds the queued prompts at most `prefill_chunk`
+    tokens (rows x width of one pass, oldest `add` first, at least one token per step), into both caches, then runs
+    the round of the live rows. A long prompt thus costs the running rows a chunk per round instead of a stall of its
+    whole prefill. A row joins once its prompt is in both caches, and drafts in that same step's round. With no live
+    row nothing waits, and the oldest queued prompts are prefilled whole. Separate passes: a chunk and the round's
+    verification are two forwards (one combined forward would save a weight read per step, not prompt compute).
+
     Callbacks get the sequence number `add` returned: on_tokens(s, new_ids[, logprobs]), should_stop(s),
-    on_prompt_logprobs(s, entries).
+    on_prompt_logprobs(s, entries) (when the row's prompt is fully in, before its first tokens).
     """
 
     def __init__(self, engine: "SpeculativeEngine", params: SamplingParams, gamma: int, on_tokens: OnTokens | None = None,
-                 should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None):
+                 should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None,
+                 prefill_chunk: int | None = None):
         self.engine = engine
         self.params = params
         """The settings of rows added without their own."""
         self.gamma = 0 if engine.draft is None else gamma
+        self.prefill_chunk = engine.prefill_chunk if prefill_chunk is None else prefill_chunk
+        """Prompt tokens fed per step while rows are live (0: every prompt whole, in the step after its `add`)."""
+        if self.prefill_chunk < 0:
+            raise FastdraftError(f"prefill_chunk must be >= 0 (0: whole prompts), got {self.prefill_chunk}")
         self.on_tokens, self.should_stop, self.on_prompt = on_tokens, should_stop, on_prompt_logprobs
         self.batch = _Batch(engine.device)
+        self.pending: list[_Prefill] = []
         self.ragged = engine.target.ragged and (engine.draft is None or engine.draft.ragged)
         self.target_cache = self.draft_cache = None
         self.control = (GammaController(self.gamma, engine.max_gamma)
@@ -169,7 +219,17 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return not self.batch.rows
+        return not self.batch.rows and not self.pending
+
+    @property
+    def sequences(self) -> list[int]:
+        """Every unfinished sequence: the live rows, then those whose prompts are still being prefilled."""
+        return self.batch.rows + [s for group in self.pending for s in group.seqs]
+
+    @property
+    def size(self) -> int:
+        """Rows the run holds or will hold once their prefill is done (what a batch-size limit counts)."""
+        return len(self.batch.rows) + sum(len(group.seqs) for group in self.pending)
 
     @property
     def results(self) -> list[GenerationResult]:
@@ -177,7 +237,7 @@ class Run:
 
     def add(self, prompts: list[list[int]], prior_output: list[int] | None = None, max_new_tokens: list[int] | None = None,
             stop_token_ids: list[tuple[int, ...]] | None = None, params: Sequence[SamplingParams] | None = None) -> list[int]:
-        """Prefill `prompts` and add them to the batch (between rounds); returns their sequence numbers.
+        """Queue `prompts` for the batch; returns their sequence numbers. Their prefill runs in the coming steps.
 
         Each has its own settings: `params[i]` (default: the run's, seeded by sequence number), with
         `max_new_tokens[i]` and `stop_token_ids[i]`, when given, in place of its max_new_tokens and stop tokens."""
@@ -197,42 +257,80 @@ class Run:
             engine._validate([], p, self.gamma)
         if len(prior_output) != n or any(not 0 <= k < len(p) for k, p in zip(prior_output, prompts)):
             raise FastdraftError("prior_output must give, per prompt, a count below the prompt's length")
-        if not self.ragged and len(self.batch.rows) + n > 1:
+        if not self.ragged and self.size + n > 1:
             raise FastdraftError("this decoder runs one sequence at a time (not ragged): start one run per prompt")
         if not prompts:
             return []
-        timer = _Timer(engine.device)
         capacity = max(len(p) + r.max_new_tokens for p, r in zip(prompts, rows)) + engine.max_gamma + 2
-        if self.target_cache is not None:
-            capacity = max(capacity, self.target_cache.capacity)
         target_cache = engine.target.new_cache(n, capacity)
         draft_cache = engine.draft.new_cache(n, capacity) if engine.draft is not None and self.gamma > 0 else None
-        # Prefill all but the last prompt token: the first round's verification pass feeds that one.
-        prefix = [p[:-1] for p in prompts]
-        scored = any(r.prompt_logprobs is not None for r in rows)
-        logits = None
-        with torch.inference_mode():
-            if any(prefix):
-                logits = engine.target.forward(target_cache, right_pad(prefix, engine.device), [0] * n, "all" if scored else None)
-                if draft_cache is not None:
-                    engine.draft.forward(draft_cache, right_pad(prefix, engine.device), [0] * n, None)
         seqs = self.batch.add(prompts, prior_output, rows)
-        if scored:
-            engine._score_prompts(self.batch, seqs, prompts, logits, self.on_prompt)
-        if self.target_cache is None:
-            self.target_cache, self.draft_cache = target_cache, draft_cache
-        else:  # the new rows go after the running ones, in both caches
-            self.target_cache.append(target_cache)
-            if draft_cache is not None:
-                self.draft_cache.append(draft_cache)
-        prefill_s = timer.lap()
-        for s in seqs:
-            self.batch.results[s].stats.prefill_s = prefill_s / n
+        scored = any(r.prompt_logprobs is not None for r in rows)
+        self.pending.append(_Prefill(seqs, [p[:-1] for p in prompts], target_cache, draft_cache, scored))
         return seqs
 
+    def _prefill(self) -> None:
+        """Feed the queued prompts their next chunk, oldest first, within `prefill_chunk` tokens (rows x width) in all;
+        groups whose prompts are then fully in both caches join the batch."""
+        idle = not self.batch.rows
+        budget = self.prefill_chunk
+        for i, group in enumerate(list(self.pending)):
+            if group.left > 0:
+                if self.prefill_chunk == 0 or (idle and i == 0):
+                    width = group.left  # no chunking asked, or nobody waits: the whole prompt in one pass
+                else:
+                    width = min(group.left, budget // len(group.seqs))
+                    if width <= 0 and i > 0:
+                        break  # the budget is spent: the later groups wait for the next step
+                    width = max(width, 1)  # the oldest group always advances, however many rows it has
+                self._feed(group, width)
+                budget -= width * len(group.seqs)
+            if group.left <= 0:
+                self._join(group)
+
+    def _feed(self, group: _Prefill, width: int) -> None:
+        """One pass of `width` prompt tokens of every row of `group`, into its target and draft caches."""
+        engine = self.engine
+        timer = _Timer(engine.device)
+        ids = right_pad([p[group.fed:group.fed + width] for p in group.prefixes], engine.device)
+        offsets = [group.fed] * len(group.seqs)  # aligned rows: one slice write per layer, no ragged mask
+        try:
+            with torch.inference_mode():
+                logits = engine.target.forward(group.target_cache, ids, offsets, "all" if group.scored else None)
+                if group.draft_cache is not None:
+                    engine.draft.forward(group.draft_cache, ids, offsets, None)
+        except Exception as exc:
+            self.pending.remove(group)
+            raise PrefillError(group.seqs, exc) from exc
+        if group.scored:
+            group.logits.append(logits)
+        group.fed += width
+        group.seconds += timer.lap()
+
+    def _join(self, group: _Prefill) -> None:
+        """`group`'s rows become live, after the running ones in both caches; their prompt logprobs are posted."""
+        self.pending.remove(group)
+        self.batch.join(group.seqs)
+        if group.scored:
+            logits = torch.cat(group.logits, dim=1) if group.logits else None
+            prompts = [self.batch.tokens[s][:self.batch.prompt_len[s]] for s in group.seqs]
+            self.engine._score_prompts(self.batch, group.seqs, prompts, logits, self.on_prompt)
+        if self.target_cache is None:
+            self.target_cache, self.draft_cache = group.target_cache, group.draft_cache
+        else:  # the new rows go after the running ones, in both caches
+            self.target_cache.append(group.target_cache)
+            if group.draft_cache is not None:
+                self.draft_cache.append(group.draft_cache)
+        for s in group.seqs:
+            self.batch.results[s].stats.prefill_s = group.seconds / len(group.seqs)
+
     def step(self) -> list[int]:
-        """One speculative round for every live row; returns the sequences that finished in it (they have left)."""
+        """A prefill chunk for the queued prompts (`_prefill`), then one speculative round for every live row; returns
+        the sequences that finished in it (they have left). A failed prefill raises `PrefillError` (its rows are
+        dropped, the running rows untouched: `step` again goes on)."""
         engine, batch = self.engine, self.batch
+        if self.pending:
+            self._prefill()
         if not batch.rows:
             return []
         params, generators = batch.live_params(), batch.live_generators()
@@ -257,6 +355,8 @@ class Run:
             if self.control:
                 self.control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
             engine._drop_finished(batch, finished, self.target_cache, self.draft_cache)
+            if not batch.rows:  # drained: prompts still being prefilled start the caches afresh when they join
+                self.target_cache = self.draft_cache = None
             overhead_s = timer.lap()
         for s in batch.rows + finished:
             st = batch.results[s].stats
@@ -286,11 +386,16 @@ class SpeculativeEngine:
             target verifies every token against the draft distribution actually proposed from.
         target_decoder: `target_model` already prepared by another engine (`engine.target`): engines that pair
             one target with several drafts share its prepared weights instead of holding a copy each.
+        prefill_chunk: prompt tokens a `Run` feeds per step while other rows are generating (chunked prefill, see
+            `Run`); 0 prefills every prompt whole. Output does not depend on it.
     """
 
     def __init__(self, target_model: PreTrainedModel, draft_model: PreTrainedModel | None = None, gamma: int = 3,
                  dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto",
-                 target_decoder: Decoder | None = None, draft_weights: str = "float"):
+                 target_decoder: Decoder | None = None, draft_weights: str = "float", prefill_chunk: int = PREFILL_CHUNK):
+        if prefill_chunk < 0:
+            raise FastdraftError(f"prefill_chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         if gamma < 0 or max_gamma < 1:
             raise FastdraftError(f"gamma must be >= 0 and max_gamma >= 1 (got gamma={gamma}, max_gamma={max_gamma})")
         self.target: Decoder = target_decoder or make_decoder(target_model, backend, kernels)
@@ -383,11 +488,13 @@ class SpeculativeEngine:
         return results
 
     def start(self, params: SamplingParams, gamma: int | None = None, on_tokens: OnTokens | None = None,
-              should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None) -> Run:
-        """An empty `Run` with these settings: `add` prompts, then `step` it (see `Run`)."""
+              should_stop: ShouldStop | None = None, on_prompt_logprobs: Callable | None = None,
+              prefill_chunk: int | None = None) -> Run:
+        """An empty `Run` with these settings: `add` prompts, then `step` it (see `Run`); `prefill_chunk` defaults to
+        the engine's."""
         gamma = self.gamma if gamma is None else gamma
         self._validate([], params, gamma)
-        return Run(self, params, gamma, on_tokens, should_stop, on_prompt_logprobs)
+        return Run(self, params, gamma, on_tokens, should_stop, on_prompt_logprobs, prefill_chunk)
 
     def _validate(self, prompts: list[list[int]], params: SamplingParams, gamma: int) -> None:
         if gamma < 0:
