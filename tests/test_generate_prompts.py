@@ -185,24 +185,23 @@ def test_evaluation_prompts_never_become_training_prompts(tmp_path, tok):
     assert stats.skipped["reserved_for_eval"] == 2
 
 
-def test_magpie_asks_in_chunks_with_the_same_indices_and_seeds_as_one_call(tmp_path, tok, monkeypatch):
+def test_magpie_asks_in_chunks_with_the_same_indices_and_seeds_as_one_call(tmp_path, tok, tiny_target_dir):
     """The driver holds one chunk of the target's answers at a time; the user turns kept do not depend on the chunk."""
     from fastdraft.generation import prompts as P
-    from fastdraft.generation.backends import Generated
+    from fastdraft.generation.backends import TransformersBackend
 
-    calls = []
+    target, calls = TransformersBackend(tiny_target_dir), []
 
-    def fake_target(requests):  # a deterministic 'target': the answer depends on the seed alone
+    def ask(requests):  # the real (tiny) target: each row samples from its own seed, whatever its batch
         calls.append(len(requests))
-        return [Generated(tok(f"Question number {p.seed % 7} about rivers?")["input_ids"] + [tok.eos_token_id], "stop")
-                for _, p in requests]
+        return target.generate(requests)
 
     source = PromptSourceConfig(name="m", kind="magpie", limit=5)
-    one = P.magpie_queries(source, PromptEncoder(tok, 256), fake_target, tmp_path / "one.json", seed=3)
-    monkeypatch.setattr(P, "MAGPIE_CHUNK", 2)
+    one = P.magpie_queries(source, PromptEncoder(tok, 256), ask, tmp_path / "one.json", seed=3)
     calls.clear()
-    chunked = P.magpie_queries(source, PromptEncoder(tok, 256), fake_target, tmp_path / "chunked.json", seed=3)
+    chunked = P.magpie_queries(source, PromptEncoder(tok, 256), ask, tmp_path / "chunked.json", seed=3, chunk=2)
     assert max(calls) == 2 and chunked == one  # same kept texts, indices, seeds and skip counts
+    assert one["kept"] and sum(one["skipped"].values()) > 0  # both kinds of outcome occur
     stats = P.SourceStats()
     encoded = list(P.iter_magpie_prompts(source, PromptEncoder(tok, 256), chunked, stats))
-    assert len(encoded) == stats.prompts == len(chunked["kept"]) and stats.skipped["duplicate"] == chunked["skipped"]["duplicate"]
+    assert len(encoded) == stats.prompts == len(chunked["kept"]) and stats.skipped["duplicate"] == chunked["skipped"].get("duplicate", 0)

@@ -467,10 +467,11 @@ def magpie_queries(
     generate: Callable[[list[Request]], list[Generated]],
     state_path: Path,
     seed: int = 0,
+    chunk: int = MAGPIE_CHUNK,
 ) -> dict:
     """Let the target write `source.limit` user turns, in rounds, keeping finished, long enough, unique ones.
 
-    Kept queries are saved to `state_path` after every chunk of at most `MAGPIE_CHUNK` requests, so a rerun reuses
+    Kept queries are saved to `state_path` after every chunk of at most `chunk` requests, so a rerun reuses
     them instead of sampling new ones (which would change the prompt set under a resumed alignment run), and the
     caller holds one chunk's answers at a time. Returns the state: `kept` texts with their index and seed.
     """
@@ -487,7 +488,7 @@ def magpie_queries(
             break
         end = state["next_index"] + math.ceil(need * 1.5) + 1
         while state["next_index"] < end:  # one round, in chunks: the same indices and seeds as one big call
-            indices = range(state["next_index"], min(end, state["next_index"] + MAGPIE_CHUNK))
+            indices = range(state["next_index"], min(end, state["next_index"] + chunk))
             seeds = [stable_seed(seed, "magpie", source.name, i) for i in indices]
             params = [SamplingParams(**MAGPIE_SAMPLING, max_new_tokens=query_tokens, seed=s) for s in seeds]
             outs = generate([(prefix_ids, p) for p in params])
