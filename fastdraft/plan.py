@@ -304,6 +304,15 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
     return out
 
 
+def _driver_plan(recipe: Recipe, stage: str, items: list[Item], settings: str, notes: list[str]) -> StagePlan:
+    """A stage's driver process against `cluster.driver_memory_gb` (unknown without it)."""
+    spec = recipe.cluster
+    available = spec.driver_memory_gb * GB if spec is not None and spec.driver_memory_gb else None
+    return StagePlan(stage, "the driver process", items, available,
+                     "cluster.driver_memory_gb" if available else "unknown: set cluster.driver_memory_gb",
+                     f"{settings}, cluster.driver_memory_gb", notes=notes)
+
+
 def _distill_driver_plan(recipe: Recipe, dcfg: PretrainedConfig, topk: int) -> StagePlan:
     """The driver reads the alignment set one column of one file at a time and packs only the held-out rows."""
     g, d = recipe.generate, recipe.distill
@@ -311,14 +320,9 @@ def _distill_driver_plan(recipe: Recipe, dcfg: PretrainedConfig, topk: int) -> S
     held_rows = d.eval_prompts * (sum(s.n for s in g.sampling) if g is not None else 1)
     items = [Item(f"held-out rows ({held_rows:,} samples, packed)", held_rows * per_row * (8 + 12 * topk) * 3),
              Item("draft (fp32) for the agreement before training", params_of(dcfg) * 4)]
-    spec = recipe.cluster
-    available = spec.driver_memory_gb * GB if spec is not None and spec.driver_memory_gb else None
-    return StagePlan("distill driver", "the driver process", items, available,
-                     "cluster.driver_memory_gb" if available else "unknown: set cluster.driver_memory_gb",
-                     "distill.eval_prompts, cluster.driver_memory_gb",
-                     notes=["the alignment set streams through Ray Data to the workers; the driver reads one column "
-                            "of one part file at a time; the target's held-out predictions run in a task on the "
-                            "training device"])
+    return _driver_plan(recipe, "distill driver", items, "distill.eval_prompts", notes=[
+        "the alignment set streams through Ray Data to the workers; the driver reads one column of one part file at a "
+        "time; the target's held-out predictions run in a task on the training device"])
 
 
 def _generate_driver_plan(recipe: Recipe) -> StagePlan:
@@ -337,14 +341,10 @@ def _generate_driver_plan(recipe: Recipe) -> StagePlan:
         # one chunk of answers in flight as Python lists of ints (8-byte pointer + 28-byte int a token)
         items.append(Item(f"Magpie answers of one chunk ({MAGPIE_CHUNK} x {MAGPIE_QUERY_TOKENS} tokens)",
                           MAGPIE_CHUNK * MAGPIE_QUERY_TOKENS * 36 * 2))
-    spec = recipe.cluster
-    available = spec.driver_memory_gb * GB if spec is not None and spec.driver_memory_gb else None
-    return StagePlan("generate driver", "the driver process", items, available,
-                     "cluster.driver_memory_gb" if available else "unknown: set cluster.driver_memory_gb",
-                     "generate.prompts[magpie].limit, cluster.driver_memory_gb",
-                     notes=["flat in the number of prompts: one Ray task per source encodes the prompt set to Parquet, "
-                            "Ray Data plans the rows and filters the keys already written (held in the object store), "
-                            "the workers write the parts; the driver streams one summary per part (rows, tokens)"])
+    return _driver_plan(recipe, "generate driver", items, "generate.prompts[magpie].limit", notes=[
+        "flat in the number of prompts: one Ray task per source encodes the prompt set to Parquet, Ray Data plans the "
+        "rows and filters the keys already written (held in the object store), the workers write the parts; the driver "
+        "streams one summary per part (rows, tokens)"])
 
 
 def check_stage(recipe: Recipe, stage: str) -> list[StagePlan]:
