@@ -1,18 +1,21 @@
 """Benchmark: load-test the served pair on loopback, speculation on vs off side by side.
 
-For each concurrency (`--clients 1,4,16`), that many clients stream completions back to back for T seconds per
-phase, against one server holding the pair; the two phases differ only in the request's `speculative` switch, so
-both run on the same replica, prompts and settings. Requests mix lengths and temperatures (`--max-tokens 4,64`,
-`--temperature 0,0.7`: request k takes the k-th combination). Reports requests/s, output tokens/s, latency and
+For each concurrency (`--clients 1,4,16`), that many clients stream completions back to back, against one server
+holding the pair, until a fixed list of requests is answered (`--requests`, default 8 per client, at least 16); the
+two phases differ only in the request's `speculative` switch, so both run on the same replica and do the same work:
+the same prompts and settings, in the same order. Request k takes prompt k and the k-th combination of the mix of
+lengths and temperatures (`--max-tokens 4,64`, `--temperature 0,0.7`). Output tokens/s is the phase's tokens over
+its makespan (a fixed time window would count only the requests finished in it, mostly short ones).
+Reports requests/s, output tokens/s, latency and
 time to first token (p50/p99), the longest gap between a request's streamed tokens (p50/p99 "stall": what
 other requests' prefills cost a running one), the p99 latency per max_tokens and the short/long ratio (continuous batching: a
 short request must not wait for long ones), 5xx responses (goal: 0), and the engine's AR and tau. With
-`--kill-replica`, a last phase kills the model replica's process mid-load (greedy requests only) and reports
-failed requests, the time until a request completes again, and whether every completed text equals the same
-request's text from the undisturbed phase (nothing lost, nothing answered twice).
+`--kill-replica`, a last phase kills the model replica's process mid-load (greedy requests only), once a third of its
+requests are answered, and reports failed requests, the time until a request completes again, and whether every
+completed text equals the same request's text from an undisturbed phase (nothing lost, nothing answered twice).
 
     python jobs/bench_serve.py                                    # the demo's trained draft, else the agreeing pair
-    python jobs/bench_serve.py --pair agreeing --clients 1,4,16 --seconds 30 --kill-replica
+    python jobs/bench_serve.py --pair agreeing --clients 1,4,16 --kill-replica
     python jobs/bench_serve.py --pair agreeing --prefill-chunk 0                  # whole prefills, for comparison
     python jobs/bench_serve.py --target DIR --draft DIR --out runs/bench/serve.json
 
@@ -138,10 +141,11 @@ def bench_prompts(n: int = 32) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # Load generation
 # --------------------------------------------------------------------------------------------
-def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args, speculative: bool) -> Sample:
-    """Request k: prompt k, and the k-th (max_tokens, temperature) combination of the mix."""
+def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args, speculative: bool,
+                greedy: bool = False) -> Sample:
+    """Request k: prompt k, and the k-th (max_tokens, temperature) combination of the mix (temperature 0 if `greedy`)."""
     max_tokens = args.max_tokens[k % len(args.max_tokens)]
-    temperature = args.temperature[(k // len(args.max_tokens)) % len(args.temperature)]
+    temperature = 0.0 if greedy else args.temperature[(k // len(args.max_tokens)) % len(args.temperature)]
     body = {"prompt": prompts[k % len(prompts)], "max_tokens": max_tokens, "temperature": temperature, "stream": True,
             "stream_options": {"include_usage": True}, "speculative": speculative}
     start = time.perf_counter()
@@ -177,34 +181,41 @@ def one_request(client: httpx.Client, url: str, prompts: list[str], k: int, args
     return s
 
 
-def run_phase(url: str, prompts: list[str], args, clients: int, speculative: bool, on_start=None,
-              greedy_only: bool = False) -> tuple[list[Sample], float]:
-    """`clients` threads send requests back to back until `args.seconds` have passed."""
+def run_phase(url: str, prompts: list[str], args, clients: int, speculative: bool, requests: int,
+              greedy_only: bool = False, on_answered=None) -> tuple[list[Sample], float]:
+    """`clients` threads send requests 0..`requests`-1 back to back, each taking the next unsent one, until every one
+    is answered; returns the samples and the makespan. `on_answered(n)` is called after each of them."""
     samples: list[Sample] = []
     lock = threading.Lock()
-    stop_at = time.perf_counter() + args.seconds
-    settings = len(args.max_tokens) * (1 if greedy_only else len(args.temperature))
+    sent = iter(range(requests))
 
-    def client_loop(c: int) -> None:
+    def client_loop() -> None:
         with httpx.Client(timeout=args.request_timeout) as client:
-            k = c
-            while time.perf_counter() < stop_at:
-                s = one_request(client, url, prompts, k % settings if greedy_only else k, args, speculative)
+            while True:
+                with lock:
+                    k = next(sent, None)
+                if k is None:
+                    return
+                s = one_request(client, url, prompts, k, args, speculative, greedy=greedy_only)
                 with lock:
                     samples.append(s)
-                k += clients
+                    answered = len(samples)
+                if on_answered:
+                    on_answered(answered)
                 if not s.ok:
                     time.sleep(0.5)  # a failing server is not hammered in a tight loop
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client_loop, args=(c,), daemon=True) for c in range(clients)]
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
     for t in threads:
         t.start()
-    if on_start:
-        on_start()
     for t in threads:
         t.join()
     return samples, time.perf_counter() - t0
+
+
+def phase_requests(args, clients: int) -> int:
+    return args.requests or max(16, 8 * clients)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -240,9 +251,10 @@ def summarize(name: str, clients: int, samples: list[Sample], wall_s: float) -> 
     }
 
 
-def kill_phase(url: str, prompts: list[str], args, clients: int, reference: dict) -> dict:
-    """Greedy speculative load with the model replica's process killed a third of the way in; every completed text
-    is compared with the same request's text from an undisturbed phase (`reference`: (prompt, max_tokens) -> text)."""
+def kill_phase(url: str, prompts: list[str], args, clients: int, requests: int, reference: dict) -> dict:
+    """Greedy speculative load with the model replica's process killed once a third of the requests are answered;
+    every completed text is compared with the same request's text from an undisturbed phase (`reference`:
+    (prompt, max_tokens) -> text)."""
     from ray import serve
 
     from fastdraft.serving.app import APP_NAME
@@ -251,14 +263,13 @@ def kill_phase(url: str, prompts: list[str], args, clients: int, reference: dict
     pid = handle.info.remote().result()["pid"]
     killed: dict = {}
 
-    def killer():
-        time.sleep(args.seconds / 3)
-        killed["at"] = time.perf_counter()
-        os.kill(pid, signal.SIGKILL)
-        print(f"[bench] killed the model replica (pid {pid})", flush=True)
+    def killer(answered: int) -> None:
+        if answered >= requests // 3 and not killed:
+            killed["at"] = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            print(f"[bench] killed the model replica (pid {pid}), {answered} of {requests} requests answered", flush=True)
 
-    samples, wall = run_phase(url, prompts, args, clients, True, greedy_only=True,
-                              on_start=lambda: threading.Thread(target=killer, daemon=True).start())
+    samples, wall = run_phase(url, prompts, args, clients, True, requests, greedy_only=True, on_answered=killer)
     out = summarize("speculative + replica killed", clients, samples, wall)
     # Recovery: from the kill until the server completes a request again (continued or new).
     after = sorted((s for s in samples if s.ok and s.start + s.latency_s > killed["at"]), key=lambda s: s.start + s.latency_s)
@@ -301,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda v: [int(x) for x in v.split(",")]  # noqa: E731
     floats = lambda v: [float(x) for x in v.split(",")]  # noqa: E731
     p.add_argument("--clients", type=ints, default=[1, 4, 16], help="concurrencies, e.g. 1,4,16")
-    p.add_argument("--seconds", type=float, default=30, help="duration of each phase")
+    p.add_argument("--requests", type=int, default=None,
+                   help="requests per phase (default: 8 per client, at least 16); both phases answer the same ones")
     p.add_argument("--max-tokens", type=ints, default=[4, 64], help="max_tokens of the requests, mixed: e.g. 4,64")
     p.add_argument("--temperature", type=floats, default=[0.0, 0.7], help="temperatures, mixed: e.g. 0,0.7")
     p.add_argument("--gamma", type=int, default=3)
@@ -328,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.run(build_pair_app(spec), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
     print(f"[bench] target {spec.target}\n[bench] draft  {spec.draft} ({source}), gamma {args.gamma}; "
-          f"{args.clients} clients x {args.seconds:.0f} s per phase, max_tokens {args.max_tokens}, "
+          f"{args.clients} clients, {', '.join(str(phase_requests(args, c)) for c in args.clients)} requests per phase, "
+          f"max_tokens {args.max_tokens}, "
           f"T {args.temperature}, prefill chunk {args.prefill_chunk or 'off (whole prompts)'}", flush=True)
     try:
         with httpx.Client(timeout=args.request_timeout) as c:  # warm-up: first calls pay one-off costs
@@ -339,15 +352,17 @@ def main(argv: list[str] | None = None) -> int:
             pair = []
             for name, speculative in (("speculative", True), ("target alone", False)):
                 print(f"[bench] phase: {name}, {clients} clients", flush=True)
-                pair.append(summarize(name, clients, *run_phase(url, prompts, args, clients, speculative)))
+                samples, wall = run_phase(url, prompts, args, clients, speculative, phase_requests(args, clients))
+                pair.append(summarize(name, clients, samples, wall))
             rows += pair
             speedups[clients] = (pair[0]["output_tokens_per_s"] / pair[1]["output_tokens_per_s"]
                                  if pair[1]["output_tokens_per_s"] else None)
         if args.kill_replica:
             print("[bench] phase: speculative + replica killed", flush=True)
-            reference_samples, _ = run_phase(url, prompts, args, max(args.clients), True, greedy_only=True)
+            top, n = max(args.clients), phase_requests(args, max(args.clients))
+            reference_samples, _ = run_phase(url, prompts, args, top, True, n, greedy_only=True)
             reference = {(s.prompt, s.max_tokens): s.text for s in reference_samples if s.ok}
-            rows.append(kill_phase(url, prompts, args, max(args.clients), reference))
+            rows.append(kill_phase(url, prompts, args, top, n, reference))
     finally:
         serve.shutdown()
     top = max(args.clients)
@@ -355,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "target": spec.target, "draft": spec.draft, "draft_source": source, "gamma": args.gamma,
         "prefill_chunk": args.prefill_chunk,
-        "clients": args.clients, "seconds": args.seconds, "max_tokens": args.max_tokens, "temperature": args.temperature,
+        "clients": args.clients, "requests": {c: phase_requests(args, c) for c in args.clients}, "max_tokens": args.max_tokens, "temperature": args.temperature,
         "phases": rows, "speedup_tokens_per_s": speedups,
         "goals": {
             f"p99 latency {min(args.max_tokens)}-token / {max(args.max_tokens)}-token at {top} clients (<= 0.25)":

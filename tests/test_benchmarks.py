@@ -72,7 +72,7 @@ def test_bench_train_compares_ray_train_with_a_plain_loop(smollm2_dir, tmp_path)
 def test_bench_serve_measures_speculative_and_target_alone_over_http(tiny_target_dir, tmp_path):
     out = tmp_path / "serve.json"
     stdout = run_bench("bench_serve.py", "--target", str(tiny_target_dir), "--pair", "truncated", "--draft-layers", "1",
-                       "--clients", "1,2", "--seconds", "3", "--max-tokens", "2,8", "--temperature", "0,0.7", "--cpus", "0.5",
+                       "--clients", "1,2", "--requests", "4", "--max-tokens", "2,8", "--temperature", "0,0.7", "--cpus", "0.5",
                        "--out", str(out))
     result = json.loads(out.read_text())
     assert [(p["phase"], p["clients"]) for p in result["phases"]] == [

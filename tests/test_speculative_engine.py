@@ -585,6 +585,44 @@ def test_chunked_prefill_rows_joining_mid_flight_equal_transformers_greedy(pairs
             assert joined_at[s] - added_at[s] >= -(-(len(prompts[i]) - 1) // 8) - 1, f"prompt {i}"
 
 
+@pytest.mark.timeout(300)
+def test_queued_prompts_are_fed_earliest_deadline_first_so_short_requests_pass_long_ones_that_still_get_their_turn(pairs):
+    """Chunked prefill (8 tokens a step) with a row running: three 40-token prompts queued for 40 new tokens each,
+    then one for 3. A prompt's deadline is its add step + its chunks + its max new tokens, so the short request
+    (deadline ~8 steps away, against ~45) is fed first and joins before any long one. Short requests added every
+    step after that do not hold the long ones back for ever: once the long ones' deadline is the earliest, they
+    are fed first, and every short request with a later deadline joins after them. Every row is the target's
+    greedy output."""
+    target, draft = pairs["agreeing"]
+    engine = SpeculativeEngine(target, draft, gamma=3, prefill_chunk=8)
+    run = engine.start(SamplingParams(max_new_tokens=1, stop_token_ids=(2,)))
+    [running] = run.add([list(range(3, 12))], max_new_tokens=[120])
+    run.step()
+    longs = long_prompts(3, seed=21, lengths=(41, 42))
+    shorts = long_prompts(60, seed=22, lengths=(12, 20))
+    long_seqs = [run.add([p], max_new_tokens=[40])[0] for p in longs]
+    [first_short] = run.add([shorts[0]], max_new_tokens=[3])
+    deadlines = {s: g.deadline for g in run.pending for s in g.seqs}
+    added, joined_at, step = {first_short: 0}, {}, 0
+    while not run.done:
+        if 1 <= step < len(shorts):  # a new short request every step
+            [s] = run.add([shorts[step]], max_new_tokens=[3])
+            added[s] = step
+            deadlines[s] = run.pending[-1].deadline
+        run.step()
+        step += 1
+        for s in [*long_seqs, *added]:
+            if s not in joined_at and (s in run.batch.rows or run.results[s].token_ids):
+                joined_at[s] = run.steps
+    assert joined_at[first_short] < min(joined_at[s] for s in long_seqs)
+    later = [s for s in added if deadlines[s] > max(deadlines[x] for x in long_seqs)]
+    assert later and all(joined_at[s] > max(joined_at[x] for x in long_seqs) for s in later)
+    assert max(joined_at[x] for x in long_seqs) < max(joined_at.values())  # the longs joined while shorts still came
+    for s, p in zip(long_seqs, longs):
+        assert run.results[s].token_ids == hf_greedy(target, p, 40, stop=2)
+    assert run.results[first_short].token_ids == hf_greedy(target, shorts[0], 3, stop=2)
+
+
 def test_chunked_prefill_is_lossless_on_the_transformers_backend_and_scores_prompts_the_same(pairs):
     """The fallback decoder (one sequence, a DynamicCache) takes the prompt in chunks too; prompt logprobs from a
     chunked prefill equal those of a whole one."""

@@ -114,20 +114,14 @@ class Scheduler:
                 return out
 
     def _admit(self, requests: list[dict], alone: bool = False) -> None:
-        groups: dict[tuple, list[dict]] = {}
-        for r in requests:
-            groups.setdefault(batch_key(r), []).append(r)
+        """Each request joins a running batch of its key with room (one `add` each: every request is its own
+        prefill, fed by its own deadline), else starts one; a request retried `alone` always starts its own."""
         ragged = self.engine.target.ragged and (self.engine.draft is None or self.engine.draft.ragged)
-        for key, group in groups.items():
-            while group:
-                batch = None if alone or not ragged else next(
-                    (b for b in self.batches if b.key == key and not b.alone
-                     and b.run.size < self.max_batch_size), None)
-                if batch is None:
-                    batch = self._new_batch(key, group[0], alone)
-                room = self.max_batch_size - batch.run.size if ragged and not alone else 1
-                take, group = group[:room], group[room:]
-                self._add(batch, take)
+        for r in requests:
+            key = batch_key(r)
+            batch = None if alone or not ragged else next(
+                (b for b in self.batches if b.key == key and not b.alone and b.run.size < self.max_batch_size), None)
+            self._add(batch or self._new_batch(key, r, alone), [r])
 
     def _new_batch(self, key: tuple, first: dict, alone: bool) -> _Batch:
         batch = _Batch(key, alone=alone)

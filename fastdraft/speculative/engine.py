@@ -168,6 +168,9 @@ class _Prefill:
     draft_cache: object | None
     scored: bool
     """Some row asked for prompt logprobs: the target's logits of every prompt position are kept."""
+    deadline: int = 0
+    """The step by which these rows would finish on their own: their `add` step, plus their prompt's chunks, plus
+    their max new tokens (one token a round). Queued prompts are fed earliest deadline first (`Run._prefill`)."""
     fed: int = 0
     logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
@@ -188,10 +191,12 @@ class Run:
     Only gamma (drafted tokens per round) is the run's: a round drafts and verifies one block width for all rows.
 
     Chunked prefill: `add` only queues prompts; each `step` first feeds the queued prompts at most `prefill_chunk`
-    tokens (rows x width of one pass, oldest `add` first, at least one token per step), into both caches, then runs
-    the round of the live rows. A long prompt thus costs the running rows a chunk per round instead of a stall of its
-    whole prefill. A row joins once its prompt is in both caches, and drafts in that same step's round. With no live
-    row nothing waits, and the oldest queued prompts are prefilled whole. Separate passes: a chunk and the round's
+    tokens (rows x width of one pass, at least one token per step), into both caches, then runs the round of the live
+    rows. A long prompt thus costs the running rows a chunk per round instead of a stall of its whole prefill. A row
+    joins once its prompt is in both caches, and drafts in that same step's round. With no live row nothing waits,
+    and the first queued prompts are prefilled whole. Queued prompts go earliest deadline first (`_Prefill.deadline`:
+    the step by which they would finish alone), so a request for 4 tokens does not queue behind prompts that will
+    generate 64, while a long request's fixed deadline still comes up in its turn (no starvation). Separate passes: a chunk and the round's
     verification are two forwards (one combined forward would save a weight read per step, not prompt compute).
 
     Callbacks get the sequence number `add` returned: on_tokens(s, new_ids[, logprobs]), should_stop(s),
@@ -212,6 +217,8 @@ class Run:
         self.on_tokens, self.should_stop, self.on_prompt = on_tokens, should_stop, on_prompt_logprobs
         self.batch = _Batch(engine.device)
         self.pending: list[_Prefill] = []
+        self.steps = 0
+        """Steps taken: the clock of the queued prompts' deadlines."""
         self.ragged = engine.target.ragged and (engine.draft is None or engine.draft.ragged)
         self.target_cache = self.draft_cache = None
         self.control = (GammaController(self.gamma, engine.max_gamma)
@@ -266,15 +273,18 @@ class Run:
         draft_cache = engine.draft.new_cache(n, capacity) if engine.draft is not None and self.gamma > 0 else None
         seqs = self.batch.add(prompts, prior_output, rows)
         scored = any(r.prompt_logprobs is not None for r in rows)
-        self.pending.append(_Prefill(seqs, [p[:-1] for p in prompts], target_cache, draft_cache, scored))
+        prefixes = [p[:-1] for p in prompts]
+        chunks = -(-max(len(p) for p in prefixes) // self.prefill_chunk) if self.prefill_chunk else 0
+        deadline = self.steps + chunks + max(r.max_new_tokens for r in rows)
+        self.pending.append(_Prefill(seqs, prefixes, target_cache, draft_cache, scored, deadline))
         return seqs
 
     def _prefill(self) -> None:
-        """Feed the queued prompts their next chunk, oldest first, within `prefill_chunk` tokens (rows x width) in all;
-        groups whose prompts are then fully in both caches join the batch."""
+        """Feed the queued prompts their next chunk, earliest deadline first (ties: oldest first), within
+        `prefill_chunk` tokens (rows x width) in all; groups whose prompts are then fully in both caches join the batch."""
         idle = not self.batch.rows
         budget = self.prefill_chunk
-        for i, group in enumerate(list(self.pending)):
+        for i, group in enumerate(sorted(self.pending, key=lambda g: g.deadline)):
             if group.left > 0:
                 if self.prefill_chunk == 0 or (idle and i == 0):
                     width = group.left  # no chunking asked, or nobody waits: the whole prompt in one pass
@@ -329,6 +339,7 @@ class Run:
         the sequences that finished in it (they have left). A failed prefill raises `PrefillError` (its rows are
         dropped, the running rows untouched: `step` again goes on)."""
         engine, batch = self.engine, self.batch
+        self.steps += 1
         if self.pending:
             self._prefill()
         if not batch.rows:
