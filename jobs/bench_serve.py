@@ -129,13 +129,21 @@ def resolve_spec(args):
     return resolve_pair(recipe_from_args({**base, "target": str(target), "draft": str(draft)})), "agreeing pair"
 
 
-def bench_prompts(n: int = 32) -> list[str]:
-    """Half code (HumanEval prompts), half prose (stdlib docs): the paper's two kinds of task."""
+def bench_prompts(n: int = 32, target: str | None = None, prompt_tokens: int | None = None) -> list[str]:
+    """Half code (HumanEval prompts), half prose (stdlib docs): the paper's two kinds of task; with `prompt_tokens`,
+    each cut to its first that many tokens of the `target`'s tokenizer (the agreeing pair's 512-token vocabulary
+    spells a text in ~2.5x the tokens a real BPE vocabulary does, so its prompts cost ~2.5x the prefill)."""
     from fastdraft.assets import humaneval_problems, iter_stdlib_prose
 
     code = [p["prompt"] for p in humaneval_problems()[: n // 2]]
     prose = [t[:300] for _, t in zip(range(n // 2), iter_stdlib_prose())]
-    return code + prose
+    prompts = code + prose
+    if prompt_tokens:
+        from fastdraft.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(target)
+        prompts = [tok.decode(tok(p, add_special_tokens=False)["input_ids"][:prompt_tokens]) for p in prompts]
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="requests per phase (default: 8 per client, at least 16); both phases answer the same ones")
     p.add_argument("--max-tokens", type=ints, default=[4, 64], help="max_tokens of the requests, mixed: e.g. 4,64")
     p.add_argument("--temperature", type=floats, default=[0.0, 0.7], help="temperatures, mixed: e.g. 0,0.7")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="cut every prompt to its first N tokens of the target's tokenizer (default: whole prompts)")
     p.add_argument("--gamma", type=int, default=3)
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="serve.prefill_chunk: prompt tokens fed per round while others generate (0: whole prompts)")
@@ -331,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastdraft.raycluster import ensure_ray
 
     spec, source = resolve_spec(args)
-    prompts = bench_prompts()
+    prompts = bench_prompts(target=str(spec.target), prompt_tokens=args.prompt_tokens)
     ensure_ray()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -369,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     spec_top = next(r for r in rows if r["phase"] == "speculative" and r["clients"] == top)
     result = {
         "target": spec.target, "draft": spec.draft, "draft_source": source, "gamma": args.gamma,
-        "prefill_chunk": args.prefill_chunk,
+        "prefill_chunk": args.prefill_chunk, "prompt_tokens": args.prompt_tokens,
         "clients": args.clients, "requests": {c: phase_requests(args, c) for c in args.clients}, "max_tokens": args.max_tokens, "temperature": args.temperature,
         "phases": rows, "speedup_tokens_per_s": speedups,
         "goals": {
