@@ -202,6 +202,14 @@ class PretrainConfig(Strict):
     in_memory_mb: int = Field(default=64, ge=0)
     """A stage whose training shards total at most this many MiB reaches Ray Train from memory (no read tasks to
     start: 9 s of a 2-step run on 2 cores); bigger ones stream from the shards. 0: always stream."""
+    loss: Literal["ce", "kl", "tvd", "ce+kl", "ce+tvd"] = "ce"
+    """`ce`: next-token cross-entropy on the corpus (the paper's PT and CP). The others distil the target on the
+    corpus, online: each micro-batch first goes through the target (`target.model`, in the training worker, no
+    gradients), whose top `teacher_topk` log-probs per position are the soft labels (`losses.sparse_kd`), so the
+    draft learns the target's next-token distribution, which is what acceptance measures, rather than the
+    corpus's next token. It costs one target forward per micro-batch (about 2x a CE step for the demo's draft)."""
+    teacher_topk: int = Field(default=32, ge=1)
+    """With a KD `loss`: how many of the target's log-probs per position the draft is trained on (+ a rest bucket)."""
 
     SCHEDULING_ONLY = frozenset({"in_memory_mb"})
 

@@ -157,6 +157,17 @@ def training_items(cfg: PretrainedConfig, rows: int, seq_len: int, compute: Comp
     return items
 
 
+def teacher_items(cfg: PretrainedConfig, rows: int, seq_len: int, compute: ComputeConfig, dtype: str) -> list[Item]:
+    """An online-KD teacher in a training worker: its weights, one layer's activations at a time (no autograd),
+    its last hidden states and one chunk of full-vocabulary logits with their log-softmax."""
+    b = DTYPE_BYTES[dtype]
+    tokens = rows * seq_len
+    chunk = min(compute.logits_chunk_tokens, tokens)
+    return [Item(f"teacher weights ({dtype})", params_of(cfg) * b),
+            Item("teacher activations (one layer, no grad)", tokens * (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * b),
+            Item(f"teacher logits chunk ({chunk} x {cfg.vocab_size})", chunk * cfg.vocab_size * (b + 4 + 4))]
+
+
 def kv_cache_bytes(cfg: PretrainedConfig, rows: int, length: int, dtype_bytes: int) -> float:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     window = getattr(cfg, "sliding_window", None)
@@ -252,7 +263,11 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         p = recipe.pretrain
         seq = recipe.prepare.seq_len if recipe.prepare is not None else 2048
         for s in p.stages:
-            out.append(_training_plan(recipe, "pretrain", s.name, dcfg, p.micro_batch_size, seq, p.compute, 0))
+            stage_plan = _training_plan(recipe, "pretrain", s.name, dcfg, p.micro_batch_size, seq, p.compute,
+                                        p.teacher_topk if p.loss != "ce" else 0)
+            if p.loss != "ce":  # online KD: the target runs forward in the worker (no gradients, no activations kept)
+                stage_plan.items += teacher_items(tcfg, p.micro_batch_size, seq, p.compute, dtype)
+            out.append(stage_plan)
     if recipe.generate is not None and "generate" in want:
         g = recipe.generate
         length = g.max_prompt_tokens + max(s.max_new_tokens for s in g.sampling)

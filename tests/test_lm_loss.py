@@ -83,3 +83,32 @@ def test_a_kd_loss_without_teacher_columns_is_refused(tiny_draft_dir):
         ChunkedLMLoss(model, "kl")({"input_ids": batch["input_ids"]}, weights)
     with pytest.raises(ValueError, match="unknown loss"):
         ChunkedLMLoss(model, "mse")
+
+
+def test_teacher_topk_is_the_teachers_log_softmax_top_k_for_the_next_token_in_chunks(tiny_target_dir):
+    """Online KD's soft labels: row t holds the teacher's top-k for token t given tokens < t (row 0 is padding),
+    the same whatever the chunk of positions the output layer runs over."""
+    from fastdraft.training.losses import teacher_topk
+
+    teacher = load_model(tiny_target_dir).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1).topk(5, -1)
+    for chunk in (3, 2048):
+        got_ids, got_lp = teacher_topk(teacher, ids, None, 5, chunk_tokens=chunk)
+        assert got_ids.shape == (2, 9, 5) and (got_ids[:, 0] == -1).all() and (got_lp[:, 0] == 0).all()
+        assert torch.equal(got_ids[:, 1:], want.indices[:, :-1])
+        torch.testing.assert_close(got_lp[:, 1:], want.values[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_draft_equal_to_its_teacher_has_zero_kd_loss_and_a_different_one_does_not(tiny_target_dir, tiny_draft_dir):
+    from fastdraft.training.losses import teacher_topk
+
+    teacher = load_model(tiny_target_dir).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    topk_ids, topk_lp = teacher_topk(teacher, ids, None, teacher.config.vocab_size)  # every token: the full KL
+    batch, weights = {"input_ids": ids, "topk_ids": topk_ids, "topk_logprobs": topk_lp}, torch.ones(2, 8)
+    with torch.no_grad():
+        itself = ChunkedLMLoss(copy.deepcopy(teacher), "kl")(batch, weights)
+        other = ChunkedLMLoss(load_model(tiny_draft_dir), "kl")(batch, weights)
+    assert abs(float(itself)) < 1e-4 and float(other) > 0.1  # random tiny models: both near uniform

@@ -42,7 +42,7 @@ from fastdraft.config import ComputeConfig, OptimConfig
 from fastdraft.errors import FastdraftError
 from fastdraft.training.backends import (autocast, check_available, mark_step, peak_flops, scaling_for, torch_config_for,
                                         worker_device)
-from fastdraft.training.losses import ChunkedLMLoss, output_rows, to_rows, token_ce
+from fastdraft.training.losses import ChunkedLMLoss, output_rows, teacher_topk, to_rows, token_ce
 
 STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
@@ -78,6 +78,11 @@ class LoopConfig:
     """Held-out micro-batches (numpy dicts, see `validation_batches`), evaluated by rank 0."""
     meta: dict = field(default_factory=dict)
     """DraftMetadata of the starting draft, written into every checkpoint so each is a usable draft."""
+    teacher: str | None = None
+    """A model (directory or `embedded:` id) whose top-`teacher_topk` log-probs each micro-batch gets before the
+    loss (online KD: `losses.teacher_topk`); None: the batches' own `topk_*` columns, if any."""
+    teacher_topk: int = 32
+    teacher_dtype: str = "float32"
 
 
 @dataclass
@@ -230,6 +235,35 @@ def load_start(cfg: LoopConfig, device: torch.device):
     return model, optimizer, state
 
 
+def load_teacher(cfg: LoopConfig, device: torch.device):
+    """The online-KD teacher (frozen, eval mode), or None."""
+    if cfg.teacher is None:
+        return None
+    from fastdraft.checkpoint import load_model
+
+    teacher = load_model(cfg.teacher, dtype=cfg.teacher_dtype, device=device).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def with_teacher(teacher, batch: dict[str, torch.Tensor], cfg: LoopConfig) -> dict[str, torch.Tensor]:
+    """`batch` with the teacher's top-k columns added (unchanged without a teacher)."""
+    if teacher is None:
+        return batch
+    ids, logprobs = teacher_topk(teacher, batch["input_ids"].long(), batch.get("position_ids"), cfg.teacher_topk,
+                                 cfg.compute.logits_chunk_tokens)
+    return {**batch, "topk_ids": ids, "topk_logprobs": logprobs}
+
+
+def with_teacher_argmax(teacher, batch: dict[str, torch.Tensor], cfg: LoopConfig) -> dict[str, torch.Tensor]:
+    """A validation batch with the teacher's top token for each position (`target_argmax`), so that validation
+    reports the draft's agreement with the teacher (greedy acceptance at gamma 1); unchanged without a teacher."""
+    if teacher is None:
+        return batch
+    ids, _ = teacher_topk(teacher, batch["input_ids"].long(), batch.get("position_ids"), 1, cfg.compute.logits_chunk_tokens)
+    return {**batch, "target_argmax": ids[..., 0]}
+
+
 @torch.no_grad()
 def evaluate(model, batches: list[dict[str, torch.Tensor]], cfg: LoopConfig, device) -> dict[str, float]:
     """Validation CE and perplexity on the masked tokens; draft/target top-1 agreement when the data has it.
@@ -329,11 +363,12 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(cfg.compute.torch_threads)
     torch.manual_seed(cfg.seed)
     model, optimizer, state = load_start(cfg, device)
+    teacher = load_teacher(cfg, device)
     n_params = sum(p.numel() for p in model.parameters())
     net = ChunkedLMLoss(model, cfg.loss, cfg.compute.logits_chunk_tokens)
     if world > 1:
         net = ray.train.torch.prepare_model(net, move_to_device=device)
-    val = [to_tensors(b, device) for b in cfg.validation] if rank == 0 else []
+    val = [with_teacher_argmax(teacher, to_tensors(b, device), cfg) for b in cfg.validation] if rank == 0 else []
     batches = micro_batches(ray.train.get_dataset_shard("train"), state, cfg.micro_batch_size)
     per_step = tokens_per_step(world, cfg.grad_accum, cfg.micro_batch_size, cfg.seq_len)
     meter = _Meter(cfg, state, world, n_params, peak_flops(device), rank)
@@ -342,7 +377,7 @@ def train_loop(config: dict) -> None:
         cut = remaining < per_step
         micro, lengths = [], []
         for i in range(cfg.grad_accum):
-            micro.append(to_tensors(next(batches), device))
+            micro.append(with_teacher(teacher, to_tensors(next(batches), device), cfg))
             lengths.append(budget_row_lengths(remaining, i, rank, world, cfg.micro_batch_size, cfg.seq_len) if cut else None)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg.total_steps, cfg.optim)

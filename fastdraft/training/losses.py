@@ -124,6 +124,28 @@ def to_rows(ids: torch.Tensor, row_ids: torch.Tensor | None, vocab_size: int) ->
     return torch.where(ids >= 0, lookup[ids.clamp_min(0)], -1)
 
 
+@torch.no_grad()
+def teacher_topk(teacher: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor | None, k: int,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's top-`k` log-probs for every token of `input_ids` [B, L], in the layout the KD losses read:
+    row t holds the teacher's top-k for token t given tokens < t (row 0 is padding, ids -1).
+
+    The output layer runs `chunk_tokens` positions at a time, so the peak is one chunk of full-vocabulary logits."""
+    hidden = teacher.base_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state[:, :-1]
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    head = teacher.get_output_embeddings()
+    ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
+    logprobs = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
+    for s in range(0, flat.shape[0], chunk_tokens):
+        part = torch.log_softmax(head(flat[s:s + chunk_tokens]).float(), dim=-1).topk(k, dim=-1)
+        logprobs[s:s + chunk_tokens], ids[s:s + chunk_tokens] = part.values, part.indices
+    B, L = input_ids.shape
+    out_ids = torch.full((B, L, k), -1, dtype=torch.long, device=flat.device)
+    out_lp = torch.zeros((B, L, k), dtype=torch.float32, device=flat.device)
+    out_ids[:, 1:], out_lp[:, 1:] = ids.view(B, L - 1, k), logprobs.view(B, L - 1, k)
+    return out_ids, out_lp
+
+
 def _chunk_loss_sum(kind: str, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                     topk_ids: torch.Tensor | None, topk_logprobs: torch.Tensor | None, w: torch.Tensor) -> torch.Tensor:
     logits = torch.nn.functional.linear(hidden, weight)
