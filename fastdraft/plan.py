@@ -266,7 +266,7 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
             stage_plan = _training_plan(recipe, "pretrain", s.name, dcfg, p.micro_batch_size, seq, p.compute,
                                         p.teacher_topk if p.loss != "ce" else 0)
             if p.loss != "ce":  # online KD: the target runs forward in the worker (no gradients, no activations kept)
-                stage_plan.items += teacher_items(tcfg, p.micro_batch_size, seq, p.compute, dtype)
+                stage_plan.items += teacher_items(tcfg, p.micro_batch_size, seq, p.compute, p.teacher_dtype or dtype)
             out.append(stage_plan)
     if recipe.generate is not None and "generate" in want:
         g = recipe.generate

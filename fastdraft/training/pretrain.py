@@ -94,7 +94,7 @@ def stage_key(cfg: PretrainConfig, stage: TrainStageConfig, start: DraftMetadata
     """Identity of a stage's output: its settings, its starting draft and its data. Same key = same result."""
     settings = {k: v for k, v in cfg.identity().items() if k not in ("stages", "crash_at_step")}
     if cfg.loss == "ce":  # the key of a CE stage is what it was before the KD losses existed
-        settings.pop("loss"), settings.pop("teacher_topk")
+        settings.pop("loss"), settings.pop("teacher_topk"), settings.pop("teacher_dtype")
     payload = {"stage": stage.model_dump(mode="json"), "settings": settings, "start": start.to_dict()["history"],
                "start_keys": start.extra.get("stage_keys", {}), "data": manifest.get("section_hash") or manifest.get("splits")}
     for record in payload["start"]:
@@ -158,7 +158,7 @@ def train_stage(recipe: Recipe, stage: TrainStageConfig, start_dir: Path, layout
         eval_batches=cfg.eval_batches, ckpt_every=cfg.ckpt_every, seed=cfg.seed, crash_at_step=cfg.crash_at_step,
         crash_marker=str(storage / f"{run_name}.crashed"), log_path=str(storage / f"{run_name}.metrics.jsonl"),
         meta=start.to_dict(), loss=cfg.loss,
-        teacher=recipe.target.model if cfg.loss != "ce" else None, teacher_topk=cfg.teacher_topk, teacher_dtype=recipe.target.dtype,
+        teacher=recipe.target.model if cfg.loss != "ce" else None, teacher_topk=cfg.teacher_topk, teacher_dtype=cfg.teacher_dtype or recipe.target.dtype,
     )
     datasets, loop.validation = stage_data(corpus_dir, cfg)
     result = fit(loop, datasets, run_name, storage)
