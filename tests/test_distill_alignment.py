@@ -170,3 +170,26 @@ def test_distillation_raises_agreement_with_the_target_on_heldout_prompts(tmp_pa
     assert summary["agreement_after"] == max(r["val_agreement"] for r in log)  # the best checkpoint is kept
     meta = read_metadata(summary["out"])
     assert meta.stages[-1] == "FT" and meta.extra["metrics"]["FT"]["selected_step"] == summary["selected_step"]
+
+
+def test_the_targets_heldout_argmax_without_a_stored_top_k_is_its_next_token_argmax(tiny_target_dir):
+    """Without stored top-k, held-out agreement is scored against the target's own argmax (teacher forcing,
+    packed rows with restarting positions): position t holds the argmax for token t, -1 outside the responses."""
+    import numpy as np
+    import torch
+
+    from fastdraft.checkpoint import load_model
+    from fastdraft.training.distill import pack_examples, target_argmax
+
+    rng = np.random.default_rng(0)
+    examples = [{"prompt_ids": rng.integers(3, 200, 5).tolist(), "response_ids": rng.integers(3, 200, n).tolist()} for n in (6, 9, 4)]
+    packed, _ = pack_examples(examples, 32, 0)
+    got = target_argmax(str(tiny_target_dir), packed)
+    model = load_model(tiny_target_dir).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor(packed["input_ids"], dtype=torch.long),
+                       position_ids=torch.as_tensor(packed["position_ids"], dtype=torch.long)).logits
+    want = np.full(packed["input_ids"].shape, -1)
+    want[:, 1:] = logits.argmax(-1)[:, :-1].numpy()
+    assert (packed["loss_mask"] > 0).sum() == 19
+    assert np.array_equal(got, np.where(packed["loss_mask"] > 0, want, -1))

@@ -85,12 +85,16 @@ def test_a_kd_loss_without_teacher_columns_is_refused(tiny_draft_dir):
         ChunkedLMLoss(model, "mse")
 
 
-def test_teacher_topk_is_the_teachers_log_softmax_top_k_for_the_next_token_in_chunks(tiny_target_dir):
+@pytest.mark.parametrize("head", ["linear", "other"])
+def test_teacher_topk_is_the_teachers_log_softmax_top_k_for_the_next_token_in_chunks(tiny_target_dir, head):
     """Online KD's soft labels: row t holds the teacher's top-k for token t given tokens < t (row 0 is padding),
-    the same whatever the chunk of positions the output layer runs over."""
+    the same whatever the chunk of positions the output layer runs over, and for a model type whose logits are
+    not a plain linear head (read from its own logits)."""
     from fastdraft.training.losses import teacher_topk
 
     teacher = load_model(tiny_target_dir).eval()
+    if head == "other":
+        teacher.config.model_type = "not-a-linear-head"
     ids = torch.randint(0, teacher.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1).topk(5, -1)

@@ -219,14 +219,14 @@ def target_argmax(target_dir: str, packed: dict[str, np.ndarray], dtype: str = "
 
     if "topk_ids" in packed:  # stored top-1 is the target's argmax
         return np.where(packed["loss_mask"] > 0, packed["topk_ids"][..., 0], -1).astype(np.int32)
-    model = load_model(target_dir, dtype=dtype, device=device)
+    from fastdraft.training.losses import teacher_topk
+
+    model = load_model(target_dir, dtype=dtype, device=device).eval()
     out = np.full(packed["input_ids"].shape, -1, np.int32)
-    with torch.no_grad():
-        for i in range(0, len(out), 8):
-            ids = torch.as_tensor(packed["input_ids"][i:i + 8], dtype=torch.long, device=device)
-            pos = torch.as_tensor(packed["position_ids"][i:i + 8], dtype=torch.long, device=device)
-            pred = model(input_ids=ids, position_ids=pos).logits.argmax(-1).cpu().numpy()
-            out[i:i + 8, 1:] = pred[:, :-1]
+    for i in range(0, len(out), 8):
+        ids = torch.as_tensor(packed["input_ids"][i:i + 8], dtype=torch.long, device=device)
+        pos = torch.as_tensor(packed["position_ids"][i:i + 8], dtype=torch.long, device=device)
+        out[i:i + 8] = teacher_topk(model, ids, pos, 1)[0][..., 0].cpu().numpy()  # row t: the top token for token t
     return np.where(packed["loss_mask"] > 0, out, -1).astype(np.int32)
 
 

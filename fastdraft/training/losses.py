@@ -130,10 +130,15 @@ def teacher_topk(teacher: torch.nn.Module, input_ids: torch.Tensor, position_ids
     """A teacher's top-`k` log-probs for every token of `input_ids` [B, L], in the layout the KD losses read:
     row t holds the teacher's top-k for token t given tokens < t (row 0 is padding, ids -1).
 
-    The output layer runs `chunk_tokens` positions at a time, so the peak is one chunk of full-vocabulary logits."""
-    hidden = teacher.base_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state[:, :-1]
+    The output layer runs `chunk_tokens` positions at a time, so the peak is one chunk of full-vocabulary logits
+    (for the `LINEAR_HEAD_MODEL_TYPES`; other models give their whole logits)."""
+    if getattr(teacher.config, "model_type", None) in LINEAR_HEAD_MODEL_TYPES:
+        hidden = teacher.base_model(input_ids=input_ids, position_ids=position_ids).last_hidden_state[:, :-1]
+        head = teacher.get_output_embeddings()
+    else:
+        hidden = teacher(input_ids=input_ids, position_ids=position_ids).logits[:, :-1]
+        head = torch.nn.Identity()
     flat = hidden.reshape(-1, hidden.shape[-1])
-    head = teacher.get_output_embeddings()
     ids = torch.empty(flat.shape[0], k, dtype=torch.long, device=flat.device)
     logprobs = torch.empty(flat.shape[0], k, dtype=torch.float32, device=flat.device)
     for s in range(0, flat.shape[0], chunk_tokens):
