@@ -31,6 +31,7 @@ import torch
 
 from fastdraft.errors import FastdraftError
 from fastdraft.speculative.decoders import right_pad
+from fastdraft.speculative.sampling import sample
 from fastdraft.speculative.types import SamplingParams
 
 Request = tuple[list[int], SamplingParams]
@@ -135,7 +136,7 @@ def row_generators(params: Sequence[SamplingParams], device: torch.device | str 
 def draw_per_row(scores: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One token per row [B], row i drawn from the filtered distribution with generators[i] alone."""
     probs = torch.softmax(filter_logits(scores, params.temperature, params.top_k, params.top_p), dim=-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return sample(probs, list(generators))
 
 
 def topk_logprobs(scores: torch.Tensor, k: int) -> tuple[list[list[int]], list[list[float]]]:

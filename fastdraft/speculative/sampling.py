@@ -186,13 +186,21 @@ def _streams(generator: Random, batch: int) -> list[torch.Generator] | None:
 
 
 def sample(probs: torch.Tensor, generator: Random) -> torch.Tensor:
-    """One token per row of `probs` [B, V] -> [B] (long), from one stream or from each row's own."""
-    streams = _streams(generator, probs.shape[0])
-    if streams is None:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    if not streams:
+    """One token per row of `probs` [B, V] -> [B] (long), from one stream or from each row's own.
+
+    Inverse CDF: one float64 uniform per row, and the first token whose cumulative probability exceeds it. This is
+    exactly the categorical draw; `torch.multinomial` reaches the same with an exponential per vocabulary entry,
+    1.3 ms a row over SmolLM2's 49k tokens on 2 cores (a tenth of the target's decode step) against 0.05 ms here.
+    """
+    batch, vocab = probs.shape
+    if batch == 0:
         return torch.empty(0, dtype=torch.long, device=probs.device)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, streams)])
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = uniform(batch, 1, generator, probs.device, torch.float64)
+    # Strictly below the total: the first entry above it then has a positive probability (the cdf rises there).
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=vocab - 1)
 
 
 def uniform(batch: int, n: int, generator: Random, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
