@@ -310,6 +310,11 @@ class GenerateConfig(Strict):
     """CPU engines: torch threads per actor; default: one per CPU Ray reserved for it. A lone actor may use
     more threads than it reserves (the whole machine) while the rest stays free for Ray Data's own tasks."""
     gpus_per_actor: float = Field(default=0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    """The target's dtype while it generates; default: `target.dtype`. `auto`: bfloat16 on a CPU actor whose CPU has
+    AMX tiles (Intel Sapphire Rapids and later), else `target.dtype` (vLLM: its own `auto`). With AMX, bfloat16
+    generates SmolLM2's answers at 425 tok/s against 258 in float32 (batch 64, 2 cores, measured 2026-12-06); the
+    answers and the stored top-k are then the bfloat16 target's, a rounding away from the float32 target's."""
     store_topk: int = Field(default=0, ge=0)
     """Store the target's top-k log-probs per response token (for token-level KD); 0 = off."""
     seed: int = 0
@@ -321,6 +326,13 @@ class GenerateConfig(Strict):
     share the CPU stack's environment."""
 
     SCHEDULING_ONLY = frozenset({"min_actors", "max_actors", "cpus_per_actor", "torch_threads"})
+
+    def identity(self) -> dict:
+        """As `Strict.identity`, without `dtype` while it is unset: recipes written before it keep their stage keys."""
+        data = super().identity()
+        if data.get("dtype") is None:
+            data.pop("dtype", None)
+        return data
 
     def engines(self) -> dict[str, str]:
         """Source name -> the engine that answers it (its own `engine`, else `generate.engine`)."""

@@ -239,6 +239,7 @@ QUICK_OVERRIDES = [
     "generate.prompts.0.limit=40",  # 40 user turns, answered greedy and at T 0.6: distillation needs the rows
     "generate.prompts.1.limit=8",
     "generate.sampling=[{temperature: 0.0, max_new_tokens: 48}, {temperature: 0.6, max_new_tokens: 48}]",
+    "distill.epochs=2",  # 96 rows: seen twice
     "distill.eval_prompts=4",
     "distill.eval_every=10",
     "distill.ckpt_every=10",

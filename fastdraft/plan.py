@@ -32,6 +32,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from fastdraft.config import ComputeConfig, Recipe
 from fastdraft.errors import FastdraftError
+from fastdraft.generation.backends import generation_dtype
 
 GB = 1e9
 ACT_HIDDEN = 16
@@ -273,7 +274,8 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         length = g.max_prompt_tokens + max(s.max_new_tokens for s in g.sampling)
         device = "cuda" if g.engine == "vllm" or g.gpus_per_actor else "cpu"
         available, source = offered(recipe, device)
-        items = inference_items({"target": tcfg}, g.batch_size, length, dtype)
+        gen_dtype = generation_dtype(g.dtype or dtype, dtype, device)  # `auto`: as an actor on this machine resolves it
+        items = inference_items({"target": tcfg}, g.batch_size, length, gen_dtype)
         notes = []
         others = {name: e for name, e in g.engines().items() if e != g.engine}
         if others:  # each other engine runs its own step beside this one (generation.pipeline.answer_by_engine)
@@ -288,12 +290,12 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
                          f"shares what the weights leave (engine_kwargs.gpu_memory_utilization)")
             available = available * util if available else None
             items = [i for i in items if "KV" not in i.what] + [
-                Item("target KV cache (one sequence at its longest; vLLM pages the rest)", kv_cache_bytes(tcfg, 1, length, DTYPE_BYTES[dtype]))]
+                Item("target KV cache (one sequence at its longest; vLLM pages the rest)", kv_cache_bytes(tcfg, 1, length, DTYPE_BYTES[gen_dtype]))]
         where = f"{g.max_actors} generation actor(s) x {g.gpus_per_actor:g} GPU ({g.engine})" if device == "cuda" \
             else f"{g.max_actors} generation actor(s) x {g.cpus_per_actor:g} CPU ({g.engine})"
         out.append(StagePlan("generate", where, items, available, source,
                              "generate.batch_size, generate.max_prompt_tokens, generate.sampling[*].max_new_tokens, "
-                             "target.dtype", notes=notes))
+                             "generate.dtype", notes=notes))
         out.append(_generate_driver_plan(recipe))
     if recipe.distill is not None and "distill" in want:
         d = recipe.distill

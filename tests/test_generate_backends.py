@@ -78,3 +78,11 @@ def test_store_topk_gives_the_targets_own_log_probs(tiny_target_dir, prompts):
     expected = torch.log_softmax(logits, -1).topk(4)
     assert out.topk_ids[1] == expected.indices.tolist()
     assert out.topk_logprobs[1] == pytest.approx(expected.values.tolist(), abs=1e-4)
+
+
+def test_generate_dtype_auto_is_bfloat16_on_a_cpu_with_amx_else_the_targets():
+    from fastdraft.generation.backends import cpu_has_amx, generation_dtype
+
+    assert generation_dtype("auto", "float32", "cpu") == ("bfloat16" if cpu_has_amx() else "float32")
+    assert generation_dtype("auto", "float16", "cuda") == "float16"
+    assert generation_dtype("float32", "bfloat16", "cpu") == "float32"  # an explicit dtype is kept

@@ -194,6 +194,31 @@ def test_lean_engine_through_the_actor_pool_writes_the_same_alignment_set(full_r
 
 
 @pytest.mark.timeout(300)
+def test_generate_dtype_runs_the_target_in_that_dtype_and_is_part_of_what_the_rows_are(full_run, tmp_path, tiny_target_dir,
+                                                                                      prompts_file):
+    """generate.dtype: bfloat16 answers are the bfloat16 target's (as its backend alone gives them); unset, the recipe's
+    stage key is what it was before the field existed; a rerun in float32 into bfloat16 rows is refused, rows kept."""
+    recipe, _ = tiny_recipe(tmp_path / "bf16", tiny_target_dir, prompts_file, engine="lean", max_actors=1, dtype="bfloat16")
+    assert "dtype" not in full_run[0].generate.identity() and recipe.generate.identity()["dtype"] == "bfloat16"
+    run_generate(recipe)
+    manifest = json.loads((recipe.run_dir / "alignment" / "manifest.json").read_text())
+    assert manifest["generate"]["dtype"] == "bfloat16"
+    greedy = {tuple(r["prompt_ids"]): r["response_ids"] for r in read_rows(recipe.run_dir).to_pylist()
+              if r["temperature"] == 0.0}
+    backend = LeanBackend(tiny_target_dir, dtype="bfloat16")
+    prompts = [list(ids) for ids in greedy]
+    outs = backend.generate([(ids, SamplingParams(max_new_tokens=16)) for ids in prompts])
+    assert [o.token_ids for o in outs] == [greedy[tuple(ids)] for ids in prompts]
+
+    before = sorted(p.name for p in (recipe.run_dir / "alignment").glob("part-*"))
+    data = recipe.model_dump(mode="json")
+    data["generate"]["dtype"] = "float32"
+    with pytest.raises(FastdraftError, match="other generate settings"):
+        run_generate(recipe_from_dict(data))
+    assert sorted(p.name for p in (recipe.run_dir / "alignment").glob("part-*")) == before
+
+
+@pytest.mark.timeout(300)
 def test_actor_pool_autoscales_within_the_recipes_bounds(full_run):
     recipe, summary, _ = full_run
     pool = actor_pool(recipe.generate)

@@ -71,6 +71,8 @@ def test_recipe_maps_onto_the_processor_config(tiny_target_dir):
 
     plain = processor_config(generate_config(), TargetConfig(model=str(tiny_target_dir)))
     assert plain.engine_kwargs["dtype"] == "float32"  # target.dtype when the recipe does not override it
+    bf16 = processor_config(generate_config(dtype="bfloat16"), TargetConfig(model=str(tiny_target_dir)))
+    assert bf16.engine_kwargs["dtype"] == "bfloat16"  # generate.dtype wins over target.dtype
     assert "max_logprobs" not in plain.engine_kwargs
     many = processor_config(generate_config(store_topk=32), TargetConfig(model=str(tiny_target_dir)))
     assert many.engine_kwargs["max_logprobs"] == 32  # above vLLM's default of 20, which would refuse the requests

@@ -133,6 +133,20 @@ def row_generators(params: Sequence[SamplingParams], device: torch.device | str 
     return [torch.Generator(device=device).manual_seed(int(q.seed if q.seed is not None else 0)) for q in params]
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles, where bfloat16 matrix products run ~5x float32's (2 Sapphire Rapids cores, 64 x
+    576 x 6912: 1.0 against 0.24 TFLOP/s). torch says so only privately; without that probe, no."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def generation_dtype(dtype: str, target_dtype: str, device: str) -> str:
+    """`generate.dtype` as an actor runs it: `auto` is bfloat16 on a CPU with AMX, else the target's dtype."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cpu" and cpu_has_amx() else target_dtype
+
+
 def draw_per_row(scores: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One token per row [B], row i drawn from the filtered distribution with generators[i] alone."""
     probs = torch.softmax(filter_logits(scores, params.temperature, params.top_k, params.top_p), dim=-1)

@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 
 from fastdraft.config import GenerateConfig, Recipe, SamplingConfig
 from fastdraft.errors import FastdraftError, MissingDependencyError, RecipeError
-from fastdraft.generation.backends import Generated, Request, make_backend
+from fastdraft.generation.backends import Generated, Request, generation_dtype, make_backend
 from fastdraft.config import PromptSourceConfig
 from fastdraft.generation.prompts import (
     EncodedPrompt, PromptEncoder, SourceStats, check_source, iter_magpie_prompts, iter_prompts, magpie_queries,
@@ -149,13 +149,14 @@ class GenerateActor:
 
     def __init__(self, engine: str, model: str, dtype: str, device: str, store_topk: int = 0,
                  trust_remote_code: bool = False, engine_kwargs: dict | None = None, threads: int = 1,
-                 endpoint: dict | None = None, prompt_format: str | None = None):
+                 endpoint: dict | None = None, prompt_format: str | None = None, target_dtype: str = "float32"):
         import torch
 
         from fastdraft.tokenizer import load_tokenizer
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))  # the recipe's torch_threads, else the CPUs Ray reserved
+        dtype = generation_dtype(dtype, target_dtype, device)  # `auto` depends on the actor's own CPU
         self.backend = make_backend(engine, model, dtype=dtype, device=device, store_topk=store_topk,
                                     trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs,
                                     endpoint=endpoint, prompt_format=prompt_format)
@@ -212,7 +213,8 @@ def generate_rows(planned, cfg: GenerateConfig, recipe: Recipe):
     return planned.map_batches(
         GenerateActor,
         fn_constructor_kwargs=dict(
-            engine=cfg.engine, model=recipe.target.model, dtype=recipe.target.dtype, device=device,
+            engine=cfg.engine, model=recipe.target.model, dtype=cfg.dtype or recipe.target.dtype, device=device,
+            target_dtype=recipe.target.dtype,
             store_topk=cfg.store_topk, trust_remote_code=recipe.target.trust_remote_code,
             engine_kwargs=dict(cfg.engine_kwargs), threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
             endpoint=cfg.openai.model_dump(mode="json") if cfg.openai else None,
@@ -312,6 +314,8 @@ def resume_hash(recipe: Recipe, fingerprint: str) -> str:
     """What decides the rows' content; batch sizes, actor counts, limits and the engine may change on resume."""
     cfg = recipe.section("generate")
     data = cfg.model_dump(include={"prompts", "sampling", "max_prompt_tokens", "overlong", "store_topk", "seed"}, mode="json")
+    if cfg.dtype is not None:  # the generating dtype changes the answers (unset: the target's, as before it existed)
+        data["dtype"] = cfg.dtype
     for source in data["prompts"]:
         source.pop("limit", None)  # raising a limit extends the set; the keys of the rows already written stay valid
     payload = {"target": recipe.target.model, "tokenizer_fingerprint": fingerprint, "generate": data}

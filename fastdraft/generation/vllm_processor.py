@@ -16,7 +16,7 @@ How the recipe maps onto it:
 | fastdraft                                   | Ray Data LLM / vLLM                                                     |
 |---------------------------------------------|-------------------------------------------------------------------------|
 | `target.model` (`embedded:` resolved)       | `model_source` (vLLM's `model`)                                          |
-| `target.dtype`, `target.trust_remote_code`  | `engine_kwargs.dtype`, `engine_kwargs.trust_remote_code`                 |
+| `generate.dtype` or `target.dtype`, `target.trust_remote_code` | `engine_kwargs.dtype`, `engine_kwargs.trust_remote_code` |
 | `generate.engine_kwargs`                    | `engine_kwargs` as they are (`tensor_parallel_size`, `pipeline_parallel_size`, `gpu_memory_utilization`, `max_model_len`, ...); they win over the two above |
 | `generate.min_actors`, `max_actors`         | `concurrency=(min, max)`: the autoscaling pool of engines                |
 | `generate.batch_size`                       | `batch_size`: rows per call to an engine actor                           |
@@ -70,8 +70,9 @@ reservations of Ray Data's operators do not starve the engine actors."""
 # Recipe -> Ray Data LLM
 # --------------------------------------------------------------------------------------------
 def engine_kwargs_for(cfg: GenerateConfig, target: TargetConfig) -> dict[str, Any]:
-    """vLLM's engine arguments: the target's dtype and trust_remote_code, then `generate.engine_kwargs` as they are."""
-    kwargs: dict[str, Any] = {"dtype": target.dtype, "trust_remote_code": target.trust_remote_code}
+    """vLLM's engine arguments: `generate.dtype` (else the target's) and trust_remote_code, then `generate.engine_kwargs`
+    as they are."""
+    kwargs: dict[str, Any] = {"dtype": cfg.dtype or target.dtype, "trust_remote_code": target.trust_remote_code}
     if cfg.store_topk > VLLM_MAX_LOGPROBS:  # vLLM refuses requests for more log-probs than max_logprobs
         kwargs["max_logprobs"] = cfg.store_topk
     return {**kwargs, **cfg.engine_kwargs}
