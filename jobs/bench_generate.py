@@ -11,6 +11,7 @@ interleaved, chunk by chunk, so all see the same load on a shared machine):
            padding, one KV cache per batch
   lean     fastdraft's LeanBackend (`generate.engine: lean`): the same batches through the engine's own decoder,
            a KV cache with one length per row (no padding computed), finished rows leave the batch
+  lean-bf16 (--lean-bf16) the lean engine with the target in bfloat16 (`generate.dtype`)
   ray      the whole generate stage (`run_generate`, engine `--ray-engine`): Ray Data actor pool, Parquet parts,
            manifest; wall time includes the actor's start and model load
 Tokens are the responses' real tokens (padding after a stop is not counted). Prints a table and writes JSON
@@ -102,11 +103,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (and the Ray actor's CPUs); more than the free cores makes OpenMP crawl")
     parser.add_argument("--skip", nargs="*", default=[], choices=["ray"], help="leave the Ray pipeline out")
     parser.add_argument("--ray-engine", default="lean", choices=["transformers", "lean"], help="the Ray stage's engine")
+    parser.add_argument("--lean-bf16", action="store_true",
+                        help="also time the lean engine with the target in bfloat16 (generate.dtype; AMX CPUs: ~1.6x float32)")
     parser.add_argument("--out", default="runs/bench/bench_generate.json")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     backends = {"batched": TransformersBackend(args.model), "lean": LeanBackend(args.model)}
+    if args.lean_bf16:
+        backends["lean-bf16"] = LeanBackend(args.model, dtype="bfloat16")
     source = PromptSourceConfig(name="code", kind="stdlib_code", limit=args.prompts)
     prompts = [p.prompt_ids for p in load_prompts(source, PromptEncoder(backends["batched"].tokenizer, 512))[0]]
     print(f"[bench] {len(prompts)} prompts, mean {sum(map(len, prompts)) / len(prompts):.0f} tokens, "

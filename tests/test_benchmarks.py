@@ -50,9 +50,9 @@ def test_bench_prepare_compares_the_pipeline_with_a_plain_loop_at_two_sizes(smol
 def test_bench_generate_times_the_loop_both_batched_engines_and_the_ray_pipeline(tiny_target_dir, tmp_path):
     out = tmp_path / "generate.json"
     stdout = run_bench("bench_generate.py", "--model", str(tiny_target_dir), "--prompts", "4", "--batch-size", "2",
-                       "--max-new-tokens", "4", "--out", str(out))
+                       "--max-new-tokens", "4", "--lean-bf16", "--out", str(out))
     result = json.loads(out.read_text())["results"]
-    assert set(result) == {"loop", "batched", "lean", "ray"}
+    assert set(result) == {"loop", "batched", "lean", "lean-bf16", "ray"}
     for row in result.values():
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["speedup_vs_loop"] > 0
     assert "vs loop" in stdout
