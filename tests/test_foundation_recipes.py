@@ -95,7 +95,7 @@ def test_scheduling_fields_do_not_change_a_stage_identity():
     assert scheduling.section_hash("pretrain", "generate", "distill") == base
     assert "torch_threads" not in scheduling.pretrain.identity()["compute"]
     for change in ("pretrain.optim.lr=3e-4", "pretrain.compute.num_workers=2", "generate.batch_size=8",
-                   "distill.epochs=1"):
+                   "generate.dtype=float32", "distill.epochs=3"):
         assert demo_recipe(overrides=[change]).section_hash("pretrain", "generate", "distill") != base, change
 
 

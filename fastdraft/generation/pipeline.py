@@ -156,7 +156,7 @@ class GenerateActor:
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))  # the recipe's torch_threads, else the CPUs Ray reserved
-        dtype = generation_dtype(dtype, target_dtype, device)  # `auto` depends on the actor's own CPU
+        requested, dtype = dtype, generation_dtype(dtype, target_dtype, device)  # `auto` depends on the actor's own CPU
         self.backend = make_backend(engine, model, dtype=dtype, device=device, store_topk=store_topk,
                                     trust_remote_code=trust_remote_code, engine_kwargs=engine_kwargs,
                                     endpoint=endpoint, prompt_format=prompt_format)
@@ -164,6 +164,9 @@ class GenerateActor:
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.store_topk = store_topk
         self.actor_id = f"{socket.gethostname()}:{os.getpid()}"
+        if engine in ("transformers", "lean"):
+            print(f"[generate] actor {self.actor_id}: {engine} engine, target in {dtype} on {device}"
+                  + (" (generate.dtype auto)" if requested == "auto" else ""), flush=True)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
