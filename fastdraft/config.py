@@ -313,8 +313,9 @@ class GenerateConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     """The target's dtype while it generates; default: `target.dtype`. `auto`: bfloat16 on a CPU actor whose CPU has
     AMX tiles (Intel Sapphire Rapids and later), else `target.dtype` (vLLM: its own `auto`). With AMX, bfloat16
-    generates SmolLM2's answers at 425 tok/s against 258 in float32 (batch 64, 2 cores, measured 2026-12-06); the
-    answers and the stored top-k are then the bfloat16 target's, a rounding away from the float32 target's."""
+    generates SmolLM2's answers at 336 tok/s against 168 in float32 (batch 64, 2 cores, `jobs/bench_generate.py
+    --lean-bf16`, measured 2026-12-06); the answers and the stored top-k are then the bfloat16 target's, a rounding
+    away from the float32 target's."""
     store_topk: int = Field(default=0, ge=0)
     """Store the target's top-k log-probs per response token (for token-level KD); 0 = off."""
     seed: int = 0
