@@ -53,11 +53,14 @@ class Strict(BaseModel):
 
     SCHEDULING_ONLY: ClassVar[frozenset[str]] = frozenset()
     """Fields that change how a stage is scheduled (CPUs, threads, actors, retries), not what it computes."""
+    KEYED_WHEN_SET: ClassVar[frozenset[str]] = frozenset()
+    """Fields added after recipes were keyed: part of the identity only when set, so those keys stay as they were."""
 
     def identity(self) -> dict:
         """The section as JSON without its scheduling-only fields, at every depth: what decides its outputs
         (stage keys and `Recipe.section_hash` use it, so changing threads or CPUs never reruns a stage)."""
-        data = self.model_dump(mode="json", exclude=set(self.SCHEDULING_ONLY))
+        unset = {name for name in self.KEYED_WHEN_SET if getattr(self, name) is None}
+        data = self.model_dump(mode="json", exclude=set(self.SCHEDULING_ONLY) | unset)
         for name, value in self:
             if isinstance(value, Strict) and name in data:
                 data[name] = value.identity()
@@ -327,13 +330,7 @@ class GenerateConfig(Strict):
     share the CPU stack's environment."""
 
     SCHEDULING_ONLY = frozenset({"min_actors", "max_actors", "cpus_per_actor", "torch_threads"})
-
-    def identity(self) -> dict:
-        """As `Strict.identity`, without `dtype` while it is unset: recipes written before it keep their stage keys."""
-        data = super().identity()
-        if data.get("dtype") is None:
-            data.pop("dtype", None)
-        return data
+    KEYED_WHEN_SET = frozenset({"dtype"})
 
     def engines(self) -> dict[str, str]:
         """Source name -> the engine that answers it (its own `engine`, else `generate.engine`)."""

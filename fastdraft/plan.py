@@ -274,7 +274,7 @@ def plan(recipe: Recipe, stages: list[str] | None = None) -> list[StagePlan]:
         length = g.max_prompt_tokens + max(s.max_new_tokens for s in g.sampling)
         device = "cuda" if g.engine == "vllm" or g.gpus_per_actor else "cpu"
         available, source = offered(recipe, device)
-        gen_dtype = generation_dtype(g.dtype or dtype, dtype, device)  # `auto`: as an actor on this machine resolves it
+        gen_dtype = generation_dtype(g.dtype, dtype, device)  # `auto`: as an actor on this machine resolves it
         items = inference_items({"target": tcfg}, g.batch_size, length, gen_dtype)
         notes = []
         others = {name: e for name, e in g.engines().items() if e != g.engine}

@@ -86,3 +86,4 @@ def test_generate_dtype_auto_is_bfloat16_on_a_cpu_with_amx_else_the_targets():
     assert generation_dtype("auto", "float32", "cpu") == ("bfloat16" if cpu_has_amx() else "float32")
     assert generation_dtype("auto", "float16", "cuda") == "float16"
     assert generation_dtype("float32", "bfloat16", "cpu") == "float32"  # an explicit dtype is kept
+    assert generation_dtype(None, "bfloat16", "cpu") == "bfloat16"  # unset: the target's

@@ -140,11 +140,12 @@ def cpu_has_amx() -> bool:
     return bool(probe and probe())
 
 
-def generation_dtype(dtype: str, target_dtype: str, device: str) -> str:
-    """`generate.dtype` as an actor runs it: `auto` is bfloat16 on a CPU with AMX, else the target's dtype."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device == "cpu" and cpu_has_amx() else target_dtype
+def generation_dtype(dtype: str | None, target_dtype: str, device: str) -> str:
+    """`generate.dtype` as an actor runs it: unset is the target's dtype; `auto` is bfloat16 on a CPU with AMX, else
+    the target's dtype."""
+    if dtype == "auto":
+        return "bfloat16" if device == "cpu" and cpu_has_amx() else target_dtype
+    return dtype or target_dtype
 
 
 def draw_per_row(scores: torch.Tensor, params: SamplingParams, generators: Sequence[torch.Generator]) -> torch.Tensor:

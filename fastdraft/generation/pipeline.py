@@ -147,7 +147,7 @@ def plan_block(prompts: pa.Table, settings: list[dict], seed: int, done=None) ->
 class GenerateActor:
     """Loads the engine once per actor; each call answers one batch of planned rows (1 row in, 1 row out)."""
 
-    def __init__(self, engine: str, model: str, dtype: str, device: str, store_topk: int = 0,
+    def __init__(self, engine: str, model: str, dtype: str | None, device: str, store_topk: int = 0,
                  trust_remote_code: bool = False, engine_kwargs: dict | None = None, threads: int = 1,
                  endpoint: dict | None = None, prompt_format: str | None = None, target_dtype: str = "float32"):
         import torch
@@ -216,8 +216,7 @@ def generate_rows(planned, cfg: GenerateConfig, recipe: Recipe):
     return planned.map_batches(
         GenerateActor,
         fn_constructor_kwargs=dict(
-            engine=cfg.engine, model=recipe.target.model, dtype=cfg.dtype or recipe.target.dtype, device=device,
-            target_dtype=recipe.target.dtype,
+            engine=cfg.engine, model=recipe.target.model, dtype=cfg.dtype, target_dtype=recipe.target.dtype, device=device,
             store_topk=cfg.store_topk, trust_remote_code=recipe.target.trust_remote_code,
             engine_kwargs=dict(cfg.engine_kwargs), threads=cfg.torch_threads or max(1, int(cfg.cpus_per_actor)),
             endpoint=cfg.openai.model_dump(mode="json") if cfg.openai else None,
@@ -316,9 +315,8 @@ def survey(out_dir: Path, keys_only: bool = False) -> tuple[dict, object]:
 def resume_hash(recipe: Recipe, fingerprint: str) -> str:
     """What decides the rows' content; batch sizes, actor counts, limits and the engine may change on resume."""
     cfg = recipe.section("generate")
-    data = cfg.model_dump(include={"prompts", "sampling", "max_prompt_tokens", "overlong", "store_topk", "seed"}, mode="json")
-    if cfg.dtype is not None:  # the generating dtype changes the answers (unset: the target's, as before it existed)
-        data["dtype"] = cfg.dtype
+    content = {"prompts", "sampling", "max_prompt_tokens", "overlong", "store_topk", "seed", "dtype"}
+    data = {k: v for k, v in cfg.identity().items() if k in content}  # dtype only when set (`KEYED_WHEN_SET`)
     for source in data["prompts"]:
         source.pop("limit", None)  # raising a limit extends the set; the keys of the rows already written stay valid
     payload = {"target": recipe.target.model, "tokenizer_fingerprint": fingerprint, "generate": data}

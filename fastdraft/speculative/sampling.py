@@ -190,7 +190,7 @@ def sample(probs: torch.Tensor, generator: Random) -> torch.Tensor:
 
     Inverse CDF: one float64 uniform per row, and the first token whose cumulative probability exceeds it. This is
     exactly the categorical draw; `torch.multinomial` reaches the same with an exponential per vocabulary entry,
-    1.3 ms a row over SmolLM2's 49k tokens on 2 cores (a tenth of the target's decode step) against 0.05 ms here.
+    1.3 ms a row over SmolLM2's 49k tokens on 2 cores (6-9% of the target's decode step) against 0.05 ms here.
     """
     batch, vocab = probs.shape
     if batch == 0:
@@ -200,7 +200,7 @@ def sample(probs: torch.Tensor, generator: Random) -> torch.Tensor:
     u = uniform(batch, 1, generator, probs.device, torch.float64)
     # Strictly below the total: the first entry above it then has a positive probability (the cdf rises there).
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=vocab - 1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1).clamp_(max=vocab - 1)  # an all-zero row: the last token
 
 
 def uniform(batch: int, n: int, generator: Random, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
