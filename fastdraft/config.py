@@ -396,7 +396,29 @@ class EvalTaskConfig(Strict):
     """Longer prompt texts are cut to this many tokens (before templating) so articles fit."""
 
 
+class LookupConfig(Strict):
+    """Context lookup beside the draft (`fastdraft.speculative.lookup`; prompt lookup decoding, vLLM's `ngram`): a row
+    whose last `max_ngram` .. `min_ngram` tokens occurred earlier in its prompt or output proposes up to `tokens` tokens
+    that followed them, in place of the draft's. Copying costs no model step; verification keeps output exact."""
+
+    tokens: int = Field(default=6, ge=1)
+    min_ngram: int = Field(default=2, ge=1)
+    max_ngram: int = Field(default=3, ge=1)
+
+    @model_validator(mode="after")
+    def _ngram_range(self):
+        if self.min_ngram > self.max_ngram:
+            raise ValueError(f"lookup.min_ngram ({self.min_ngram}) must be <= lookup.max_ngram ({self.max_ngram})")
+        return self
+
+    def engine_args(self) -> dict:
+        """`SpeculativeEngine` keyword arguments."""
+        return {"lookup_tokens": self.tokens, "lookup_ngram": (self.min_ngram, self.max_ngram)}
+
+
 class EvaluateConfig(Strict):
+    KEYED_WHEN_SET = frozenset({"lookup"})
+
     tasks: list[EvalTaskConfig] = Field(min_length=1)
     gamma: int = Field(default=3, ge=1)
     gammas: list[int] = Field(default_factory=lambda: [1, 2, 3, 5, 8])
@@ -424,9 +446,14 @@ class EvaluateConfig(Strict):
     step, as the paper deploys its drafts), float (the draft's own dtype), or auto: int8 where fastdraft's native
     CPU kernel runs the draft (Llama family, float32 on CPU), else float. Lossless either way."""
     seed: int = 0
+    lookup: LookupConfig | None = None
+    """Also time each engine pair with context lookup beside its draft (`LookupConfig`), reported as method
+    `engine+lookup` beside `engine` (the draft alone), in the same loop. Unset: the draft alone."""
 
 
 class ServeConfig(Strict):
+    KEYED_WHEN_SET = frozenset({"lookup"})
+
     draft: str | None = None
     """Draft directory; default: the pipeline's final draft."""
     model_name: str = "fastdraft"
@@ -462,6 +489,9 @@ class ServeConfig(Strict):
     """How the engine stores the draft's matrices: int8 (per-row scales, a quarter of float32's bytes per draft
     step, as the paper deploys its drafts), float (the draft's own dtype), or auto: int8 where fastdraft's native
     CPU kernel runs the draft (Llama family, float32 on CPU), else float. Lossless either way."""
+    lookup: LookupConfig | None = None
+    """Context lookup beside the draft (`LookupConfig`): repeated text (code, quoted prompts) is proposed by copying.
+    Unset: the draft alone."""
 
 
 class ClusterConfig(Strict):

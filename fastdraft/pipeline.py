@@ -291,9 +291,12 @@ def demo_summary(recipe: Recipe, quick: bool) -> str:
     pays = False
     if draft is not None and report_path.is_file():
         label = _label_of(draft)
-        pays, verdicts = report_mod.verdict(report, label)
-        lines += ["", f"{label} draft {'pays' if pays else 'does NOT pay'}, gamma {report['settings']['gamma']}, "
-                      f"batch 1, measured side by side with the target alone:", *[f"  {v}" for v in verdicts]]
+        for method, what in (("engine", f"{label} draft"), ("engine+lookup", f"{label} draft with context lookup")):
+            method_pays, verdicts = report_mod.verdict(report, label, method)
+            if verdicts:
+                pays |= method_pays
+                lines += ["", f"{what} {'pays' if method_pays else 'does NOT pay'}, gamma {report['settings']['gamma']}, "
+                              f"batch 1, measured side by side with the target alone:", *[f"  {v}" for v in verdicts]]
     if draft is not None:
         from fastdraft.layout import resolve_workdir
 

@@ -18,7 +18,8 @@ def check_counters(results, engine) -> None:
     for r in results:
         s = r.stats
         assert s.emitted == len(r.token_ids)
-        assert s.emitted + s.truncated == s.accepted + s.target_passes
+        assert s.emitted + s.truncated == s.accepted + s.looked_up_accepted + s.target_passes
+        assert 0 <= s.looked_up_accepted <= s.looked_up
         assert s.drafted == sum(s.per_position_drafted) and s.accepted == sum(s.per_position_accepted)
         assert all(a <= d for a, d in zip(s.per_position_accepted, s.per_position_drafted))
         assert all(x >= y for x, y in zip(s.per_position_accepted, s.per_position_accepted[1:]))  # prefix acceptance

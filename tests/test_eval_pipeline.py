@@ -90,18 +90,30 @@ def test_evaluate_cli_writes_the_report_and_engine_counters_match_the_offline_sw
 def test_engine_drafts_times_only_the_named_pairs_and_measures_the_others_offline(ray_session, eval_pair, run_dir,  # noqa: F811
                                                                                  tmp_path):
     """evaluate.engine_drafts: [FT]: FT's pair runs in the engine (wall clock, greedy identity); PT is measured
-    offline only, and its headline rows are the offline ones at the headline gamma."""
+    offline only, and its headline rows are the offline ones at the headline gamma. evaluate.lookup: FT's pair also
+    runs with context lookup beside its draft (method engine+lookup), lossless, its copies counted apart."""
     work = tmp_path / "run"
     shutil.copytree(run_dir / "drafts", work / "drafts")
-    run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], work, engine_drafts=["FT"], dynamic_gamma=False)))
+    lookup = {"tokens": 4, "min_ngram": 1, "max_ngram": 2}  # 1-grams: tiny models' short outputs copy often enough
+    run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], work, engine_drafts=["FT"], dynamic_gamma=False,
+                                              lookup=lookup)))
     report = json.loads((work / "eval" / "report.json").read_text())
     engine = [r for r in report["rows"] if r["method"] == "engine"]
     assert {r["draft"] for r in engine} == {"FT"} and len(engine) == 2 * 2  # tasks x decodings
     assert all(r["wall_clock_speedup"] > 0 for r in engine)
+    looked = [r for r in report["rows"] if r["method"] == "engine+lookup"]
+    assert {r["draft"] for r in looked} == {"FT"} and len(looked) == 2 * 2
+    assert sum(r.get("looked_up", 0) for r in looked) > 0 and all(r["wall_clock_speedup"] > 0 for r in looked)
+    for r in looked:
+        assert r["greedy_identical"] in (True, None)  # lossless with copies too
+        assert r["emitted"] + r["truncated"] == r["accepted"] + r.get("looked_up_accepted", 0) + r["target_passes"]
+    pays, lines = rep.verdict(report, "FT", "engine+lookup")
+    assert len(lines) == 2 and all("the target alone" in line for line in lines)
     pt_offline = [r for r in report["rows"] if r["draft"] == "PT" and r["method"] == "offline"]
     assert len(pt_offline) == 2 * 2 * 3  # tasks x decodings x gammas: PT still has its acceptance and MBSU
     headline = rep.headline_rows(report)
-    assert {(r["draft"], r["method"]) for r in headline} == {("FT", "engine"), ("PT", "offline")} and len(headline) == 8
+    assert {(r["draft"], r["method"]) for r in headline} == {("FT", "engine"), ("FT", "engine+lookup"),
+                                                             ("PT", "offline")} and len(headline) == 12
     with pytest.raises(FastdraftError, match=r"evaluate.engine_drafts: no draft labelled CP \(the drafts are PT, FT\)"):
         run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], work, engine_drafts=["CP"])))
 

@@ -56,6 +56,19 @@ def test_wrong_type_is_an_error_naming_the_key(tmp_path):
         load_recipe(path)
 
 
+def test_context_lookup_settings_are_checked_and_reach_the_engine(tmp_path):
+    """evaluate.lookup / serve.lookup: an n-gram range upside down names both fields; the demo's reaches the engine as
+    keyword arguments; a recipe without it keeps its evaluate identity (finished evaluations are not redone)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\nserve:\n  lookup: {tokens: 4, min_ngram: 3, max_ngram: 2}\n")
+    with pytest.raises(RecipeError, match=r"lookup\.min_ngram \(3\) must be <= lookup\.max_ngram \(2\)"):
+        load_recipe(path)
+    demo = load_recipe(RECIPES / "demo.yaml")
+    assert demo.serve.lookup.engine_args() == {"lookup_tokens": 6, "lookup_ngram": (2, 3)}
+    assert "lookup" not in load_recipe(RECIPES / "demo.yaml", ["evaluate.lookup=null"]).evaluate.identity()
+    assert demo.evaluate.identity()["lookup"] == {"tokens": 6, "min_ngram": 2, "max_ngram": 3}
+
+
 def test_bad_override_names_the_key():
     with pytest.raises(RecipeError, match=r"pretrain\.optim\.nope"):
         load_recipe(RECIPES / "demo.yaml", ["pretrain.optim.nope=1"])

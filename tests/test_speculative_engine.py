@@ -133,6 +133,49 @@ def test_greedy_equals_transformers_generate(pairs, pair):
         assert mean < 0.3 if pair.startswith("random") else mean > 0.9, f"{pair} draft acceptance {mean:.2f}"
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("pair", ["random-float32", "agreeing-float32", "agreeing-int8"])
+def test_context_lookup_is_lossless_greedy_and_counted_apart_from_the_draft(pairs, pair):
+    """With `lookup_tokens`, rows whose last tokens occurred earlier propose the tokens that followed (copied from
+    the context); the others the draft's. Prompts that repeat themselves make both happen in one batch, round after
+    round. Output: token for token the target's greedy `generate`, gamma 1 and 3, with stops inside the blocks.
+    Copied proposals are counted as looked up, not drafted: AR stays the draft model's."""
+    target, draft = pairs[pair]
+    weights = "int8" if pair.endswith("int8") else "float"
+    engine = SpeculativeEngine(target, draft, draft_weights=weights, lookup_tokens=5, lookup_ngram=(1, 2))
+    prompts = [p + p[: len(p) // 2] for p in make_prompts(8, seed=4)]  # a repeat: lookups from the first token on
+    free = [hf_greedy(target, p, 37, stop=2) for p in prompts]
+    stop = free[0][9]
+    stopped = [hf_greedy(target, p, 37, stop=stop) for p in prompts]
+    for gamma in (1, 3):
+        for stop_id, refs in ((2, free), (stop, stopped)):
+            results = engine.generate(prompts, SamplingParams(max_new_tokens=37, stop_token_ids=(stop_id,)), gamma=gamma)
+            assert [r.token_ids for r in results] == refs, f"gamma {gamma}, stop {stop_id}"
+            check_counters(results, engine)
+            s = engine.last_stats
+            assert s.looked_up > 0 and s.drafted > 0, "both kinds of proposal ran"
+            assert 0 < s.looked_up_accepted < s.looked_up
+        [one] = engine.generate(prompts[:1], SamplingParams(max_new_tokens=37, stop_token_ids=(2,)), gamma=gamma)
+        assert one.token_ids == free[0]
+    without = SpeculativeEngine(target, draft, draft_weights=weights)
+    assert without.generate(prompts[:2], SamplingParams(max_new_tokens=37))[0].stats.looked_up == 0  # off by default
+
+
+def test_ngram_lookup_proposes_what_followed_the_latest_earlier_occurrence():
+    from fastdraft.speculative.lookup import NgramLookup
+
+    seq = [1, 2, 3, 4, 9, 2, 3, 5, 6, 2, 3]
+    lookup = NgramLookup(min_ngram=2, max_ngram=3)
+    assert lookup.propose(seq, 3) == [5, 6, 2]         # (2, 3) last occurred before 5, 6
+    seq += [5]
+    assert lookup.propose(seq, 2) == [6, 2]            # the longest match first: (2, 3, 5) -> 6
+    assert lookup.propose(seq + [7, 8], 4) == []       # (5, 7, 8), (7, 8): never seen before
+    assert NgramLookup(2, 3).propose([5, 5, 5, 5], 4) == [5]  # copies only what exists: never its own suffix
+    assert lookup.propose(seq, 0) == []
+    with pytest.raises(ValueError):
+        NgramLookup(0, 2)
+
+
 def test_target_alone_same_loop(pairs):
     """gamma 0 and no draft run the target alone through the same loop: tau 1, nothing drafted."""
     target, draft = pairs["factory"]

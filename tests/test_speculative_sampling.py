@@ -77,11 +77,12 @@ def next_probs(model, prefixes: torch.Tensor, params: SamplingParams) -> torch.T
         return warp_logits(model(prefixes).logits[:, -1], params).softmax(-1)
 
 
-def exact_distributions(model, params: SamplingParams, probs=next_probs) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_distributions(model, params: SamplingParams, probs=next_probs,
+                        prompt_ids: list[int] = PROMPT) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's exact joint P(x1, x2) [V, V] and marginal P(x4) [V], by enumerating prefixes.
 
     `probs(model, prefixes, params)` gives the next-token distributions after PROMPT + output prefixes."""
-    prompt = torch.tensor(PROMPT)
+    prompt = torch.tensor(prompt_ids)
     p1 = probs(model, prompt[None], params)[0]
     one = torch.arange(V)[:, None]
     p2 = probs(model, torch.cat([prompt.expand(V, -1), one], 1), params)           # [x1, x2]
@@ -177,6 +178,28 @@ def test_engine_samples_follow_the_target_distribution(pair, params, head):
     assert (0.05 if head == "subset" else 0.1) < stats.acceptance_rate < 0.95
     assert stats.emitted + stats.truncated == stats.accepted + stats.target_passes
     counts12, counts4 = histograms(tokens)
+    assert chi_square_p(counts12, joint) > 0.01
+    assert chi_square_p(counts4, x4) > 0.01
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("params", [SETTINGS[0], SETTINGS[1]], ids=["T1.0", "T0.6-top_p0.8"])
+def test_context_lookup_samples_follow_the_target_distribution(pair, params):
+    """Copied proposals (`lookup_tokens`) are proposed with certainty: q is one-hot, accepted with probability p(x),
+    else the next token comes from p without x. With 1-grams over a 16-token vocabulary most rows copy after their
+    first token, in one batch beside rows that draft: the joint (x1, x2) and the marginal x4 stay the target's.
+    The prompt ends on a token it had before, so every row copies in its first round."""
+    target, draft = pair
+    prompt = PROMPT + [7]
+    joint, x4 = exact_distributions(target, params, prompt_ids=prompt)
+    engine = SpeculativeEngine(target, draft, gamma=2, lookup_tokens=3, lookup_ngram=(1, 2))
+    results = engine.generate([prompt] * 4000, SamplingParams(**{**params.__dict__, "seed": 100_000}))
+    stats = engine.last_stats
+    print(stats.to_dict())
+    assert stats.looked_up > 4000 and stats.drafted > 500, "both kinds of proposal ran"
+    assert 0.02 < stats.looked_up_accepted / stats.looked_up < 0.98  # acceptances and rejections of copies
+    assert stats.emitted + stats.truncated == stats.accepted + stats.looked_up_accepted + stats.target_passes
+    counts12, counts4 = histograms(torch.tensor([r.token_ids for r in results]))
     assert chi_square_p(counts12, joint) > 0.01
     assert chi_square_p(counts4, x4) > 0.01
 

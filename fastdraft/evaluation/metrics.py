@@ -163,7 +163,8 @@ def sum_stats(stats: Iterable[SpecStats]) -> SpecStats:
 def summarize(stats: SpecStats, gamma: float, cost: CostRatio | None = None) -> dict:
     """The metrics of aggregated counters as plain data: D, A, F, N, AR, tau, MBSU (both variants), per-position AR.
 
-    `truncated` counts verified tokens dropped after a stop token or the token budget (N + truncated = A + F).
+    `truncated` counts verified tokens dropped after a stop token or the token budget (N + truncated = A + L + F, L:
+    proposals copied from the context and accepted, `lookup.py`; AR is the draft model's, A / D, copies apart).
 
     For a dynamic gamma pass the mean drafted tokens per pass (`mean_gamma(stats)`) as `gamma`.
     """
@@ -179,6 +180,9 @@ def summarize(stats: SpecStats, gamma: float, cost: CostRatio | None = None) -> 
         "tau": t,
         "per_position_acceptance": per_position_acceptance(stats),
     }
+    if stats.looked_up:
+        out.update(looked_up=stats.looked_up, looked_up_accepted=stats.looked_up_accepted,
+                   lookup_acceptance_rate=acceptance_rate(stats.looked_up_accepted, stats.looked_up))
     if cost is not None:
         out["mbsu"] = mbsu(t, gamma, cost.params)
         out["mbsu_bytes"] = mbsu(t, gamma, cost.bytes)

@@ -124,9 +124,11 @@ class _Timed:
 
 def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_gamma: bool, dtype: str, device: str,
                   warm_prompt: list[int], params: SamplingParams, draft_weights: str = "float",
-                  engine_drafts: list[str] | None = None) -> tuple:
+                  engine_drafts: list[str] | None = None, lookup: dict | None = None) -> tuple:
     """(target, {label: draft}, target-alone engine, {(method, label): engine}, {label: weights}), every engine warmed
-    up on `warm_prompt`; pairs for the `engine_drafts` labels only (default: all).
+    up on `warm_prompt`; pairs for the `engine_drafts` labels only (default: all). With `lookup` (`SpeculativeEngine`
+    keyword arguments, `LookupConfig.engine_args`) each pair also runs with context lookup beside its draft
+    (method "engine+lookup").
 
     The target is prepared once (its decoder) and shared by every engine; the target alone runs through the same
     engine loop with no draft. A draft run with int8 weights is rounded to the int8 grid first
@@ -145,11 +147,12 @@ def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_g
     alone = SpeculativeEngine(target, None)
     pairs, shared = {}, alone.target
     timed = [label for label in models if engine_drafts is None or label in engine_drafts]
-    for method in ("engine", "engine-dynamic") if dynamic_gamma else ("engine",):
+    methods = ["engine"] + ["engine-dynamic"] * dynamic_gamma + ["engine+lookup"] * bool(lookup)
+    for method in methods:
         for label in timed:
             m = models[label]
             engine = SpeculativeEngine(target, m, gamma=gamma, dynamic_gamma=method == "engine-dynamic", target_decoder=shared,
-                                       draft_weights=weights[label])
+                                       draft_weights=weights[label], **(lookup if method == "engine+lookup" else {}))
             pairs[(method, label)], shared = engine, engine.target
     for engine in [alone, *pairs.values()]:  # first calls pay one-off costs (allocations, kernel choice): a short prefill
         for g in (0, gamma):
@@ -160,7 +163,7 @@ def prepare_pairs(target_dir: str, drafts: dict[str, str], gamma: int, dynamic_g
 def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decoding: str, params: SamplingParams,
                 gammas: list[int], gamma: int, dtype: str, wall_clock: bool, dynamic_gamma: bool = False,
                 device: str = "cpu", draft_weights: str = "float", engine_drafts: list[str] | None = None,
-                cache: dict | None = None) -> dict:
+                lookup: dict | None = None, cache: dict | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
     For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
@@ -171,17 +174,17 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
 
     Returns {"sweep": {label: {gamma: SpecStats dict}}, "engine": {label: run dict}, "draft_weights": {label: "float"
     or "int8", as run}} (+ "engine-dynamic" when `dynamic_gamma`: the same pairs with the engine choosing gamma each
-    round, timed in the same loop).
+    round, timed in the same loop; "engine+lookup" with `lookup`: the same pairs with context lookup beside the draft).
     `cache` keeps the loaded models and warmed-up engines between parts (`Measurer` passes its own).
     """
     from fastdraft.evaluation.acceptance import Continuation, position_acceptance, sweep
 
     key = (target_dir, tuple(sorted(drafts.items())), gamma, dynamic_gamma, dtype, device, draft_weights,
-           tuple(engine_drafts or ()))
+           tuple(engine_drafts or ()), repr(lookup))
     cache = {} if cache is None else cache
     if key not in cache:
         cache[key] = prepare_pairs(target_dir, drafts, gamma, dynamic_gamma, dtype, device, task.prompts[0].ids, params,
-                                   draft_weights, engine_drafts)
+                                   draft_weights, engine_drafts, lookup)
     target, models, alone, pairs, weights = cache[key]
     timed_alone, timed = _Timed(), {k: _Timed() for k in pairs}
     betas: dict[str, list[list[float]]] = {label: [] for label in models}
@@ -317,14 +320,15 @@ def run_evaluate(recipe: Recipe, **_) -> dict:
            "drafts": {k: _files_key(v) for k, v in drafts.items()}}
     jobs = {(t.name, d): (f"{t.name}-{d}", {**key, "part": f"{t.name}-{d}"},
                           (str(target_dir), draft_dirs, t, d, p, gammas, cfg.gamma, recipe.target.dtype, cfg.wall_clock,
-                           cfg.dynamic_gamma, cfg.device, cfg.draft_weights, cfg.engine_drafts))
+                           cfg.dynamic_gamma, cfg.device, cfg.draft_weights, cfg.engine_drafts,
+                           cfg.lookup.engine_args() if cfg.lookup else None))
             for t in tasks for d, p in params.items()}
     results = measure_all(jobs, layout.eval / "parts", cfg.wall_clock, cfg.device, cfg.cpus_per_task)
     sweeps = {k: {label: {int(g): s for g, s in per.items()} for label, per in r["sweep"].items()}  # JSON keys are str
               for k, r in results.items()}
     engine_runs: dict[str, dict] = {}  # method -> draft -> "task/decoding" -> run
     for (task_name, decoding), r in results.items():
-        for method in ("engine", "engine-dynamic"):
+        for method in report_mod.ENGINE_METHODS:
             for label, run in r.get(method, {}).items():
                 engine_runs.setdefault(method, {}).setdefault(label, {})[f"{task_name}/{decoding}"] = run
 

@@ -11,7 +11,8 @@ report.json:
       "rows":     [one row per draft x task x decoding x gamma x method]
     }
     row = {"draft", "task", "domain", "decoding", "temperature", "gamma", "method",
-           "drafted", "accepted", "target_passes", "emitted", "truncated",  # D, A, F, N; N + truncated = A + F
+           "drafted", "accepted", "target_passes", "emitted", "truncated",  # D, A, F, N; N + truncated = A + L + F
+           "looked_up", "looked_up_accepted", "lookup_acceptance_rate",  # engine+lookup: copies proposed, L accepted
            "acceptance_rate", "tau", "mbsu", "mbsu_bytes", "per_position_acceptance",
            # methods "engine" / "engine-dynamic" only (engine runs at the headline / a dynamic gamma):
            "wall_clock_speedup", "target_s", "speculative_s", "target_tokens_per_s",
@@ -19,7 +20,9 @@ report.json:
     method: "offline" = teacher-forced gamma sweep (exact for greedy, expected for sampling);
             "engine"  = fastdraft's SpeculativeEngine, exact counters and wall clock;
             "engine-dynamic" = the same with the engine's dynamic gamma (`evaluate.dynamic_gamma`),
-                               gamma = mean drafted tokens per pass (D / F), MBSU computed with it.
+                               gamma = mean drafted tokens per pass (D / F), MBSU computed with it;
+            "engine+lookup" = the same pair with context lookup beside the draft (`evaluate.lookup`): AR is the
+                               draft's (A / D), tau counts every token, copied ones included.
 
 Plots: acceptance_vs_gamma.png, speedup_vs_gamma.png (MBSU lines, wall-clock points),
 per_position.png, drafts.png (acceptance per task for each draft: PT vs CP vs FT, before/after alignment).
@@ -39,7 +42,7 @@ from fastdraft.speculative.types import SpecStats
 SCHEMA = "fastdraft.eval/1"
 PLOTS = ("acceptance_vs_gamma.png", "speedup_vs_gamma.png", "per_position.png", "drafts.png")
 _COUNTERS = {f.name for f in fields(SpecStats)}
-ENGINE_METHODS = ("engine", "engine-dynamic")
+ENGINE_METHODS = ("engine", "engine-dynamic", "engine+lookup")
 
 
 def stats_from_dict(data: dict) -> SpecStats:
@@ -87,7 +90,7 @@ def build_report(*, recipe, target_dir, target_size, drafts, costs, tasks, param
                         continue
                     stats = stats_from_dict(run["stats"])
                     # a dynamic gamma is reported as what it was on average: D / F drafted tokens per pass
-                    gamma = cfg.gamma if method == "engine" else (mean_gamma(stats) or 0.0)
+                    gamma = (mean_gamma(stats) or 0.0) if method == "engine-dynamic" else cfg.gamma
                     rows.append({**_row(label, task, decoding, p.temperature, gamma, method, stats, costs[label]),
                                  **_engine_fields(run, stats)})
     draft_info = {}
@@ -125,11 +128,11 @@ def headline_rows(report: dict) -> list[dict]:
             or (r["method"] == "offline" and r["gamma"] == gamma and (r["draft"], r["task"], r["decoding"]) not in ran)]
 
 
-def verdict(report: dict, draft: str) -> tuple[bool, list[str]]:
-    """Whether `draft` pays (its pair beats the target alone in wall clock on every task and decoding measured),
-    and one plain line per task, e.g. "instructions: 1.42x faster than the target alone (greedy, output
-    identical), 1.31x at T 0.6"."""
-    rows = [r for r in report["rows"] if r["draft"] == draft and r["method"] == "engine"
+def verdict(report: dict, draft: str, method: str = "engine") -> tuple[bool, list[str]]:
+    """Whether `draft` pays (its pair, run as `method`, beats the target alone in wall clock on every task and
+    decoding measured), and one plain line per task, e.g. "instructions: 1.42x faster than the target alone (greedy,
+    output identical), 1.31x at T 0.6"."""
+    rows = [r for r in report["rows"] if r["draft"] == draft and r["method"] == method
             and r.get("wall_clock_speedup") is not None]
     lines, pays = [], bool(rows)
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -140,7 +143,9 @@ def verdict(report: dict, draft: str) -> tuple[bool, list[str]]:
             speed = f"{x:.2f}x faster than" if x > 1.0 else f"{1 / x:.2f}x slower than" if x < 1.0 else "as fast as"
             how = (f"greedy, output {'identical' if r.get('greedy_identical') else 'DIFFERENT'}" if r["decoding"] == "greedy"
                    else f"T {report['settings'].get('temperature')}")
-            part = f"{speed} the target alone ({how}; AR {r['acceptance_rate'] or 0:.2f}, MBSU {r['mbsu'] or 0:.2f})"
+            copies = (f", {r['looked_up_accepted']} of {r['looked_up']} copied tokens accepted" if r.get("looked_up")
+                      else "")
+            part = f"{speed} the target alone ({how}; AR {r['acceptance_rate'] or 0:.2f}{copies}, MBSU {r['mbsu'] or 0:.2f})"
             # Faster than the memory-bound limit (in bytes, the larger of the two) is not a speedup but a busy machine.
             bound = max(r.get("mbsu") or 0, r.get("mbsu_bytes") or 0)
             if bound and x > 1.1 * bound:

@@ -161,7 +161,8 @@ def build_pair_app(spec: PairSpec) -> serve.Application:
         spec.target, spec.draft, dtype=spec.dtype, device=cfg.device, gamma=cfg.gamma if spec.draft else 0,
         max_gamma=cfg.max_gamma, dynamic_gamma=cfg.dynamic_gamma, max_batch_size=cfg.max_batch_size,
         batch_wait_timeout_s=cfg.batch_wait_timeout_s, draft_weights=cfg.draft_weights,
-        stall_timeout_s=cfg.stall_timeout_s, prefill_chunk=cfg.prefill_chunk)
+        stall_timeout_s=cfg.stall_timeout_s, prefill_chunk=cfg.prefill_chunk,
+        lookup=cfg.lookup.engine_args() if cfg.lookup and spec.draft else None)
     return OpenAIIngress.options(**ingress_options(cfg)).bind(pair, spec.target, cfg, spec.draft is not None)
 
 
@@ -184,7 +185,7 @@ class SpeculativePair:
     def __init__(self, target: str, draft: str | None, dtype: str = "float32", device: str = "cpu", gamma: int = 3,
                  max_gamma: int = 8, dynamic_gamma: bool = False, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, draft_weights: str = "auto", stall_timeout_s: float = 60.0,
-                 prefill_chunk: int = 128):
+                 prefill_chunk: int = 128, lookup: dict | None = None):
         from fastdraft.serving.scheduler import Scheduler
         from fastdraft.speculative.engine import SpeculativeEngine
         from fastdraft.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -193,9 +194,10 @@ class SpeculativePair:
         # from_dirs checks the tokenizer contract again: `serve deploy` may build the app on another machine.
         self.engine = SpeculativeEngine.from_dirs(target, draft, dtype=dtype, device=device, gamma=gamma,
                                                   dynamic_gamma=dynamic_gamma, max_gamma=max_gamma,
-                                                  draft_weights=draft_weights, prefill_chunk=prefill_chunk)
+                                                  draft_weights=draft_weights, prefill_chunk=prefill_chunk,
+                                                  **(lookup or {}))
         self.info_ = {"target": target, "draft": draft, "gamma": gamma, "dynamic_gamma": dynamic_gamma,
-                      "prefill_chunk": prefill_chunk,
+                      "prefill_chunk": prefill_chunk, "lookup": lookup,
                       "draft_weights": getattr(self.engine.draft, "weights", "float") if draft else None,
                       "tokenizer_fingerprint": tokenizer_fingerprint(tok), "pid": os.getpid()}
         self.stall_timeout_s = stall_timeout_s

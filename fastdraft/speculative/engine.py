@@ -22,7 +22,7 @@ target's processed distribution at each emitted token, drafted and accepted or n
 
 Counters follow the definitions in `fastdraft.evaluation.metrics` exactly: per request and aggregated (`engine.last_stats`), drafted D,
 accepted A, target passes F, emitted N, per-position acceptance, and seconds split into prefill,
-draft, verify and overhead. Invariant: emitted + truncated == accepted + target_passes, where
+draft, verify and overhead. Invariant: emitted + truncated == accepted + looked_up_accepted + target_passes, where
 `truncated` counts verified tokens dropped after a stop token or max_new_tokens.
 """
 
@@ -40,6 +40,7 @@ from fastdraft.errors import FastdraftError, PrefillError
 from fastdraft.quantize import round_model_to_int8_
 from fastdraft.speculative.decoders import Decoder, make_decoder, resolve_weights, right_pad
 from fastdraft.speculative.gamma import GammaController
+from fastdraft.speculative.lookup import NgramLookup
 from fastdraft.speculative.sampling import (Settings, greedy_accept, history, process_logits, rejection_accept, sample,
                                             warp_probs)
 from fastdraft.speculative.types import GenerationResult, SamplingParams, SpecStats
@@ -95,11 +96,14 @@ class _Batch:
         self.results: list[GenerationResult] = []
         self.rows: list[int] = []            # row r of the caches holds sequence rows[r]
         self.draft_len: list[int] = []       # valid draft-cache tokens, per row
+        self.lookups: list[NgramLookup] = []  # context lookup index, per sequence (`SpeculativeEngine(lookup_tokens=)`)
 
-    def add(self, prompts: list[list[int]], prior_output: list[int], params: list[SamplingParams]) -> list[int]:
+    def add(self, prompts: list[list[int]], prior_output: list[int], params: list[SamplingParams],
+            lookup_ngram: tuple[int, int] = (2, 3)) -> list[int]:
         """Number new sequences (not live yet: `join` makes them rows once their prompts are in the caches)."""
         first = len(self.tokens)
         for p, k, sp in zip(prompts, prior_output, params):
+            self.lookups.append(NgramLookup(*lookup_ngram))
             self.tokens.append(list(p))
             self.prompt_len.append(len(p))
             self.output_start.append(len(p) - k)
@@ -271,7 +275,7 @@ class Run:
         capacity = max(len(p) + r.max_new_tokens for p, r in zip(prompts, rows)) + engine.max_gamma + 2
         target_cache = engine.target.new_cache(n, capacity)
         draft_cache = engine.draft.new_cache(n, capacity) if engine.draft is not None and self.gamma > 0 else None
-        seqs = self.batch.add(prompts, prior_output, rows)
+        seqs = self.batch.add(prompts, prior_output, rows, engine.lookup_ngram)
         scored = any(r.prompt_logprobs is not None for r in rows)
         prefixes = [p[:-1] for p in prompts]
         chunks = -(-max(len(p) for p in prefixes) // self.prefill_chunk) if self.prefill_chunk else 0
@@ -348,22 +352,34 @@ class Run:
         timer = _Timer(engine.device)
         with torch.inference_mode():
             g = self.control.next_gamma() if self.control else self.gamma
-            g = min(g, max(batch.remaining(r) for r in range(len(batch.rows))) - 1)  # never draft past max tokens
+            room = max(batch.remaining(r) for r in range(len(batch.rows))) - 1  # never propose past max tokens
+            g = min(g, room)
+            # Rows whose recent tokens occurred before propose what followed them (`lookup.py`); the others, the draft's.
+            looked = [batch.lookups[s].propose(batch.tokens[s], min(engine.lookup_tokens, batch.remaining(r) - 1))
+                      for r, s in enumerate(batch.rows)] if engine.lookup_tokens and self.gamma else [[] for _ in batch.rows]
+            g = g if not all(looked) else 0  # every row copies: the draft model sits this round out
             catch_up = max(c - d for c, d in zip(batch.committed(), batch.draft_len))
             counts, seen = batch.history(engine.vocab_size, engine.device)
             drafts, q, draft_s = engine._draft(self.draft_cache, batch, g, params, generators, timer, counts, seen)
+            if any(looked):
+                drafts, q, lengths = _merge_proposals(drafts, q, looked, params, engine.vocab_size, engine.prob_dtype)
+            else:
+                lengths = None
             committed = batch.committed()
             ids = torch.cat([torch.tensor([[batch.tokens[s][-1]] for s in batch.rows], device=engine.device), drafts], dim=1)
             logits = engine.target.forward(self.target_cache, ids, [c - 1 for c in committed], "all")
             logits = process_logits(logits, params, batch.produced(), counts, seen, drafts)
             verify_s = timer.lap()
             if all(p.greedy for p in params):
-                accepted, nxt = greedy_accept(drafts, logits)
+                accepted, nxt = greedy_accept(drafts, logits, lengths)
             else:  # a greedy row among sampled ones is one-hot in p and q: rejection sampling accepts it greedily
-                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(engine.prob_dtype), params), generators)
-            finished = engine._commit(batch, drafts.tolist(), accepted.tolist(), nxt.tolist(), self.on_tokens,
-                                      logits if any(p.logprobs is not None for p in params) else None, self.should_stop)
-            if self.control:
+                accepted, nxt = rejection_accept(drafts, q, warp_probs(logits.to(engine.prob_dtype), params), generators,
+                                                 lengths)
+            proposed = drafts.tolist() if lengths is None else [d[:n] for d, n in zip(drafts.tolist(), lengths.tolist())]
+            finished = engine._commit(batch, proposed, accepted.tolist(), nxt.tolist(), self.on_tokens,
+                                      logits if any(p.logprobs is not None for p in params) else None, self.should_stop,
+                                      [bool(lk) for lk in looked])
+            if self.control and not any(looked):
                 self.control.observe(g, accepted.tolist(), draft_s, verify_s, catch_up)
             engine._drop_finished(batch, finished, self.target_cache, self.draft_cache)
             if not batch.rows:  # drained: prompts still being prefilled start the caches afresh when they join
@@ -403,7 +419,12 @@ class SpeculativeEngine:
 
     def __init__(self, target_model: PreTrainedModel, draft_model: PreTrainedModel | None = None, gamma: int = 3,
                  dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto",
-                 target_decoder: Decoder | None = None, draft_weights: str = "float", prefill_chunk: int = PREFILL_CHUNK):
+                 target_decoder: Decoder | None = None, draft_weights: str = "float", prefill_chunk: int = PREFILL_CHUNK,
+                 lookup_tokens: int = 0, lookup_ngram: tuple[int, int] = (2, 3)):
+        if lookup_tokens < 0 or not 1 <= lookup_ngram[0] <= lookup_ngram[1]:
+            raise FastdraftError(f"lookup_tokens must be >= 0 and lookup_ngram (min, max) with 1 <= min <= max, got "
+                                 f"{lookup_tokens}, {lookup_ngram}")
+        self.lookup_tokens, self.lookup_ngram = lookup_tokens, tuple(lookup_ngram)
         if prefill_chunk < 0:
             raise FastdraftError(f"prefill_chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
@@ -413,7 +434,8 @@ class SpeculativeEngine:
         self.draft: Decoder | None = (make_decoder(draft_model, backend, kernels, draft_weights)
                                       if draft_model is not None else None)
         self.device = next(target_model.parameters()).device
-        self.gamma, self.dynamic_gamma, self.max_gamma = gamma, dynamic_gamma, max(max_gamma, gamma)
+        # max_gamma also bounds a round's block width, which caches are sized for: copied proposals included
+        self.gamma, self.dynamic_gamma, self.max_gamma = gamma, dynamic_gamma, max(max_gamma, gamma, lookup_tokens)
         self.vocab_size = self.target.vocab_size
         # p and q meet in one formula: compute both in float32, or float64 when the target runs in float64.
         self.prob_dtype = torch.float64 if next(target_model.parameters()).dtype == torch.float64 else torch.float32
@@ -606,8 +628,11 @@ class SpeculativeEngine:
 
     def _commit(self, batch: _Batch, drafts: list[list[int]], accepted: list[int], nxt: list[int],
                 on_tokens: OnTokens | None, logits: torch.Tensor | None = None,
-                should_stop: ShouldStop | None = None) -> list[int]:
+                should_stop: ShouldStop | None = None, looked_up: list[bool] | None = None) -> list[int]:
         """Append each row's accepted tokens + correction, honoring stop tokens and max tokens; count.
+
+        `looked_up[r]`: row r's proposals were copied from its context (`lookup.py`), not drafted: counted as looked up
+        (the draft's AR stays the draft's), and its draft cache holds none of them.
 
         `logits` ([B, g + 1, V], the target's processed logits of this round) gives the log-probabilities when asked.
         Returns the sequence ids that finished this round.
@@ -631,16 +656,22 @@ class SpeculativeEngine:
             elif len(new) >= room:
                 new, reason = new[:room], "length"
             stats = batch.results[s].stats
-            stats.drafted += g
-            stats.accepted += n
+            copied = bool(looked_up and looked_up[r])
+            if copied:
+                stats.looked_up += g
+                stats.looked_up_accepted += n
+            else:
+                stats.drafted += g
+                stats.accepted += n
+                _count_positions(stats, g, n)
             stats.target_passes += 1
             stats.emitted += len(new)
             stats.truncated += n + 1 - len(new)
-            _count_positions(stats, g, n)
             committed = len(batch.tokens[s])
             batch.tokens[s].extend(new)
             batch.results[s].token_ids.extend(new)
-            batch.draft_len[r] = min(batch.draft_len[r], committed + n)  # draft KV past the accepted prefix is stale
+            # draft KV past the accepted prefix is stale (all of this round's, when the row copied instead)
+            batch.draft_len[r] = min(batch.draft_len[r], committed + (0 if copied else n))
             entries = None
             k = batch.params[s].logprobs
             if logprobs is not None and k is not None:
@@ -684,3 +715,31 @@ def _count_positions(stats: SpecStats, drafted: int, accepted: int) -> None:
     for i in range(drafted):
         stats.per_position_drafted[i] += 1
         stats.per_position_accepted[i] += i < accepted
+
+
+def _merge_proposals(drafts: torch.Tensor, q: torch.Tensor | None, looked: list[list[int]], params: list[SamplingParams],
+                     vocab: int, prob_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One block of proposals for the round: each row's copied tokens where it has some, else its drafted ones.
+
+    Returns ([B, W] tokens, right-padded; [B, W, V] proposal distributions, or None when every row is greedy;
+    [B] how many of each row's tokens are proposals). A copied token was proposed with certainty: its q is one-hot,
+    so rejection sampling accepts it with probability p(token) and otherwise draws from p without it, exactly the
+    target's distribution. Padding has q = 0, so a row whose proposals all pass draws its bonus token from p."""
+    rows, g = drafts.shape
+    lengths = [len(lk) if lk else g for lk in looked]
+    width = max(lengths)
+    tokens = torch.zeros(rows, width, dtype=torch.long, device=drafts.device)
+    tokens[:, :g] = drafts
+    probs = None
+    if not all(p.greedy for p in params):
+        probs = torch.zeros(rows, width, vocab, dtype=prob_dtype, device=drafts.device)
+        if q is not None:
+            probs[:, :g] = q
+    for r, lk in enumerate(looked):
+        if lk:
+            tokens[r] = 0
+            tokens[r, :len(lk)] = torch.tensor(lk, device=drafts.device)
+            if probs is not None:
+                probs[r] = 0
+                probs[r, torch.arange(len(lk)), tokens[r, :len(lk)]] = 1
+    return tokens, probs, torch.tensor(lengths, device=drafts.device)

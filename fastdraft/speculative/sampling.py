@@ -212,12 +212,14 @@ def uniform(batch: int, n: int, generator: Random, device: torch.device, dtype: 
         torch.empty(0, n, device=device, dtype=dtype)
 
 
-def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor,
+                  lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy verification.
 
     Args:
         draft_tokens: [B, g] proposed tokens.
         target_logits: [B, g + 1, V] the target's logits at the g + 1 verified positions.
+        lengths: [B] how many of each row's g tokens are proposals (the rest is padding); default all.
 
     Returns:
         (accepted [B], next_token [B]): how many drafts match the target's argmax (a prefix), and the
@@ -226,11 +228,14 @@ def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tu
     best = target_logits.argmax(dim=-1)  # same tie-breaking as transformers' greedy search
     g = draft_tokens.shape[1]
     accepted = (draft_tokens == best[:, :g]).long().cumprod(dim=-1).sum(dim=-1)
+    if lengths is not None:
+        accepted = torch.minimum(accepted, lengths)
     return accepted, best.gather(1, accepted[:, None]).squeeze(1)
 
 
 def rejection_accept(
-    draft_tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, generator: Random
+    draft_tokens: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, generator: Random,
+    lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact speculative sampling.
 
@@ -239,6 +244,8 @@ def rejection_accept(
         q: [B, g, V] the draft's warped distributions at each drafted position (None when g = 0).
         p: [B, g + 1, V] the target's warped distributions at the g + 1 verified positions.
         generator: the seeded random source: one for the batch, or one per row.
+        lengths: [B] how many of each row's g tokens are proposals (default all); q must be 0 past them, so that a
+            row whose proposals all pass draws its next token from p, as after a full accept.
 
     Returns:
         (accepted [B], next_token [B]) as in `greedy_accept`; for a row whose p and q are one-hot (greedy), exactly
@@ -253,6 +260,8 @@ def rejection_accept(
         u = uniform(batch, g, generator, p.device, p.dtype)
         # u < min(1, p/q)  <=>  u * q < p  (q > 0 for a sampled token): no division, no 0/0.
         accepted = (u * q_d < p_d).long().cumprod(dim=-1).sum(dim=-1)
+        if lengths is not None:
+            accepted = torch.minimum(accepted, lengths)
         q_next = torch.cat([q, torch.zeros_like(p[:, :1])], dim=1)[rows, accepted]  # 0 after a full accept
     else:
         accepted = torch.zeros(batch, dtype=torch.long, device=p.device)

@@ -71,7 +71,9 @@ class SpecStats:
     verify_s: float = 0.0
     overhead_s: float = 0.0
     prefill_s: float = 0.0
-    truncated: int = 0        # verified tokens dropped after a stop token / max_new_tokens: N + truncated == A + F
+    truncated: int = 0        # verified tokens dropped after a stop token / max_new_tokens: N + truncated == A + L + F
+    looked_up: int = 0        # proposals copied from the context (`lookup.py`), not drafted: not in D
+    looked_up_accepted: int = 0  # L: those the target accepted (not in A: AR stays the draft model's)
 
     @property
     def acceptance_rate(self) -> float:
@@ -96,6 +98,8 @@ class SpecStats:
         self.target_passes += other.target_passes
         self.emitted += other.emitted
         self.truncated += other.truncated
+        self.looked_up += other.looked_up
+        self.looked_up_accepted += other.looked_up_accepted
         for mine, theirs in ((self.per_position_drafted, other.per_position_drafted),
                              (self.per_position_accepted, other.per_position_accepted)):
             mine.extend([0] * (len(theirs) - len(mine)))
@@ -111,6 +115,7 @@ class SpecStats:
         return {
             "drafted": self.drafted, "accepted": self.accepted, "target_passes": self.target_passes,
             "emitted": self.emitted, "truncated": self.truncated, "acceptance_rate": self.acceptance_rate, "tau": self.tau,
+            "looked_up": self.looked_up, "looked_up_accepted": self.looked_up_accepted,
             "per_position_drafted": list(self.per_position_drafted),
             "per_position_accepted": list(self.per_position_accepted),
             "draft_s": self.draft_s, "verify_s": self.verify_s, "overhead_s": self.overhead_s, "prefill_s": self.prefill_s,
