@@ -60,7 +60,8 @@ def server(ray_session, tiny_target_dir, tiny_draft_dir):
     try:
         app = build_app({"target": str(tiny_target_dir), "draft": str(tiny_draft_dir), "model_name": "tiny-pair",
                          "max_tokens_cap": MAX_TOKENS_CAP, "max_n": 3, "max_batch_size": 4, "batch_wait_timeout_s": 0.05,
-                         "cpus_per_replica": 0.5, "api_key_env": KEY_ENV})
+                         "cpus_per_replica": 0.5, "api_key_env": KEY_ENV,
+                         "lookup": {"tokens": 4}})  # as the demo serves: context lookup beside the draft
     finally:
         del os.environ[KEY_ENV]
     serve.run(app, name="fastdraft-test", route_prefix="/", blocking=False)
@@ -116,6 +117,9 @@ PROMPTS = ["def fibonacci(n):\n    ", "The standard library provides", "import o
 
 
 def test_completions_equal_the_targets_greedy_output(server, reference):
+    """Served with context lookup beside the draft (`serve.lookup`): copied and drafted tokens alike, the text is the
+    target's own greedy text, and copies are counted apart from the draft's acceptance."""
+    copied = 0
     for prompt in PROMPTS:
         r = server.post("/v1/completions", {"model": "tiny-pair", "prompt": prompt, "max_tokens": 32, "temperature": 0})
         assert r.status_code == 200, r.text
@@ -126,6 +130,9 @@ def test_completions_equal_the_targets_greedy_output(server, reference):
         spec = body["usage"]["speculative"]
         assert spec["gamma"] == 3 and spec["drafted"] > 0 and spec["target_passes"] > 0
         assert spec["tau"] == spec["emitted"] / spec["target_passes"] >= 1
+        assert spec["emitted"] <= spec["accepted"] + spec["looked_up_accepted"] + spec["target_passes"]
+        copied += spec["looked_up"]
+    assert copied > 0, "the tiny target's greedy text repeats itself: some rounds copy"
 
 
 def test_chat_template_is_applied_server_side(server, reference):

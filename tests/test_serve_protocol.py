@@ -279,9 +279,11 @@ def test_text_stream_holds_back_an_incomplete_utf8_character():
 
 def test_usage_sums_choices_and_recomputes_rates():
     a = P.speculative_usage({"drafted": 6, "accepted": 3, "target_passes": 3, "emitted": 6}, 2)
-    b = P.speculative_usage({"drafted": 2, "accepted": 1, "target_passes": 1, "emitted": 2}, 2)
+    b = P.speculative_usage({"drafted": 2, "accepted": 1, "target_passes": 2, "emitted": 5, "looked_up": 4,
+                             "looked_up_accepted": 2}, 2)  # serve.lookup: 2 of 4 copied tokens accepted
     total = P.merge_speculative([a, b])
-    assert total["acceptance_rate"] == 4 / 8 and total["tau"] == 8 / 4 and total["gamma"] == 2
+    assert total["acceptance_rate"] == 4 / 8 and total["tau"] == 11 / 5 and total["gamma"] == 2
+    assert (total["looked_up"], total["looked_up_accepted"]) == (4, 2)  # apart from the draft's AR
 
 
 # ---- app configuration: resolve and check the pair, deployment options, config files ----

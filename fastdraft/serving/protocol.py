@@ -602,8 +602,11 @@ def speculative_usage(stats: dict | None, gamma: int) -> dict:
     stats = stats or {}
     drafted, accepted = stats.get("drafted", 0), stats.get("accepted", 0)
     passes, emitted = stats.get("target_passes", 0), stats.get("emitted", 0)
+    # copied proposals (`serve.lookup`) are counted apart: acceptance_rate stays the draft's
+    looked_up, looked_up_accepted = stats.get("looked_up", 0), stats.get("looked_up_accepted", 0)
     return {"gamma": gamma, "drafted": drafted, "accepted": accepted, "target_passes": passes, "emitted": emitted,
-            "acceptance_rate": accepted / drafted if drafted else 0.0, "tau": emitted / passes if passes else 0.0}
+            "acceptance_rate": accepted / drafted if drafted else 0.0, "tau": emitted / passes if passes else 0.0,
+            "looked_up": looked_up, "looked_up_accepted": looked_up_accepted}
 
 
 def usage_dict(prompt_tokens: int, completion_tokens: int, spec: dict | None = None) -> dict:
@@ -616,7 +619,7 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, spec: dict | None = N
 
 def merge_speculative(parts: list[dict]) -> dict:
     """Sum per-choice speculative usage into the request's (rates recomputed from the sums)."""
-    total = {"drafted": 0, "accepted": 0, "target_passes": 0, "emitted": 0}
+    total = {"drafted": 0, "accepted": 0, "target_passes": 0, "emitted": 0, "looked_up": 0, "looked_up_accepted": 0}
     for p in parts:
         for k in total:
             total[k] += p.get(k, 0)
