@@ -18,6 +18,7 @@ completed text equals the same request's text from an undisturbed phase (nothing
     python jobs/bench_serve.py --pair agreeing --clients 1,4,16 --kill-replica
     python jobs/bench_serve.py --pair agreeing --prefill-chunk 0                  # whole prefills, for comparison
     python jobs/bench_serve.py --target DIR --draft DIR --out runs/bench/serve.json
+    python jobs/bench_serve.py --gamma 1 --lookup-tokens 0 --out runs/bench/serve-nolookup.json  # the demo pair, no lookup
 
 Prints a table and writes JSON (default runs/bench/serve.json).
 """
@@ -111,6 +112,8 @@ def resolve_spec(args):
 
     base = {"recipe": args.recipe, "max_tokens_cap": max(max(args.max_tokens), 16), "max_batch_size": max(args.clients),
             "cpus_per_replica": args.cpus, "gamma": args.gamma, "prefill_chunk": args.prefill_chunk}
+    if args.lookup_tokens is not None:  # else the recipe's serve.lookup
+        base["lookup"] = {"tokens": args.lookup_tokens} if args.lookup_tokens else None
     if args.target:
         base = {**base, "target": args.target}
     if args.draft:
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=None,
                    help="cut every prompt to its first N tokens of the target's tokenizer (default: whole prompts)")
     p.add_argument("--gamma", type=int, default=3)
+    p.add_argument("--lookup-tokens", type=int, default=None,
+                   help="serve.lookup.tokens: context lookup beside the draft (0: off; default: the recipe's serve.lookup)")
     p.add_argument("--prefill-chunk", type=int, default=128,
                    help="serve.prefill_chunk: prompt tokens fed per round while others generate (0: whole prompts)")
     p.add_argument("--cpus", type=float, default=1.0, help="CPUs of the model replica")
