@@ -174,8 +174,11 @@ def test_ngram_lookup_proposes_what_followed_the_latest_earlier_occurrence():
     assert lookup.propose(seq + [7, 8], 4) == []       # (5, 7, 8), (7, 8): never seen before
     assert NgramLookup(2, 3).propose([5, 5, 5, 5], 4) == [5]  # copies only what exists: never its own suffix
     assert lookup.propose(seq, 0) == []
-    with pytest.raises(ValueError):
+    with pytest.raises(FastdraftError, match=r"1 <= min_ngram <= max_ngram, got 0, 2"):
         NgramLookup(0, 2)
+    with pytest.raises(FastdraftError, match=r"got 3, 2"):  # the engine refuses it when built, not at a request
+        SpeculativeEngine(random_llama(64, 32, 1, seed=1), random_llama(64, 32, 1, seed=2), lookup_tokens=4,
+                          lookup_ngram=(3, 2))
 
 
 def test_target_alone_same_loop(pairs):

@@ -428,9 +428,9 @@ class SpeculativeEngine:
                  dynamic_gamma: bool = False, *, max_gamma: int = 8, backend: str = "auto", kernels: str = "auto",
                  target_decoder: Decoder | None = None, draft_weights: str = "float", prefill_chunk: int = PREFILL_CHUNK,
                  lookup_tokens: int = 0, lookup_ngram: tuple[int, int] = (2, 3)):
-        if lookup_tokens < 0 or not 1 <= lookup_ngram[0] <= lookup_ngram[1]:
-            raise FastdraftError(f"lookup_tokens must be >= 0 and lookup_ngram (min, max) with 1 <= min <= max, got "
-                                 f"{lookup_tokens}, {lookup_ngram}")
+        if lookup_tokens < 0:
+            raise FastdraftError(f"lookup_tokens must be >= 0, got {lookup_tokens}")
+        NgramLookup(*lookup_ngram)  # checks the n-gram range now, not at the first request
         self.lookup_tokens, self.lookup_ngram = lookup_tokens, tuple(lookup_ngram)
         if prefill_chunk < 0:
             raise FastdraftError(f"prefill_chunk must be >= 0 (0: whole prompts), got {prefill_chunk}")

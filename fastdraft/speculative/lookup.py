@@ -12,6 +12,8 @@ against a one-hot proposal distribution (`engine.Run.step`).
 
 from __future__ import annotations
 
+from fastdraft.errors import FastdraftError
+
 
 class NgramLookup:
     """The most recent earlier occurrence of each n-gram of one growing sequence, indexed as tokens arrive.
@@ -23,7 +25,7 @@ class NgramLookup:
 
     def __init__(self, min_ngram: int = 2, max_ngram: int = 3):
         if not 1 <= min_ngram <= max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
+            raise FastdraftError(f"lookup n-grams need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.index: dict[tuple[int, ...], int] = {}
         """n-gram -> the position right after its latest occurrence whose next token is known."""
