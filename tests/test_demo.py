@@ -119,6 +119,35 @@ def test_quick_demo_aligned_draft_is_accepted_more_often_than_the_pretrained_one
     assert acceptance("FT", "sampled") > acceptance("PT", "sampled") > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_frontier_point_reads_a_demo_run_as_its_report_and_alignment_set_say(quick_demo):
+    """`jobs/bench_demo_frontier.py` runs the demo at several budgets; each point is read from the run's own files:
+    gamma-3 offline AR per draft, the paper's-shape gaps, the engine rows' speedups, the alignment manifest's rows."""
+    from jobs.bench_demo_frontier import frontier_point, frontier_table
+
+    workdir, _ = quick_demo
+    point = frontier_point(workdir, scale=0.1, minutes=4.2, overrides=["generate.prompts.0.limit=40"])
+    report = json.loads((workdir / "eval" / "report.json").read_text())
+    manifest = json.loads((workdir / "alignment" / "manifest.json").read_text())
+
+    def offline(draft: str, task: str) -> float:
+        [row] = [r for r in report["rows"] if r["method"] == "offline" and r["draft"] == draft and r["task"] == task
+                 and r["decoding"] == "sampled" and r["gamma"] == 3]
+        return row["acceptance_rate"]
+
+    assert point["alignment_rows"] == manifest["counts"]["rows"] > 0
+    assert point["acceptance_gamma3"]["FT/instructions/sampled"] == offline("FT", "instructions")
+    assert point["ft_minus_pt_instructions"] == pytest.approx(offline("FT", "instructions") - offline("PT", "instructions"))
+    assert point["cp_minus_pt_code"] == pytest.approx(offline("CP", "code") - offline("PT", "code"))
+    [timed] = [r for r in report["rows"] if r["method"] == "engine+lookup" and r["draft"] == "FT"
+               and r["task"] == "instructions" and r["decoding"] == "sampled"]
+    assert point["engine"]["engine+lookup/instructions/sampled"]["speedup"] == timed["wall_clock_speedup"] > 0
+    assert "greedy" not in {key.rsplit("/", 1)[1] for key in point["engine"]}  # --quick times T 0.6 only
+    [line] = [l for l in frontier_table([point]).splitlines() if l.startswith("| 0.1 |")]
+    assert f"| {manifest['counts']['rows']} |" in line and f"{timed['wall_clock_speedup']:.2f}" in line
+
+
 def readme_command(prefix: str) -> list[str]:
     """The README's command line that starts with `prefix`, as argv (a trailing `# comment` dropped)."""
     for line in (REPO / "README.md").read_text().splitlines():

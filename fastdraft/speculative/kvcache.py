@@ -41,15 +41,27 @@ class StaticKVCache:
         """Keys and values of positions [0, length) for all rows (entries past a row's length are masked)."""
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
-    def append(self, other: "StaticKVCache") -> None:
-        """Add `other`'s rows after these (sequences joining a running batch); capacities are padded to the larger."""
-        capacity = max(self.capacity, other.capacity)
+    def append(self, *others: "StaticKVCache") -> None:
+        """Add the rows of `others` after these, in order (sequences joining a running batch), in one copy;
+        capacities are padded to the largest."""
+        if not others:
+            return
+        caches = (self, *others)
+        capacity = max(c.capacity for c in caches)
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, capacity - t.shape[3]))  # noqa: E731
-        self.k = torch.cat([pad(self.k), pad(other.k)], dim=1)
-        self.v = torch.cat([pad(self.v), pad(other.v)], dim=1)
+        self.k = torch.cat([pad(c.k) for c in caches], dim=1)
+        self.v = torch.cat([pad(c.v) for c in caches], dim=1)
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Drop finished sequences so that later passes compute only live ones."""
+    def keep_rows(self, rows: list[int], length: int | None = None) -> None:
+        """Drop finished sequences so that later passes compute only live ones. With `length`, only positions
+        [0, length) are copied (no row has written past them); the capacity stays."""
         index = torch.tensor(rows, device=self.k.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        if length is None:
+            self.k = self.k.index_select(1, index)
+            self.v = self.v.index_select(1, index)
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros((old.shape[0], len(rows), *old.shape[2:]), dtype=old.dtype, device=old.device)
+            new[:, :, :, :length] = old[:, :, :, :length].index_select(1, index)
+            setattr(self, name, new)
