@@ -196,12 +196,19 @@ def test_lean_backend_prefills_in_length_groups_and_drops_finished_rows_exactly(
     assert {g.finish_reason for g in got} == {"stop", "length"}
 
 
-def test_kv_cache_keeps_rows_copying_only_the_written_positions():
-    cache = StaticKVCache(layers=2, batch=4, kv_heads=1, capacity=10, head_dim=3, dtype=torch.float32, device="cpu")
-    cache.k[:, :, :, :6], cache.v[:, :, :, :6] = torch.randn(2, 4, 1, 6, 3), torch.randn(2, 4, 1, 6, 3)
-    k, v = cache.k[:, [3, 1]].clone(), cache.v[:, [3, 1]].clone()
-    cache.keep_rows([3, 1], length=6)
-    assert cache.capacity == 10 and torch.equal(cache.k, k) and torch.equal(cache.v, v)
+def test_kv_cache_puts_a_prefilled_group_in_its_rows_and_keeps_rows_copying_only_written_positions():
+    def cache(batch: int, capacity: int) -> StaticKVCache:
+        return StaticKVCache(layers=2, batch=batch, kv_heads=1, capacity=capacity, head_dim=3, dtype=torch.float32,
+                             device="cpu")
+
+    batch, group = cache(4, 10), cache(2, 6)
+    group.k.normal_(), group.v.normal_()
+    batch.put_rows(1, group)
+    assert torch.equal(batch.k[:, 1:3, :, :6], group.k) and torch.equal(batch.v[:, 1:3, :, :6], group.v)
+    assert not batch.k[:, [0, 3]].any() and not batch.k[:, :, :, 6:].any()
+    k, v = batch.k[:, [2, 0]].clone(), batch.v[:, [2, 0]].clone()
+    batch.keep_rows([2, 0], length=6)
+    assert batch.capacity == 10 and torch.equal(batch.k, k) and torch.equal(batch.v, v)
 
 
 def test_lean_engine_refuses_a_model_it_cannot_run(tmp_path, tiny_tokenizer_dir):

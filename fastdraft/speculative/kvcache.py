@@ -41,16 +41,18 @@ class StaticKVCache:
         """Keys and values of positions [0, length) for all rows (entries past a row's length are masked)."""
         return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
 
-    def append(self, *others: "StaticKVCache") -> None:
-        """Add the rows of `others` after these, in order (sequences joining a running batch), in one copy;
-        capacities are padded to the largest."""
-        if not others:
-            return
-        caches = (self, *others)
-        capacity = max(c.capacity for c in caches)
+    def append(self, other: "StaticKVCache") -> None:
+        """Add `other`'s rows after these (sequences joining a running batch); capacities are padded to the larger."""
+        capacity = max(self.capacity, other.capacity)
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, capacity - t.shape[3]))  # noqa: E731
-        self.k = torch.cat([pad(c.k) for c in caches], dim=1)
-        self.v = torch.cat([pad(c.v) for c in caches], dim=1)
+        self.k = torch.cat([pad(self.k), pad(other.k)], dim=1)
+        self.v = torch.cat([pad(self.v), pad(other.v)], dim=1)
+
+    def put_rows(self, start: int, other: "StaticKVCache") -> None:
+        """Copy all of `other` (fewer rows, no more capacity) into rows start .. start + its batch of this cache."""
+        rows, length = other.k.shape[1], other.capacity
+        self.k[:, start:start + rows, :, :length] = other.k
+        self.v[:, start:start + rows, :, :length] = other.v
 
     def keep_rows(self, rows: list[int], length: int | None = None) -> None:
         """Drop finished sequences so that later passes compute only live ones. With `length`, only positions
