@@ -103,23 +103,23 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _speedups(engine: dict, task: str) -> str:
+    """"draft, +lookup / draft, +lookup": T 0.6 then greedy."""
+    return " / ".join(f"{_fmt(engine.get(f'engine/{task}/{d}', {}).get('speedup'), '.2f')}, "
+                      f"{_fmt(engine.get(f'engine+lookup/{task}/{d}', {}).get('speedup'), '.2f')}" for d in DECODINGS)
+
+
 def frontier_table(points: list[dict]) -> str:
     header = ["scale", "minutes", "rows", "FT AR instr γ3 (T0.6/greedy)", "FT AR code γ3", "FT-PT instr", "CP-PT code",
-              "instr x (draft / +lookup)", "code x (draft / +lookup)", "MBSU instr +lookup"]
+              "instr x T0.6 (draft, +lookup) / greedy", "code x T0.6 (draft, +lookup) / greedy", "MBSU instr +lookup"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in sorted(points, key=lambda p: p["scale"]):
         ar, eng = p["acceptance_gamma3"], p["engine"]
-
-        def pair(task: str) -> str:
-            return " / ".join(f"{_fmt(eng.get(f'engine/{task}/{d}', {}).get('speedup'), '.2f')}, "
-                              f"{_fmt(eng.get(f'engine+lookup/{task}/{d}', {}).get('speedup'), '.2f')}"
-                              for d in DECODINGS)
-
         cells = [f"{p['scale']:g}", f"{p['minutes']:.1f}", str(p["alignment_rows"]),
                  f"{_fmt(ar.get('FT/instructions/sampled'))} / {_fmt(ar.get('FT/instructions/greedy'))}",
                  f"{_fmt(ar.get('FT/code/sampled'))} / {_fmt(ar.get('FT/code/greedy'))}",
                  _fmt(p["ft_minus_pt_instructions"], "+.3f"), _fmt(p["cp_minus_pt_code"], "+.3f"),
-                 pair("instructions"), pair("code"),
+                 _speedups(eng, "instructions"), _speedups(eng, "code"),
                  " / ".join(_fmt(eng.get(f"engine+lookup/instructions/{d}", {}).get("mbsu"), ".2f") for d in DECODINGS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
