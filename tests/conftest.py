@@ -155,15 +155,18 @@ def started_ray_head(log_dir: Path, temp: Path):
 
 
 def stop_ray_head(proc, temp: Path) -> None:
-    """SIGTERM to the head's process group (what `ray stop` does to a head started with --block), then clean up."""
+    """SIGTERM to the head's process group (what `ray stop` does to a head started with --block), SIGKILL to what
+    is left after a few seconds, then clean up. (One of the head's Python processes takes ~30 s to exit on SIGTERM,
+    and `ray start --block` waits for it: half a minute per module, of a test cluster whose state is thrown away.)"""
     import signal
     import subprocess
 
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=60)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     shutil.rmtree(temp, ignore_errors=True)
 
 
