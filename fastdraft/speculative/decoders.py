@@ -28,7 +28,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from fastdraft.errors import FastdraftError
 from fastdraft.models import head_token_ids, scatter_to_vocab
-from fastdraft.quantize import WEIGHTS, quantize_int8
+from fastdraft.quantize import WEIGHTS, QuantizedWeight, quantize_int8
 from fastdraft.speculative import native
 from fastdraft.speculative.kvcache import StaticKVCache
 
@@ -170,6 +170,11 @@ def choose_kernels(kernels: str, weight: torch.Tensor) -> str:
     return "onednn" if onednn_available(weight) else "torch"
 
 
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, an int8 weight dequantized for the call (as `native.linear` does past its rows)."""
+    return F.linear(x, weight.dequantize() if isinstance(weight, QuantizedWeight) else weight, bias)
+
+
 class LeanDecoder:
     """A Llama-family forward over an HF model's weights, with a per-sequence-length static KV cache."""
 
@@ -205,6 +210,8 @@ class LeanDecoder:
         self.kernels = choose_kernels("native" if weights == "int8" else kernels, weight)
         self.weights = weights
         self.linear = {"native": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
+        # oneDNN's packed weights take its own kernel at every size; plain (and int8) weights take F.linear.
+        self.torch_linear = _onednn_linear if self.kernels == "onednn" else _plain_linear
         self.native_layers = None
         if self.kernels == "native":  # the kernels read plain row-major weights: make sure they are
             store = quantize_int8 if weights == "int8" else torch.Tensor.contiguous
@@ -257,7 +264,13 @@ class LeanDecoder:
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, float("-inf"))
         return mask[:, None]
 
-    def forward(self, cache: StaticKVCache, ids: torch.Tensor, offsets: list[int], logits_at: LogitsAt) -> torch.Tensor | None:
+    def forward(self, cache: StaticKVCache, ids: torch.Tensor, offsets: list[int], logits_at: LogitsAt,
+                torch_ops: bool = False) -> torch.Tensor | None:
+        """One pass: ids [B, T] written at `offsets`; logits at `logits_at` (None: none, "all", or one position per row).
+
+        `torch_ops`: take torch's ops and F.linear however few rows the pass has (the path passes of more than
+        NATIVE_PASS_ROWS rows take anyway). Prefills that group prompts differently then compute each prompt the same
+        way: the native kernels round differently, enough to flip a near-tied choice of the next token."""
         b, t = ids.shape
         kv_len = max(offsets) + t
         if kv_len > cache.capacity:
@@ -265,10 +278,11 @@ class LeanDecoder:
         self._ensure_rope(kv_len)
         # The native kernel attends to every cached key: a pass that reaches past a sliding window takes torch's ops.
         windowed = any(self._window_binds(w, kv_len) for w in self.windows)
-        if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS and not windowed:
+        linear = self.torch_linear if torch_ops else self.linear
+        if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS and not windowed and not torch_ops:
             x = self.native_layers(ids.contiguous(), offsets, self.cos, self.sin, cache.k, cache.v)
         else:
-            x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets)
+            x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets, linear)
         if logits_at is None:
             return None
         if logits_at != "all":
@@ -277,12 +291,12 @@ class LeanDecoder:
                 x = x[:, at]
             else:
                 x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
-        logits = self.linear(x, self.head, None)
+        logits = linear(x, self.head, None)
         return logits if self.head_ids is None else scatter_to_vocab(logits, self.head_ids, self.vocab_size)
 
-    def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-        """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows): embeddings
-        x [B, T, hidden] in, final-normed hidden states out."""
+    def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int], linear) -> torch.Tensor:
+        """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows) with `linear`:
+        embeddings x [B, T, hidden] in, final-normed hidden states out."""
         b, t = x.shape[:2]
         kv_len = max(offsets) + t
         pos = torch.tensor(offsets, device=self.device)[:, None] + torch.arange(t, device=self.device)
@@ -293,7 +307,6 @@ class LeanDecoder:
             cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, head_dim]
         masks = {w: self._mask(offsets, t, kv_len, pos, w) for w in set(self.windows)}
         nq, nkv = self.heads, self.kv_heads
-        linear = self.linear
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, self.eps)
             qkv = linear(h, layer.wqkv, layer.bqkv).view(b, t, nq + 2 * nkv, self.head_dim)

@@ -48,8 +48,22 @@ class StaticKVCache:
         self.k = torch.cat([pad(self.k), pad(other.k)], dim=1)
         self.v = torch.cat([pad(self.v), pad(other.v)], dim=1)
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Drop finished sequences so that later passes compute only live ones."""
+    def put_rows(self, start: int, other: "StaticKVCache") -> None:
+        """Copy all of `other` (fewer rows, no more capacity) into rows start .. start + its batch of this cache."""
+        rows, length = other.k.shape[1], other.capacity
+        self.k[:, start:start + rows, :, :length] = other.k
+        self.v[:, start:start + rows, :, :length] = other.v
+
+    def keep_rows(self, rows: list[int], length: int | None = None) -> None:
+        """Drop finished sequences so that later passes compute only live ones. With `length`, only positions
+        [0, length) are copied (no row has written past them); the capacity stays."""
         index = torch.tensor(rows, device=self.k.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        if length is None:
+            self.k = self.k.index_select(1, index)
+            self.v = self.v.index_select(1, index)
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros((old.shape[0], len(rows), *old.shape[2:]), dtype=old.dtype, device=old.device)
+            new[:, :, :, :length] = old[:, :, :, :length].index_select(1, index)
+            setattr(self, name, new)
