@@ -308,8 +308,8 @@ class LeanBackend(TransformersBackend):
         outs = [Generated([], "length", [] if k else None, [] if k else None) for _ in prompts]
         # Prompts of similar length are prefilled together, each group right-padded to its own longest prompt in a
         # cache of its own, then copied into its rows of the batch's cache (allocated once: a large allocation
-        # costs page faults). Every group takes torch's ops (`torch_ops`), the path a whole batch's prefill took:
-        # a prompt's numbers do not depend on its group, so the answers are those of one padded prefill.
+        # costs page faults). Every group takes torch's ops (`torch_ops`), the kernels a whole batch's prefill took,
+        # whatever its size: small groups would otherwise take the native kernels, which round differently.
         groups = length_groups([len(q) for q in prompts])
         live = [i for group in groups for i in group]  # live[r]: the request in cache row r
         cache = self.decoder.new_cache(len(prompts), max(map(len, prompts)) + p.max_new_tokens)

@@ -269,8 +269,8 @@ class LeanDecoder:
         """One pass: ids [B, T] written at `offsets`; logits at `logits_at` (None: none, "all", or one position per row).
 
         `torch_ops`: take torch's ops and F.linear however few rows the pass has (the path passes of more than
-        NATIVE_PASS_ROWS rows take anyway). Prefills that group prompts differently then compute each prompt the same
-        way: the native kernels round differently, enough to flip a near-tied choice of the next token."""
+        NATIVE_PASS_ROWS rows take anyway). Prefills that group prompts differently then run each prompt on the same
+        kernels: the native ones round differently, enough to flip a near-tied choice of the next token."""
         b, t = ids.shape
         kv_len = max(offsets) + t
         if kv_len > cache.capacity:
