@@ -134,8 +134,12 @@ def test_rejection_step_emits_the_target_distribution(gamma):
     """For fixed p and q, tokens emitted at each block position are distributed as p, not q."""
     g = torch.Generator().manual_seed(gamma)
     n, vocab = 60_000, 6
-    p = torch.distributions.Dirichlet(torch.ones(vocab)).sample((gamma + 1,)).double()
-    q = torch.distributions.Dirichlet(torch.ones(vocab) * 0.5).sample((gamma,)).double()
+    # Dirichlet draws from the global generator: seed it here, so the outcome does not depend on the tests run before.
+    # Over 30 seeds x both gammas (180 position checks) 3 fell below p = 0.01, as an exact sampler's 1.8 expected do.
+    with torch.random.fork_rng():
+        torch.manual_seed(1000 + gamma)
+        p = torch.distributions.Dirichlet(torch.ones(vocab)).sample((gamma + 1,)).double()
+        q = torch.distributions.Dirichlet(torch.ones(vocab) * 0.5).sample((gamma,)).double()
     drafts = torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g) for i in range(gamma)], 1)
     accepted, nxt = rejection_accept(drafts, q.expand(n, -1, -1), p.expand(n, -1, -1), g)
     emitted = torch.cat([drafts, torch.zeros(n, 1, dtype=torch.long)], 1)
