@@ -29,7 +29,8 @@ import yaml
 
 from fastdraft.config import recipe_from_dict
 from fastdraft.errors import FastdraftError, MissingDependencyError, RecipeError
-from fastdraft.generation.backends import LeanBackend, TransformersBackend, cut_at_stop, length_groups
+from fastdraft.generation.backends import (LeanBackend, TransformersBackend, cut_at_stop, length_groups,
+                                          shared_prefix_length)
 from fastdraft.generation.pipeline import actor_pool, run_generate
 from fastdraft.generation.prompts import stable_seed
 from fastdraft.speculative.kvcache import StaticKVCache
@@ -194,6 +195,24 @@ def test_lean_backend_prefills_in_length_groups_and_drops_finished_rows_exactly(
         assert [(g.token_ids, g.finish_reason) for g in got] == [(w.token_ids, w.finish_reason) for w in want]
         assert [g.topk_ids for g in got] == [w.topk_ids for w in want]
     assert {g.finish_reason for g in got} == {"stop", "length"}
+
+
+@pytest.mark.timeout(300)
+def test_lean_backend_prefills_the_prompts_shared_prefix_once_and_answers_exactly(target, tiny_target_dir):
+    """Prompts that start alike (a chat template's system turn) share that prefix's cache: it is computed once, and
+    the answers are still transformers' own; identical prompts (Magpie's user-turn requests) keep one token each."""
+    lean = LeanBackend(tiny_target_dir, store_topk=2)
+    reference = TransformersBackend(tiny_target_dir, store_topk=2)
+    system = [1, *range(70, 82)]
+    prompts = [system + tail for tail in ([5], [9, 14, 3], list(range(30, 50)), [60])]  # two prefill groups
+    assert shared_prefix_length(prompts) == len(system)
+    assert shared_prefix_length([system, system]) == len(system) - 1 and shared_prefix_length([[1, 2], [3]]) == 0
+    for batch in (prompts, [system] * 4):
+        for params in (SamplingParams(max_new_tokens=16), SamplingParams(temperature=1.0, max_new_tokens=16)):
+            requests = [(ids, SamplingParams(**{**params.__dict__, "seed": 3 + i})) for i, ids in enumerate(batch)]
+            want, got = reference.generate(requests), lean.generate(requests)
+            assert [(g.token_ids, g.topk_ids) for g in got] == [(w.token_ids, w.topk_ids) for w in want]
+    assert len({tuple(g.token_ids) for g in got}) > 1  # identical prompts, their own seeds: their own answers
 
 
 def test_kv_cache_puts_a_prefilled_group_in_its_rows_and_keeps_rows_copying_only_written_positions():

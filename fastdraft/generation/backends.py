@@ -274,6 +274,15 @@ def length_groups(lengths: Sequence[int], slack: float = PREFILL_GROUP_SLACK,
     return groups
 
 
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all `prompts` have in common, leaving each at least one of its own (whose logits
+    start the answer)."""
+    first, n = prompts[0], min(map(len, prompts)) - 1
+    for other in prompts[1:]:
+        n = next((j for j in range(n) if other[j] != first[j]), n)
+    return max(n, 0)
+
+
 class LeanBackend(TransformersBackend):
     """The same batches through fastdraft's `LeanDecoder` (Llama family), with a ragged KV cache.
 
@@ -296,10 +305,11 @@ class LeanBackend(TransformersBackend):
         reason = lean_unsupported_reason(self.model)
         if reason:
             raise FastdraftError(f"generate.engine 'lean' cannot run {model_dir}: {reason}; use engine 'transformers'")
-        # The decoder's default kernels: on CPU float32 the native decoder layers (SmolLM2, one decode step on
-        # 2 cores, ms, native / oneDNN: batch 8 52 / 103, 16 80 / 132, 24 112 / 152; 32 223 / 201, 64 345 / 311).
-        # Long prefills lose a little (16 x 200 tokens: 9.0-9.3 s vs 7.8-9.0), which 128 decode steps repay.
-        self.decoder = make_decoder(self.model, "lean")
+        # On CPU float32 the "hybrid" kernels: the native decoder layers for narrow passes, oneDNN's packed weights
+        # (a second copy of the weights) for wide ones. One decode step of SmolLM2 on 2 cores, ms, native / oneDNN:
+        # batch 8 52 / 103, 16 80 / 132, 24 112 / 152, 32 223 / 201, 64 345 / 311 (Sapphire Rapids); 128 553 / 388
+        # (Zen 3, where F.linear, which wide passes took before, needs 603). Elsewhere the decoder's default.
+        self.decoder = make_decoder(self.model, "lean", kernels="hybrid")
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generated]:
@@ -310,14 +320,23 @@ class LeanBackend(TransformersBackend):
         # cache of its own, then copied into its rows of the batch's cache (allocated once: a large allocation
         # costs page faults). Every group takes torch's ops (`torch_ops`), the kernels a whole batch's prefill took,
         # whatever its size: small groups would otherwise take the native kernels, which round differently.
+        #
+        # The tokens every prompt starts with (a chat template's system turn; all of Magpie's user-turn prompts) are
+        # prefilled once and copied into every row: the demo's Magpie answers share 24 of their ~65 prompt tokens.
         groups = length_groups([len(q) for q in prompts])
         live = [i for group in groups for i in group]  # live[r]: the request in cache row r
         cache = self.decoder.new_cache(len(prompts), max(map(len, prompts)) + p.max_new_tokens)
+        shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+        prefix = self.decoder.new_cache(1, shared)
+        if shared:
+            self.decoder.forward(prefix, torch.tensor([prompts[0][:shared]], device=self.device), [0], None, torch_ops=True)
         logits, row = [], 0
         for group in groups:
             prefill = self.decoder.new_cache(len(group), max(len(prompts[i]) for i in group))
-            logits.append(self.decoder.forward(prefill, right_pad([prompts[i] for i in group], self.device),
-                                               [0] * len(group), [len(prompts[i]) - 1 for i in group], torch_ops=True))
+            prefill.put_prefix(prefix)
+            logits.append(self.decoder.forward(prefill, right_pad([prompts[i][shared:] for i in group], self.device),
+                                               [shared] * len(group), [len(prompts[i]) - 1 - shared for i in group],
+                                               torch_ops=True))
             cache.put_rows(row, prefill)
             row += len(group)
         logits = torch.cat(logits)

@@ -20,6 +20,7 @@ and `logits_at` is None (fill the cache only), "all" ([B, T, V]) or one position
 
 from __future__ import annotations
 
+import copy
 from typing import Protocol
 
 import torch
@@ -41,6 +42,10 @@ LogitsAt = str | list[int] | None
 # ms, torch / native in calls of 24 rows): 31 rows 126 / 78, 64 rows 155 / 139, 80 rows 164 / 173, 200 rows 343 / 470;
 # in one call (AMD Zen 3): 31 rows 47 against 53 in calls of 24, 64 rows 99 against 105.
 NATIVE_PASS_ROWS = 64
+# Kernels "hybrid" (batched generation): passes of up to this many rows run natively, wider ones on oneDNN's packed
+# weights. One decode step of SmolLM2 on 2 cores of an AMD Zen 3, ms, native / oneDNN: 32 rows 149 / 146, 48 178 / 192,
+# 64 248 / 223, 96 443 / 310, 128 553 / 388 (torch's F.linear, which wide passes took before: 128 rows 603).
+HYBRID_NATIVE_ROWS = 48
 
 
 class Decoder(Protocol):
@@ -134,6 +139,13 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
+def _packed(layer: _Layer) -> _Layer:
+    """A copy of `layer` whose matrices are in oneDNN's packed layout (norms and biases shared)."""
+    wide = copy.copy(layer)
+    wide.wqkv, wide.wo, wide.wgu, wide.wd = (_pack(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
+    return wide
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # transformers' arithmetic exactly: normalize in float32 (even a float64 model), scale in the model dtype.
     # In float32 torch's fused rms_norm gives the same bits (checked in the tests) in one op instead of six.
@@ -150,13 +162,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
 
 
-KERNELS = ("auto", "native", "onednn", "torch")
+KERNELS = ("auto", "native", "onednn", "torch", "hybrid")
 
 
 def choose_kernels(kernels: str, weight: torch.Tensor) -> str:
-    """The linear kernels for weights like `weight`: "auto" takes native, else oneDNN, else torch's F.linear."""
+    """The linear kernels for weights like `weight`: "auto" takes native, else oneDNN, else torch's F.linear.
+    "hybrid" (native for narrow passes, oneDNN for wide ones) needs both, else it is "auto"."""
     if kernels not in KERNELS:
         raise FastdraftError(f"unknown kernels {kernels!r} (expected one of {', '.join(KERNELS)})")
+    if kernels == "hybrid":
+        if native.unavailable_reason(weight) is None and onednn_available(weight):
+            return "hybrid"
+        kernels = "auto"
     if kernels in ("auto", "native"):  # fastdraft's own small-batch fp32 CPU linear (`native/`), built on first use
         reason = native.unavailable_reason(weight)
         if reason is None:
@@ -209,11 +226,17 @@ class LeanDecoder:
         self.rotary = base.rotary_emb
         self.kernels = choose_kernels("native" if weights == "int8" else kernels, weight)
         self.weights = weights
-        self.linear = {"native": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
+        self.linear = {"native": native.linear, "hybrid": native.linear, "onednn": _onednn_linear, "torch": F.linear}[self.kernels]
         # oneDNN's packed weights take its own kernel at every size; plain (and int8) weights take F.linear.
         self.torch_linear = _onednn_linear if self.kernels == "onednn" else _plain_linear
         self.native_layers = None
-        if self.kernels == "native":  # the kernels read plain row-major weights: make sure they are
+        self.native_rows = HYBRID_NATIVE_ROWS if self.kernels == "hybrid" else NATIVE_PASS_ROWS
+        # "hybrid": a second copy of the layers and head in oneDNN's packed layout, for passes wider than native_rows.
+        self.wide_layers, self.wide_head = None, None
+        if self.kernels == "hybrid":
+            self.wide_layers = [_packed(layer) for layer in self.layers]
+            self.wide_head = _pack(self.head)
+        if self.kernels in ("native", "hybrid"):  # the kernels read plain row-major weights: make sure they are
             store = quantize_int8 if weights == "int8" else torch.Tensor.contiguous
             for layer in self.layers:
                 layer.wqkv, layer.wo, layer.wgu, layer.wd = (store(w) for w in (layer.wqkv, layer.wo, layer.wgu, layer.wd))
@@ -279,10 +302,14 @@ class LeanDecoder:
         # The native kernel attends to every cached key: a pass that reaches past a sliding window takes torch's ops.
         windowed = any(self._window_binds(w, kv_len) for w in self.windows)
         linear = self.torch_linear if torch_ops else self.linear
-        if self.native_layers is not None and b * t <= NATIVE_PASS_ROWS and not windowed and not torch_ops:
+        head = self.head
+        if self.native_layers is not None and b * t <= self.native_rows and not windowed and not torch_ops:
             x = self.native_layers(ids.contiguous(), offsets, self.cos, self.sin, cache.k, cache.v)
+        elif self.wide_layers is not None and not torch_ops:
+            x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets, _onednn_linear, self.wide_layers)
+            linear, head = _onednn_linear, self.wide_head
         else:
-            x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets, linear)
+            x = self._layers_forward(cache, F.embedding(ids, self.embed), offsets, linear, self.layers)
         if logits_at is None:
             return None
         if logits_at != "all":
@@ -291,12 +318,13 @@ class LeanDecoder:
                 x = x[:, at]
             else:
                 x = x[torch.arange(b, device=self.device), torch.tensor(logits_at, device=self.device)]
-        logits = linear(x, self.head, None)
+        logits = linear(x, head, None)
         return logits if self.head_ids is None else scatter_to_vocab(logits, self.head_ids, self.vocab_size)
 
-    def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int], linear) -> torch.Tensor:
-        """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows) with `linear`:
-        embeddings x [B, T, hidden] in, final-normed hidden states out."""
+    def _layers_forward(self, cache: StaticKVCache, x: torch.Tensor, offsets: list[int], linear,
+                        layers: list[_Layer]) -> torch.Tensor:
+        """The decoder layers and the final norm as torch ops (every kernel choice, any number of rows) with `linear`
+        over `layers`' weights: embeddings x [B, T, hidden] in, final-normed hidden states out."""
         b, t = x.shape[:2]
         kv_len = max(offsets) + t
         pos = torch.tensor(offsets, device=self.device)[:, None] + torch.arange(t, device=self.device)
@@ -307,7 +335,7 @@ class LeanDecoder:
             cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, head_dim]
         masks = {w: self._mask(offsets, t, kv_len, pos, w) for w in set(self.windows)}
         nq, nkv = self.heads, self.kv_heads
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             h = _rms_norm(x, layer.ln1, self.eps)
             qkv = linear(h, layer.wqkv, layer.bqkv).view(b, t, nq + 2 * nkv, self.head_dim)
             if layer.q_norm is None:  # rotate q and k in one go: [B, T, heads + kv_heads, head_dim]

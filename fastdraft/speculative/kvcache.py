@@ -54,6 +54,12 @@ class StaticKVCache:
         self.k[:, start:start + rows, :, :length] = other.k
         self.v[:, start:start + rows, :, :length] = other.v
 
+    def put_prefix(self, other: "StaticKVCache") -> None:
+        """Copy `other`'s one row (a prefilled prefix, no more capacity) into the first positions of every row."""
+        length = other.capacity
+        self.k[:, :, :, :length] = other.k
+        self.v[:, :, :, :length] = other.v
+
     def keep_rows(self, rows: list[int], length: int | None = None) -> None:
         """Drop finished sequences so that later passes compute only live ones. With `length`, only positions
         [0, length) are copied (no row has written past them); the capacity stays."""
