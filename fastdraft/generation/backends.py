@@ -22,6 +22,7 @@ Both return `Generated` rows with identical conventions: prompt excluded, stop t
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -274,6 +275,11 @@ def length_groups(lengths: Sequence[int], slack: float = PREFILL_GROUP_SLACK,
     return groups
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all `prompts` have in common, leaving each at least one of its own (whose logits
     start the answer)."""
@@ -308,8 +314,11 @@ class LeanBackend(TransformersBackend):
         # On CPU float32 the "hybrid" kernels: the native decoder layers for narrow passes, oneDNN's packed weights
         # (a second copy of the weights) for wide ones. One decode step of SmolLM2 on 2 cores, ms, native / oneDNN:
         # batch 8 52 / 103, 16 80 / 132, 24 112 / 152, 32 223 / 201, 64 345 / 311 (Sapphire Rapids); 128 553 / 388
-        # (Zen 3, where F.linear, which wide passes took before, needs 603). Elsewhere the decoder's default.
-        self.decoder = make_decoder(self.model, "lean", kernels="hybrid")
+        # (Zen 3, where F.linear, which wide passes took before, needs 603). Elsewhere, or where a second copy of the
+        # weights would take more than a quarter of the machine's memory, the decoder's default.
+        weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        kernels = "hybrid" if weight_bytes * 4 <= physical_memory() else "auto"
+        self.decoder = make_decoder(self.model, "lean", kernels=kernels)
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generated]:
