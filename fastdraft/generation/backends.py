@@ -312,10 +312,9 @@ class LeanBackend(TransformersBackend):
         if reason:
             raise FastdraftError(f"generate.engine 'lean' cannot run {model_dir}: {reason}; use engine 'transformers'")
         # On CPU float32 the "hybrid" kernels: the native decoder layers for narrow passes, oneDNN's packed weights
-        # (a second copy of the weights) for wide ones. One decode step of SmolLM2 on 2 cores, ms, native / oneDNN:
-        # batch 8 52 / 103, 16 80 / 132, 24 112 / 152, 32 223 / 201, 64 345 / 311 (Sapphire Rapids); 128 553 / 388
-        # (Zen 3, where F.linear, which wide passes took before, needs 603). Elsewhere, or where a second copy of the
-        # weights would take more than a quarter of the machine's memory, the decoder's default.
+        # (a second copy of the weights) for wide ones, a batch's first decode steps (timings at
+        # `decoders.HYBRID_NATIVE_ROWS`). Elsewhere, or where that copy would take more than a quarter of the
+        # machine's memory, the decoder's default kernels.
         weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())
         kernels = "hybrid" if weight_bytes * 4 <= physical_memory() else "auto"
         self.decoder = make_decoder(self.model, "lean", kernels=kernels)

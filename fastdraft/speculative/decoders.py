@@ -43,8 +43,9 @@ LogitsAt = str | list[int] | None
 # in one call (AMD Zen 3): 31 rows 47 against 53 in calls of 24, 64 rows 99 against 105.
 NATIVE_PASS_ROWS = 64
 # Kernels "hybrid" (batched generation): passes of up to this many rows run natively, wider ones on oneDNN's packed
-# weights. One decode step of SmolLM2 on 2 cores of an AMD Zen 3, ms, native / oneDNN: 32 rows 149 / 146, 48 178 / 192,
-# 64 248 / 223, 96 443 / 310, 128 553 / 388 (torch's F.linear, which wide passes took before: 128 rows 603).
+# weights. One decode step of SmolLM2 on 2 cores of an AMD Zen 3, ms, native / oneDNN: 16 rows 72 / 95, 24 90 / 127,
+# 32 149 / 146, 48 178 / 192, 64 248 / 223, 96 443 / 310, 128 553 / 388 (torch's F.linear, which passes wider than
+# NATIVE_PASS_ROWS took before: 128 rows 603).
 HYBRID_NATIVE_ROWS = 48
 
 
