@@ -120,47 +120,32 @@ def test_native_decoder_layers_match_transformers_on_ragged_batches(family):
     assert diff < 1e-4
 
 
-def test_native_decoder_layers_take_wide_ragged_batches():
-    """30 sequences at different positions (a generation batch): 60 rows, then 30, each pass one native call."""
+@pytest.mark.parametrize("kernels", ["auto", "hybrid"])
+def test_native_decoder_layers_take_wide_ragged_batches(kernels):
+    """30 sequences at different positions (a generation batch): 60 rows, then 30. With "auto" each pass is one native
+    call; with "hybrid" (batched generation) the 60-row pass, wider than HYBRID_NATIVE_ROWS, reads a oneDNN-packed copy
+    of the weights and the 30-row one the native layers. Every logit matches transformers'."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), dtype=torch.float32).eval()
-    lean = LeanDecoder(model)
+    lean = LeanDecoder(model, kernels=kernels)
+    assert lean.native_layers is not None and (lean.wide_layers is not None) == (kernels == "hybrid")
+    assert 30 <= HYBRID_NATIVE_ROWS < 60 <= NATIVE_PASS_ROWS
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (30,), generator=g)]
     cache = lean.new_cache(len(rows), 32)
     with torch.inference_mode():
         lean.forward(cache, right_pad(rows, "cpu"), [0] * len(rows), None)  # past NATIVE_PASS_ROWS: torch's ops
-        for width in (2, 1):  # 60 rows, then 30: native
+        for width in (2, 1):  # 60 rows, then 30
             new = torch.randint(3, 300, (len(rows), width), generator=g)
             logits = lean.forward(cache, new, [len(r) for r in rows], "all")
             rows = [r + n for r, n in zip(rows, new.tolist())]
             diff = max((logits[b] - model(torch.tensor([r])).logits[0, -width:]).abs().max().item()
                        for b, r in enumerate(rows))
             assert diff < 1e-4, f"width {width}: max abs logit difference {diff:.2e}"
-
-
-def test_hybrid_kernels_run_wide_passes_on_onednn_and_narrow_ones_natively_with_transformers_logits():
-    """Batched generation's kernels: a pass of more than HYBRID_NATIVE_ROWS rows (30 sequences x 2 tokens) reads a
-    oneDNN-packed copy of the weights, a narrower one (30 x 1) the native layers; both match transformers."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(FAMILIES["llama"](), dtype=torch.float32).eval()
-    lean = LeanDecoder(model, kernels="hybrid")
-    assert lean.kernels == "hybrid" and lean.native_layers is not None and lean.wide_layers is not None
-    assert 30 <= HYBRID_NATIVE_ROWS < 60
-    g = torch.Generator().manual_seed(2)
-    rows = [torch.randint(3, 300, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (30,), generator=g)]
-    cache = lean.new_cache(len(rows), 32)
-    with torch.inference_mode():
-        lean.forward(cache, right_pad(rows, "cpu"), [0] * len(rows), None, torch_ops=True)
-        for width in (2, 1):
-            new = torch.randint(3, 300, (len(rows), width), generator=g)
-            logits = lean.forward(cache, new, [len(r) for r in rows], "all")
-            rows = [r + n for r, n in zip(rows, new.tolist())]
-            diff = max((logits[b] - model(torch.tensor([r])).logits[0, -width:]).abs().max().item()
-                       for b, r in enumerate(rows))
-            assert diff < 1e-4, f"width {width}: max abs logit difference {diff:.2e}"
-    with pytest.raises(FastdraftError, match="int8 weights run on the native kernels only"):
-        LeanDecoder(model, kernels="hybrid", weights="int8")
+    if kernels == "hybrid":
+        assert lean.kernels == "hybrid"
+        with pytest.raises(FastdraftError, match="int8 weights run on the native kernels only"):
+            LeanDecoder(model, kernels="hybrid", weights="int8")
 
 
 def test_without_a_compiler_the_decoder_says_why_and_uses_onednn(tmp_path):
