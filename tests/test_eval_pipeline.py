@@ -85,7 +85,6 @@ def test_evaluate_cli_writes_the_report_and_engine_counters_match_the_offline_sw
     assert set(summary["headline"]) >= {"FT/code/sampled", "PT/chat/greedy"}
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.timeout(300)
 def test_engine_drafts_times_only_the_named_pairs_and_measures_the_others_offline(ray_session, eval_pair, run_dir,  # noqa: F811
                                                                                  tmp_path):
@@ -134,3 +133,34 @@ def test_no_drafts_is_a_clear_error(eval_pair, tmp_path):  # noqa: F811
         run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], tmp_path / "empty")))
     with pytest.raises(FastdraftError, match="evaluate.drafts: not a model directory"):
         run_evaluate(recipe_from_dict(recipe_dict(eval_pair[0], tmp_path, drafts=[str(tmp_path / "nope")])))
+
+
+@pytest.mark.timeout(300)
+def test_timed_prompts_time_the_first_prompts_and_every_prompt_counts_for_acceptance(eval_pair, run_dir):  # noqa: F811
+    """tasks[].timed_prompts: 2 of 5: the target alone and the pair run batch 1 on the first 2 prompts only (their
+    tokens are the wall clock's); the other 3 continuations come from the target in one batch, and the offline sweep
+    reads all 5. Under greedy decoding those continuations are the target's own, so the sweep is exactly the one of
+    an evaluation that times every prompt."""
+    from fastdraft.config import EvalTaskConfig
+    from fastdraft.evaluation.pipeline import decodings, measure_job, stop_tokens
+    from fastdraft.evaluation.tasks import load_task
+
+    target_dir, _ = eval_pair
+    tok = load_tokenizer(target_dir)
+    greedy = decodings(recipe_from_dict(recipe_dict(target_dir, run_dir)).section("evaluate"), stop_tokens(target_dir))["greedy"]
+    drafts = {"FT": str(run_dir / "drafts" / "FT")}
+    cache: dict = {}
+    runs = {}
+    for timed in (None, 2):
+        task = load_task(EvalTaskConfig(name="chat", kind="instructions", prompts=5, max_new_tokens=12, timed_prompts=timed), tok)
+        assert task.describe()["timed_prompts"] == (5 if timed is None else 2)
+        runs[timed] = measure_job(str(target_dir), drafts, task, "greedy", greedy, [1, 3], 3, "float32", True, cache=cache)
+    subset, every = runs[2]["engine"]["FT"], runs[None]["engine"]["FT"]
+    assert subset["greedy_identical"] and every["greedy_identical"]
+    assert 0 < subset["target_tokens"] <= 2 * 12 < every["target_tokens"]  # the wall clock covers the first 2 prompts
+    assert subset["speculative_tokens"] == subset["target_tokens"] and subset["speculative_s"] > 0
+    assert runs[2]["sweep"] == runs[None]["sweep"]  # all 5 prompts read offline, the same continuations
+    assert runs[2]["sweep"]["FT"][3]["emitted"] + runs[2]["sweep"]["FT"][3]["truncated"] == every["target_tokens"]
+    bad = dict(name="chat", kind="instructions", prompts=5, timed_prompts=6)
+    with pytest.raises(FastdraftError, match=r"evaluate.tasks.0: .*task 'chat': timed_prompts \(6\) exceeds prompts \(5\)"):
+        recipe_from_dict(recipe_dict(target_dir, run_dir, tasks=[bad]))

@@ -6,11 +6,11 @@
 1. Drafts: `evaluate.drafts`, or the run's `drafts/PT`, `drafts/CP`, `drafts/FT` that exist; each must
    speak the target's exact tokenizer (refused otherwise, naming both sides).
 2. One part per task x decoding (`measure_job`), run by `Measurer` actors that load the models once and
-   measure part after part. For each prompt, the target alone (fastdraft's
+   measure part after part. For each timed prompt (`timed_prompts`, default all), the target alone (fastdraft's
    engine with no draft) writes the continuation, timed; then each draft's pair at the headline gamma,
    timed right after on the same cores, batch 1, same max tokens and decoding settings: exact counters,
-   wall-clock speedup, and under greedy decoding a check that the output is identical. Then the gamma
-   sweep: every draft reads the continuations teacher-forced, giving exact greedy / expected sampled
+   wall-clock speedup, and under greedy decoding a check that the output is identical. The target writes the
+   other prompts' continuations in one batch, untimed. Then the gamma sweep: every draft reads the continuations teacher-forced, giving exact greedy / expected sampled
    counters for every gamma at once (`acceptance.py`). With timings one actor runs the parts one at a time
    (never sharing the cores); without, several run side by side.
 3. `RunLayout.eval`: report.json, report.md, report.html and PNG plots (`report.py`); a table on stdout.
@@ -166,9 +166,10 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
                 lookup: dict | None = None, cache: dict | None = None) -> dict:
     """Everything about one task and decoding, for every draft.
 
-    For each prompt: the target alone writes the continuation (timed, through the engine with no draft),
-    then each draft's pair generates at `gamma` (timed, right after: same cores, same load). Then the
-    drafts read each continuation teacher-forced (per-position acceptance), which the gamma sweep replays.
+    For each timed prompt (`task.timed_prompts`, default all): the target alone writes the continuation (timed,
+    through the engine with no draft), then each draft's pair generates at `gamma` (timed, right after: same cores,
+    same load). The target writes the other prompts' continuations in one batch. Then the drafts read each
+    continuation teacher-forced (per-position acceptance), which the gamma sweep replays.
 
     Only the pairs of `engine_drafts` (default: all) run in the engine; every draft reads the continuations.
 
@@ -190,8 +191,9 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     betas: dict[str, list[list[float]]] = {label: [] for label in models}
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
     progress = Progress(f"evaluate {task.name} {decoding}", unit="tok", total=len(task.prompts) * task.max_new_tokens)
-    for i, prompt in enumerate(task.prompts):
-        p = replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i)
+    settings = [replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i) for i in range(len(task.prompts))]
+    timed_prompts = task.timed_prompts
+    for prompt, p in zip(timed_prompts, settings):
         ids = timed_alone.run(alone, prompt.ids, p, gamma=0).token_ids
         for k, engine in pairs.items():
             out = timed[k].run(engine, prompt.ids, p)
@@ -199,6 +201,13 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
         for label, beta in position_acceptance(target, models, Continuation(prompt.ids, ids), p).items():
             betas[label].append(beta)
         progress.update(len(ids), prompts=1)
+    rest = task.prompts[len(timed_prompts):]
+    if rest:  # acceptance only: the target writes these continuations in one batch, untimed
+        outs = alone.generate([prompt.ids for prompt in rest], settings[len(timed_prompts):], gamma=0)
+        for prompt, p, out in zip(rest, settings[len(timed_prompts):], outs):
+            for label, beta in position_acceptance(target, models, Continuation(prompt.ids, out.token_ids), p).items():
+                betas[label].append(beta)
+            progress.update(len(out.token_ids), prompts=1)
     progress.done()
     result = {"sweep": {}, "engine": {}, "draft_weights": weights}
     for label, per_prompt in betas.items():

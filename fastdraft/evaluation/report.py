@@ -7,7 +7,7 @@ report.json:
       "settings": {"gamma", "gammas", "temperature", "greedy", "seed", "wall_clock",
                    "decodings": {name: {temperature, top_p, top_k}}},
       "drafts":   {label: {"path", "stages", "tokens_seen", "params", "bytes", "c_params", "c_bytes", "weights"}},
-      "tasks":    {name: {"kind", "domain", "prompts", "max_new_tokens", "chat", "prompt_tokens_mean"}},
+      "tasks":    {name: {"kind", "domain", "prompts", "timed_prompts", "max_new_tokens", "chat", "prompt_tokens_mean"}},
       "rows":     [one row per draft x task x decoding x gamma x method]
     }
     row = {"draft", "task", "domain", "decoding", "temperature", "gamma", "method",
@@ -151,7 +151,10 @@ def verdict(report: dict, draft: str, method: str = "engine") -> tuple[bool, lis
             if bound and x > 1.1 * bound:
                 part += f" [above its memory-bound limit {bound:.2f}: the machine was busy while timing; measure again on a quiet one]"
             parts.append(part)
-        lines.append(f"{task}: " + ", ".join(parts))
+        t = report.get("tasks", {}).get(task, {})
+        timed, prompts = t.get("timed_prompts"), t.get("prompts")
+        subset = f" ({timed} of {prompts} prompts timed)" if timed and prompts and timed < prompts else ""
+        lines.append(f"{task}{subset}: " + ", ".join(parts))
     return pays, lines
 
 
@@ -218,8 +221,9 @@ def render_markdown(report: dict) -> str:
     for decoding in s["decodings"]:
         out += [f"## Gamma sweep, {decoding} (teacher-forced: exact for greedy, expected for sampling)", "",
                 _markdown(*sweep_table(report, decoding)), ""]
-    out += ["## Tasks", "", "| task | kind | domain | prompts | max new tokens | chat |", "|---|---|---|---|---|---|"]
-    out += [f"| {n} | {t['kind']} | {t['domain']} | {t['prompts']} | {t['max_new_tokens']} | {t['chat']} |"
+    out += ["## Tasks", "", "| task | kind | domain | prompts | timed | max new tokens | chat |", "|---|---|---|---|---|---|---|"]
+    out += [f"| {n} | {t['kind']} | {t['domain']} | {t['prompts']} | {t.get('timed_prompts', t['prompts'])} "
+            f"| {t['max_new_tokens']} | {t['chat']} |"
             for n, t in report["tasks"].items()]
     out += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in PLOTS]
     return "\n".join(out) + "\n"

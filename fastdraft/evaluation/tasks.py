@@ -56,6 +56,12 @@ class EvalTask:
     prompts: list[EvalPrompt]
     max_new_tokens: int
     chat: bool
+    timed: int | None = None
+    """How many of the prompts (the first) the wall clock covers; None: all (`EvalTaskConfig.timed_prompts`)."""
+
+    @property
+    def timed_prompts(self) -> list[EvalPrompt]:
+        return self.prompts[: self.timed] if self.timed is not None else self.prompts
 
     @property
     def domain(self) -> str:
@@ -64,7 +70,7 @@ class EvalTask:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "domain": self.domain, "prompts": len(self.prompts),
-                "max_new_tokens": self.max_new_tokens, "chat": self.chat,
+                "timed_prompts": len(self.timed_prompts), "max_new_tokens": self.max_new_tokens, "chat": self.chat,
                 "prompt_tokens_mean": sum(len(p.ids) for p in self.prompts) / max(1, len(self.prompts))}
 
 
@@ -210,7 +216,7 @@ def load_task(cfg: EvalTaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int
     records = _records(cfg, seed)
     chat = cfg.chat if cfg.chat is not None else (cfg.kind == "instructions" or any("messages" in r for _, r in records))
     prompts = [render_prompt(cfg, rid, rec, tokenizer, chat) for rid, rec in records]
-    return EvalTask(cfg.name, cfg.kind, prompts, cfg.max_new_tokens, chat)
+    return EvalTask(cfg.name, cfg.kind, prompts, cfg.max_new_tokens, chat, cfg.timed_prompts)
 
 
 def iter_instruction_texts(path: str | Path = INSTRUCTIONS_FILE) -> Iterator[str]:
