@@ -58,6 +58,27 @@ def test_loss_weights_follow_the_mask_and_the_budget():
 # ---------------------------------------------------------------------------------------------
 # Devices: what the recipe asks for, and clear errors where it is absent
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("freeze", [False, True])
+def test_the_optimizer_is_fused_on_cpu_and_freeze_embeddings_keeps_the_token_embeddings(tiny_draft_dir, freeze):
+    """optim.freeze_embeddings: one AdamW step moves the layers and leaves the token embeddings (and an output
+    layer tied to them) exactly as they were; without it the embeddings move too."""
+    from fastdraft.checkpoint import load_model
+    from fastdraft.training.loop import build_optimizer
+
+    model = load_model(tiny_draft_dir).train()
+    embeddings = model.get_input_embeddings().weight
+    layer = next(p for name, p in model.named_parameters() if "layers.0." in name and p.ndim == 2)
+    before = embeddings.detach().clone(), layer.detach().clone()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, freeze_embeddings=freeze))
+    assert optimizer.defaults["fused"] is True  # torch's fused AdamW on CPU
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(layer, before[1])
+    assert torch.equal(embeddings, before[0]) == freeze
+    assert embeddings.requires_grad != freeze
+
+
 def test_scaling_uses_fractional_cpus_and_one_accelerator_per_worker():
     cpu = scaling_for(ComputeConfig(num_workers=2, cpus_per_worker=0.5))
     assert cpu.resources_per_worker == {"CPU": 0.5} and not cpu.use_gpu
