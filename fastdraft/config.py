@@ -393,7 +393,7 @@ class EvalTaskConfig(Strict):
     timed_prompts: int | None = Field(default=None, ge=1)
     """How many of the prompts (the first) are timed: the target alone and each engine pair, batch 1, side by side.
     The others count for acceptance only (every draft reads the target's continuations offline); the target writes
-    their continuations in one batch, a fraction of the time. Default: all of them."""
+    their continuations in one batch, a fraction of the time. Default, or more than `prompts`: all of them."""
     max_new_tokens: int = Field(default=64, ge=1)
     template: str | None = None
     """jsonl/hf: a format string over the record's fields, e.g. "Summarize:\n\n{article}"; default `{<text_field>}`."""
@@ -403,13 +403,6 @@ class EvalTaskConfig(Strict):
     hf_config: str | None = None
     max_prompt_tokens: int = Field(default=512, ge=8)
     """Longer prompt texts are cut to this many tokens (before templating) so articles fit."""
-
-    @model_validator(mode="after")
-    def _timed_within_prompts(self):
-        if self.timed_prompts is not None and self.timed_prompts > self.prompts:
-            raise ValueError(f"task '{self.name}': timed_prompts ({self.timed_prompts}) exceeds prompts ({self.prompts}): "
-                             f"the timed prompts are the first of the task's prompts")
-        return self
 
 
 class LookupConfig(Strict):

@@ -57,7 +57,8 @@ class EvalTask:
     max_new_tokens: int
     chat: bool
     timed: int | None = None
-    """How many of the prompts (the first) the wall clock covers; None: all (`EvalTaskConfig.timed_prompts`)."""
+    """How many of the prompts (the first) the wall clock covers; None, or more than there are: all
+    (`EvalTaskConfig.timed_prompts`)."""
 
     @property
     def timed_prompts(self) -> list[EvalPrompt]:
