@@ -10,9 +10,9 @@
    engine with no draft) writes the continuation, timed; then each draft's pair at the headline gamma,
    timed right after on the same cores, batch 1, same max tokens and decoding settings: exact counters,
    wall-clock speedup, and under greedy decoding a check that the output is identical. The target writes the
-   other prompts' continuations in one batch, untimed. Then the gamma sweep: every draft reads the continuations teacher-forced, giving exact greedy / expected sampled
-   counters for every gamma at once (`acceptance.py`). With timings one actor runs the parts one at a time
-   (never sharing the cores); without, several run side by side.
+   other prompts' continuations in one batch, untimed. Then the gamma sweep: every draft reads the continuations
+   teacher-forced, giving exact greedy / expected sampled counters for every gamma at once (`acceptance.py`).
+   With timings one actor runs the parts one at a time (never sharing the cores); without, several run side by side.
 3. `RunLayout.eval`: report.json, report.md, report.html and PNG plots (`report.py`); a table on stdout.
 
 Finished parts are cached under `eval/parts/` keyed by the recipe's evaluate section and the models'
@@ -191,7 +191,8 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
     betas: dict[str, list[list[float]]] = {label: [] for label in models}
     # tokens as the main counter (an upper bound as total: stop tokens end some prompts early)
     progress = Progress(f"evaluate {task.name} {decoding}", unit="tok", total=len(task.prompts) * task.max_new_tokens)
-    settings = [replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i) for i in range(len(task.prompts))]
+    settings = [replace(params, max_new_tokens=task.max_new_tokens, seed=(params.seed or 0) + i)
+                for i in range(len(task.prompts))]
     timed_prompts = task.timed_prompts
     for prompt, p in zip(timed_prompts, settings):
         ids = timed_alone.run(alone, prompt.ids, p, gamma=0).token_ids
