@@ -202,10 +202,10 @@ def measure_job(target_dir: str, drafts: dict[str, str], task: EvalTask, decodin
         for label, beta in position_acceptance(target, models, Continuation(prompt.ids, ids), p).items():
             betas[label].append(beta)
         progress.update(len(ids), prompts=1)
-    rest = task.prompts[len(timed_prompts):]
+    rest, rest_settings = task.prompts[len(timed_prompts):], settings[len(timed_prompts):]
     if rest:  # acceptance only: the target writes these continuations in one batch, untimed
-        outs = alone.generate([prompt.ids for prompt in rest], settings[len(timed_prompts):], gamma=0)
-        for prompt, p, out in zip(rest, settings[len(timed_prompts):], outs):
+        outs = alone.generate([prompt.ids for prompt in rest], rest_settings, gamma=0)
+        for prompt, p, out in zip(rest, rest_settings, outs):
             for label, beta in position_acceptance(target, models, Continuation(prompt.ids, out.token_ids), p).items():
                 betas[label].append(beta)
             progress.update(len(out.token_ids), prompts=1)
